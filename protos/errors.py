@@ -1,0 +1,113 @@
+"""Typed errors and their one mapping to gRPC status codes, on the server and back on the client.
+
+Stages raise these; `ErrorInterceptor` turns them into statuses, and `from_rpc_error` turns a status
+received from another stage back into the same type, so a vision error reaches the gateway unchanged.
+"""
+
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class ServingError(Exception):
+    """Base of every error a client may see; the subclass decides the status code."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, metadata: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        # Sent as trailing metadata, for callers that act on details (e.g. which images to resend).
+        self.metadata = metadata
+
+
+class InvalidInput(ServingError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServingError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Overloaded(ServingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServingError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServingError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class InternalError(ServingError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, Overloaded, Unavailable, DeadlineExceeded,
+                                      Cancelled, InternalError)}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, peer: str) -> ServingError:
+    """The typed error for a status received from another stage; its message names that stage."""
+    cls = _BY_CODE.get(error.code(), InternalError)
+    metadata = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if isinstance(v, str))
+    return cls(f"{peer}: {error.details()}", metadata)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions escaping a handler to a status: ServingError by its type, anything else INTERNAL."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _guard_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str):
+    if isinstance(error, ServingError):
+        log.info("%s -> %s: %s", method, error.code.name, error)
+        await context.abort(error.code, str(error), error.metadata)
+    log.exception("%s failed with an unexpected error", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+def _guard_unary(behavior, method):
+    async def guarded(request, context):
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await _abort(context, error, method)
+    return guarded
+
+
+def _guard_stream(behavior, method):
+    async def guarded(request, context):
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await _abort(context, error, method)
+    return guarded

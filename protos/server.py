@@ -1,0 +1,92 @@
+"""The gRPC server bootstrap every stage uses: limits, health, reflection, error mapping, drain.
+
+Health starts NOT_SERVING and becomes SERVING only when the stage says it is warm; on SIGTERM or SIGINT it
+turns NOT_SERVING (load balancers stop sending), in-flight calls get `grace_s` to finish, then the server
+stops.
+"""
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.errors import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Explicit message limits (gRPC's default receive limit is 4 MB) and keepalive, for servers and clients."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection and the error interceptor installed."""
+
+    def __init__(self, host: str, port: int, max_message_bytes: int, grace_s: float, announce_s: float = 1.0):
+        self.grace_s = grace_s
+        # Time between turning NOT_SERVING and refusing new calls, so that probes and balancers notice.
+        self.announce_s = announce_s
+        self._address = f"{host}:{port}"
+        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()],
+                                       options=channel_options(max_message_bytes))
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._service_names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self.port: int | None = None
+
+    def add_service(self, add_to_server, servicer, full_name: str) -> None:
+        """Registers a servicer; `full_name` is the proto's `package.Service` (for health and reflection)."""
+        add_to_server(servicer, self._server)
+        self._service_names.append(full_name)
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection(self._service_names, self._server)
+        self.port = self._server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC server to {self._address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+        log.info("gRPC listening on %s (port %d), NOT_SERVING until warm", self._address, self.port)
+        return self.port
+
+    async def set_serving(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("health: SERVING")
+
+    async def drain(self) -> None:
+        """NOT_SERVING, then let in-flight calls finish for up to `grace_s` before cancelling them."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(self.announce_s)
+        log.info("draining: in-flight calls have %.1f s to finish", self.grace_s)
+        await self._server.stop(self.grace_s)
+        log.info("gRPC server stopped")
+
+    async def _set_health(self, status) -> None:
+        for name in ["", *self._service_names]:
+            await self._health.set(name, status)
+
+
+async def wait_for_shutdown_signal() -> signal.Signals:
+    """Returns the first SIGTERM or SIGINT received."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
+    try:
+        sig = await received
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+    log.info("received %s", sig.name)
+    return sig
