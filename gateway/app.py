@@ -1,0 +1,258 @@
+"""The HTTP routes: OpenAI chat and text completions, models, health and metrics.
+
+A route parses the request, loads its images, makes one Generate call and renders the messages it gets back.
+The call starts before the HTTP status is chosen: an error before the first token becomes a real HTTP error
+(429, 503, ...); an error after it arrives as an SSE `error` event, as vLLM's server sends it.
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import pydantic
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import translate
+from gateway.config import GatewayConfig
+from gateway.errors import PayloadTooLarge, Unauthenticated, http_error
+from gateway.images import ImageLoader
+from gateway.llm_client import LlmClient, TokenStream
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import RequestContextMiddleware
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from protos import llm_pb2
+from protos.errors import Cancelled, InternalError, InvalidInput, NotFound, ServingError, Unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+RenderChunk = Callable[[llm_pb2.GenerateResponse], dict | None]
+
+
+class Gateway:
+    """What the routes share: config, the llm_svc client, the image loader, metrics and the model name."""
+
+    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics):
+        self.config = config
+        self.metrics = metrics
+        self.llm = LlmClient(config.llm_targets, config.grpc_max_message_bytes, config.unavailable_cooldown_s)
+        self.images = ImageLoader(config)
+        self._model_info: llm_pb2.GetModelInfoResponse | None = None
+
+    async def close(self) -> None:
+        await asyncio.gather(self.llm.close(), self.images.close())
+
+    async def model_info(self) -> llm_pb2.GetModelInfoResponse:
+        if self._model_info is None:
+            self._model_info = await self.llm.model_info(self.config.health_timeout_s)
+        return self._model_info
+
+    async def model_name(self) -> str:
+        return self.config.served_model_name or (await self.model_info()).model
+
+    async def check_model(self, requested: str | None) -> str:
+        served = await self.model_name()
+        if requested and requested != served:
+            raise NotFound(f"The model `{requested}` does not exist.")
+        return served
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    metrics = GatewayMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Created here so the gRPC channels belong to the server's event loop.
+        app.state.gateway = Gateway(config, metrics)
+        yield
+        await app.state.gateway.close()
+
+    app = FastAPI(title="InternVL gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+
+    async def require_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), config.api_key.encode()):
+            raise Unauthenticated("missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, error: ServingError) -> JSONResponse:
+        status, body = http_error(error)
+        log.log(logging.WARNING if status >= 500 else logging.INFO, "%s %s -> %d: %s", request.method,
+                request.url.path, status, error)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path, exc_info=error)
+        status, body = http_error(InternalError(f"internal error: {type(error).__name__}"))
+        return JSONResponse(body, status_code=status)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+    async def chat_completions(request: Request):
+        gateway: Gateway = request.app.state.gateway
+        body = await parse_body(request, ChatCompletionRequest, config.max_request_bytes)
+        meta = translate.ResponseMeta(f"chatcmpl-{request.state.request_id}", int(time.time()),
+                                      await gateway.check_model(body.model))
+        images = await until_disconnected(request, gateway.images.load_all(translate.image_urls(body)))
+        metrics.image_bytes.inc(sum(len(i) for i in images))
+        generate = translate.chat_generate_request(body, images, request.state.request_id,
+                                                   config.max_tokens_limit)
+        stream = await start_generation(request, gateway, generate, "/v1/chat/completions")
+        if body.stream:
+            chunks = sse_events(stream, lambda m: translate.chat_chunk(m, meta, body.logprobs),
+                                [translate.chat_role_chunk(meta)], meta, "chat.completion.chunk",
+                                body.stream_options is not None and body.stream_options.include_usage, metrics)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        messages = await until_disconnected(request, collect(stream, metrics))
+        return JSONResponse(translate.chat_completion(messages, meta, body.logprobs))
+
+    @app.post("/v1/completions", dependencies=[Depends(require_api_key)])
+    async def completions(request: Request):
+        gateway: Gateway = request.app.state.gateway
+        body = await parse_body(request, CompletionRequest, config.max_request_bytes)
+        meta = translate.ResponseMeta(f"cmpl-{request.state.request_id}", int(time.time()),
+                                      await gateway.check_model(body.model))
+        generate = translate.completion_generate_request(body, request.state.request_id, config.max_tokens_limit)
+        stream = await start_generation(request, gateway, generate, "/v1/completions")
+        with_logprobs = body.logprobs is not None
+        if body.stream:
+            chunks = sse_events(stream, completion_renderer(meta, with_logprobs), [], meta, "text_completion",
+                                body.stream_options is not None and body.stream_options.include_usage, metrics)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        messages = await until_disconnected(request, collect(stream, metrics))
+        return JSONResponse(translate.completion(messages, meta, with_logprobs))
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models(request: Request):
+        gateway: Gateway = request.app.state.gateway
+        card = {"id": await gateway.model_name(), "object": "model", "created": int(time.time()),
+                "owned_by": "internvl-dvd"}
+        with contextlib.suppress(ServingError):
+            info = await gateway.model_info()
+            card.update(root=info.model, max_model_len=info.max_model_len)
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health(request: Request):
+        healthy = await request.app.state.gateway.llm.healthy_replicas(config.health_timeout_s)
+        if not healthy:
+            status, body = http_error(Unavailable("no healthy language service replica"))
+            return JSONResponse(body, status_code=status)
+        return {"status": "ok", "healthy_replicas": healthy}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def parse_body(request: Request, model: type[Model], limit: int) -> Model:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is above the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is above the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except pydantic.ValidationError as error:
+        raise InvalidInput(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: pydantic.ValidationError) -> str:
+    problems = []
+    for e in error.errors(include_url=False):
+        if e["type"] == "json_invalid":
+            return f"request body is not valid JSON: {e['msg']}"
+        where = ".".join(str(part) for part in e["loc"])
+        problems.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(problems)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it if the client disconnects first (nobody would read the answer)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise Cancelled("client disconnected")
+    return task.result()
+
+
+async def start_generation(request: Request, gateway: Gateway, generate: llm_pb2.GenerateRequest,
+                           endpoint: str) -> TokenStream:
+    stream = await until_disconnected(request, gateway.llm.generate(generate, gateway.config.request_timeout_s))
+    gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
+    return stream
+
+
+def record_usage(message: llm_pb2.GenerateResponse, metrics: GatewayMetrics) -> None:
+    metrics.prompt_tokens.inc(message.usage.prompt_tokens)
+    metrics.completion_tokens.inc(message.usage.completion_tokens)
+
+
+async def collect(stream: TokenStream, metrics: GatewayMetrics) -> list[llm_pb2.GenerateResponse]:
+    messages = [message async for message in stream]
+    record_usage(messages[-1], metrics)
+    return messages
+
+
+def completion_renderer(meta: translate.ResponseMeta, with_logprobs: bool) -> RenderChunk:
+    offset = 0
+
+    def render(message: llm_pb2.GenerateResponse) -> dict | None:
+        nonlocal offset
+        chunk = translate.completion_chunk(message, meta, with_logprobs, offset)
+        offset += sum(len(lp.token) for lp in message.logprobs)
+        return chunk
+    return render
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(stream: TokenStream, render: RenderChunk, first_chunks: list[dict],
+                     meta: translate.ResponseMeta, obj: str, include_usage: bool,
+                     metrics: GatewayMetrics) -> AsyncIterator[str]:
+    # A client that disconnects cancels this generator inside `stream`, which cancels the gRPC call.
+    try:
+        for chunk in first_chunks:
+            yield sse(chunk)
+        last = None
+        async for message in stream:
+            last = message
+            if (chunk := render(message)) is not None:
+                yield sse(chunk)
+        record_usage(last, metrics)
+        if include_usage:
+            yield sse(translate.usage_chunk(meta, obj, last.usage))
+    except ServingError as error:
+        log.warning("stream failed after it started: %s", error)
+        yield sse(http_error(error)[1])
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,116 @@
+"""The gateway's one configuration object, built from the command line in one place and validated once."""
+
+import argparse
+import dataclasses
+import pathlib
+
+MIB = 1 << 20
+# gRPC message lengths are signed 32-bit integers.
+_GRPC_MESSAGE_LIMIT = (1 << 31) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayConfig:
+    llm_targets: tuple[str, ...]
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    allowed_local_media_path: pathlib.Path | None = None
+    allow_private_image_urls: bool = False
+    max_image_bytes: int = 20 * MIB
+    max_images_per_request: int = 8
+    image_fetch_timeout_s: float = 10.0
+    max_redirects: int = 3
+    request_timeout_s: float = 600.0
+    max_request_bytes: int = 64 * MIB
+    max_tokens_limit: int = 32768
+    unavailable_cooldown_s: float = 5.0
+    health_timeout_s: float = 2.0
+    shutdown_grace_s: float = 30.0
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def __post_init__(self):
+        if not self.llm_targets or any(":" not in t for t in self.llm_targets):
+            raise ValueError(f"--llm needs HOST:PORT[,HOST:PORT...], got {self.llm_targets}")
+        for name in ("max_image_bytes", "max_images_per_request", "max_request_bytes", "max_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("image_fetch_timeout_s", "request_timeout_s", "unavailable_cooldown_s", "health_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_redirects < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("max_redirects and shutdown_grace_s cannot be negative")
+        if self.allowed_local_media_path is not None and not self.allowed_local_media_path.is_dir():
+            raise ValueError(f"--allowed-local-media-path {self.allowed_local_media_path} is not a directory")
+        if self.grpc_max_message_bytes > _GRPC_MESSAGE_LIMIT:
+            raise ValueError("max_images_per_request * max_image_bytes + max_request_bytes exceeds gRPC's 2 GiB "
+                             "message limit; lower one of them")
+
+    @property
+    def grpc_max_message_bytes(self) -> int:
+        # The largest GenerateRequest: every image at its limit plus text no longer than the HTTP body.
+        return self.max_images_per_request * self.max_image_bytes + self.max_request_bytes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="OpenAI-compatible HTTP gateway in front of the InternVL language service (llm_svc). It "
+                    "validates requests, loads image bytes, forwards one gRPC Generate per request (round-robin "
+                    "over the llm_svc replicas) and streams the tokens back as SSE or JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = GatewayConfig
+    parser.add_argument("--llm", required=True,
+                        help="llm_svc replicas as HOST:PORT[,HOST:PORT...]; requests are balanced round-robin")
+    parser.add_argument("--host", default=d.host, help="HTTP listen address")
+    parser.add_argument("--port", type=int, default=d.port, help="HTTP listen port")
+    parser.add_argument("--api-key", default=None,
+                        help="when set, /v1/* requests must send 'Authorization: Bearer KEY' (else 401)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model name clients use; default: the name llm_svc reports in GetModelInfo")
+    parser.add_argument("--allowed-local-media-path", type=pathlib.Path, default=None,
+                        help="directory from which file:// image URLs may be read (resolved paths must stay "
+                             "inside it); file:// URLs are refused when unset")
+    parser.add_argument("--allow-private-image-urls", action="store_true",
+                        help="allow http(s) image URLs that resolve to private, loopback, link-local or reserved "
+                             "addresses (refused by default, against server-side request forgery)")
+    parser.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
+                        help="largest encoded image accepted, in bytes (413 above it)")
+    parser.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
+                        help="most images in one request (400 above it)")
+    parser.add_argument("--image-fetch-timeout-s", type=float, default=d.image_fetch_timeout_s,
+                        help="time limit for downloading one image URL, redirects included")
+    parser.add_argument("--max-redirects", type=int, default=d.max_redirects,
+                        help="most HTTP redirects followed when downloading an image")
+    parser.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
+                        help="deadline of the gRPC Generate call (504 when it passes)")
+    parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                        help="largest HTTP request body, in bytes (413 above it)")
+    parser.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
+                        help="largest max_tokens a request may ask for (400 above it); requests that do not set "
+                             "it are bounded by the model's context length")
+    parser.add_argument("--unavailable-cooldown-s", type=float, default=d.unavailable_cooldown_s,
+                        help="how long a replica that answered UNAVAILABLE is skipped by the balancer")
+    parser.add_argument("--health-timeout-s", type=float, default=d.health_timeout_s,
+                        help="time limit of the gRPC health checks behind GET /health and of GetModelInfo")
+    parser.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
+                        help="on SIGTERM, time in-flight requests get to finish before they are cut")
+    parser.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-json", action="store_true", help="write logs as one JSON object per line")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
+    args = build_parser().parse_args(argv)
+    return GatewayConfig(
+        llm_targets=tuple(t.strip() for t in args.llm.split(",") if t.strip()),
+        host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allow_private_image_urls=args.allow_private_image_urls, max_image_bytes=args.max_image_bytes,
+        max_images_per_request=args.max_images_per_request, image_fetch_timeout_s=args.image_fetch_timeout_s,
+        max_redirects=args.max_redirects, request_timeout_s=args.request_timeout_s,
+        max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
+        unavailable_cooldown_s=args.unavailable_cooldown_s, health_timeout_s=args.health_timeout_s,
+        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json)

@@ -1,0 +1,44 @@
+"""The one mapping from typed errors (and the gRPC status they carry) to OpenAI-style HTTP errors.
+
+Errors raised in the gateway and errors received from llm_svc (turned back into types by
+`protos.errors.from_rpc_error`) both end here, so a status code means the same thing whoever raised it.
+"""
+
+import grpc
+
+from protos.errors import InvalidInput, ServingError
+
+# gRPC status -> (HTTP status, OpenAI error type), following vLLM's server for the type names.
+HTTP_BY_GRPC_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "BadRequestError"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "BadRequestError"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "BadRequestError"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "AuthenticationError"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "PermissionDeniedError"),
+    grpc.StatusCode.NOT_FOUND: (404, "NotFoundError"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "RateLimitError"),
+    grpc.StatusCode.CANCELLED: (499, "ClientClosedRequest"),
+    grpc.StatusCode.UNAVAILABLE: (503, "ServiceUnavailableError"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "GatewayTimeoutError"),
+    grpc.StatusCode.INTERNAL: (500, "InternalServerError"),
+}
+_FALLBACK = (500, "InternalServerError")
+
+
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PayloadTooLarge(InvalidInput):
+    """A body or image over its byte limit: bad input, but HTTP has a status of its own for it (413)."""
+
+    http_status = 413
+    error_type = "PayloadTooLargeError"
+
+
+def http_error(error: ServingError, param: str | None = None) -> tuple[int, dict]:
+    """The HTTP status and the OpenAI error body for a typed error."""
+    status, error_type = HTTP_BY_GRPC_CODE.get(error.code, _FALLBACK)
+    status = getattr(error, "http_status", status)
+    error_type = getattr(error, "error_type", error_type)
+    return status, {"error": {"message": str(error), "type": error_type, "param": param, "code": status}}

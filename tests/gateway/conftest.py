@@ -1,0 +1,191 @@
+"""Real servers on loopback ports for the gateway tests: a scripted LanguageModel (standing in for llm_svc),
+the gateway itself under uvicorn, and a plain HTTP server that hosts images."""
+
+import asyncio
+import contextlib
+import dataclasses
+import http.server
+import io
+import threading
+import time
+
+import pytest
+import uvicorn
+from PIL import Image
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from protos import errors, llm_pb2, llm_pb2_grpc
+from protos.server import GrpcServer
+
+MODEL = "tiny-internvl"
+REPLY = ["Hello", " from", " the", " fake", "."]
+
+
+class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
+    """Records every GenerateRequest; the first text part picks a behaviour:
+    'error:<STATUS>' fails with that status, 'slow' streams a token every 50 ms for 10 s,
+    'sleep' waits 2 s before its first token; anything else streams REPLY."""
+
+    MODEL = MODEL
+    REPLY = REPLY
+
+    def __init__(self):
+        self.requests: list[llm_pb2.GenerateRequest] = []
+        self.cancelled = asyncio.Event()
+
+    async def GetModelInfo(self, request, context):
+        return llm_pb2.GetModelInfoResponse(model=MODEL, max_model_len=4096, hidden_size=64,
+                                            max_images_per_request=8, vocab_size=1000)
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        command = first_text(request)
+        if command.startswith("error:"):
+            status = command.removeprefix("error:")
+            cls = {"RESOURCE_EXHAUSTED": errors.Overloaded, "UNAVAILABLE": errors.Unavailable,
+                   "INTERNAL": errors.InternalError}[status]
+            raise cls(f"scripted {status}")
+        if request.sampling.max_tokens > 1000:
+            raise errors.InvalidInput(f"max_tokens={request.sampling.max_tokens} exceeds the context length")
+        if command == "sleep":
+            await asyncio.sleep(2)
+        try:
+            tokens = ["x"] * 200 if command == "slow" else REPLY
+            for i, token in enumerate(tokens):
+                if command == "slow":
+                    await asyncio.sleep(0.05)
+                last = i == len(tokens) - 1
+                yield llm_pb2.GenerateResponse(
+                    request_id=request.request_id, text=token, token_ids=[100 + i],
+                    logprobs=logprobs(token, i, request.sampling),
+                    finish_reason=llm_pb2.FINISH_REASON_STOP if last else llm_pb2.FINISH_REASON_UNSPECIFIED,
+                    usage=llm_pb2.Usage(prompt_tokens=11, completion_tokens=len(tokens), cached_tokens=4)
+                    if last else None)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+def first_text(request: llm_pb2.GenerateRequest) -> str:
+    if request.WhichOneof("input") == "prompt":
+        return request.prompt
+    return next((p.text for m in request.chat.messages for p in m.content if p.HasField("text")), "")
+
+
+def logprobs(token: str, i: int, sampling: llm_pb2.SamplingParams) -> list[llm_pb2.TokenLogprob]:
+    if not sampling.HasField("logprobs"):
+        return []
+    top = [llm_pb2.TopLogprob(token_id=100 + i, token=token, logprob=-0.5),
+           llm_pb2.TopLogprob(token_id=7, token="?", logprob=-2.0)][:sampling.logprobs]
+    return [llm_pb2.TokenLogprob(token_id=100 + i, token=token, logprob=-0.5, top=top)]
+
+
+@dataclasses.dataclass
+class FakeBackend:
+    servicer: FakeLanguageModel
+    target: str
+
+
+@pytest.fixture(scope="module")
+async def backend():
+    servicer = FakeLanguageModel()
+    server = GrpcServer("127.0.0.1", 0, max_message_bytes=64 << 20, grace_s=0.5, announce_s=0)
+    server.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, servicer, "internvl.llm.v1.LanguageModel")
+    port = await server.start()
+    await server.set_serving()
+    yield FakeBackend(servicer, f"127.0.0.1:{port}")
+    await server.drain()
+
+
+@pytest.fixture
+def fake(backend) -> FakeLanguageModel:
+    backend.servicer.requests.clear()
+    backend.servicer.cancelled.clear()
+    return backend.servicer
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: GatewayConfig):
+    """The gateway served by uvicorn on a loopback port in this event loop; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="on", timeout_graceful_shutdown=1))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "gateway did not start"
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def gateway_config(*targets: str, **overrides) -> GatewayConfig:
+    return GatewayConfig(llm_targets=targets, **overrides)
+
+
+@pytest.fixture(scope="module")
+async def gateway_url(backend):
+    async with running_gateway(gateway_config(backend.target, allow_private_image_urls=True)) as url:
+        yield url
+
+
+def png_bytes(size=(8, 6), color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    images = {"/red.png": png_bytes(), "/blue.png": png_bytes(color=(0, 0, 255)),
+              "/big.png": b"\x89PNG" + bytes(3 << 20)}
+
+    def do_GET(self):
+        if self.path.startswith("/redirect/"):
+            # /redirect/N/<path>: N more redirects before <path>.
+            _, _, hops, rest = self.path.split("/", 3)
+            target = f"/redirect/{int(hops) - 1}/{rest}" if int(hops) > 1 else f"/{rest}"
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+            return
+        if self.path == "/slow.png":
+            time.sleep(1.5)
+        body = self.images.get(self.path, self.images["/red.png"] if self.path == "/slow.png" else None)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """Base URL of a threaded HTTP server on 127.0.0.1 serving _ImageHandler.images."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _ImageHandler.images
+    server.shutdown()
+    server.server_close()
+
+
+
+@pytest.fixture
+def start_gateway(backend):
+    """Starts another gateway: `async with start_gateway(*targets, **config_overrides) as url`."""
+    return lambda *targets, **overrides: running_gateway(gateway_config(*(targets or [backend.target]), **overrides))
+
+
+@pytest.fixture
+def png():
+    return png_bytes
