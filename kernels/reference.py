@@ -21,9 +21,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal softmax attention on [B, H, N, D], scale D**-0.5, computed in fp32 -> [B, H, N, D]."""
-    scores = q.float() @ k.float().transpose(-2, -1) * (q.shape[-1] ** -0.5)  # [B, H, N, N]
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    """Non-causal softmax attention on [B, H, N, D], scale D**-0.5, computed in at least fp32 -> [B, H, N, D]."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, out_dtype = q.to(compute), k.to(compute), v.to(compute), q.dtype
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)  # [B, H, N, N]
+    return (scores.softmax(-1) @ v).to(out_dtype)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
