@@ -1,0 +1,29 @@
+"""`python -m vision_svc --model DIR ...`: serve the vision stage until SIGTERM, then drain."""
+
+import asyncio
+import logging
+
+from protos.logs import configure_logging
+from protos.server import wait_for_shutdown_signal
+from vision_svc.config import parse_config
+from vision_svc.server import VisionServer
+
+log = logging.getLogger("vision_svc")
+
+
+async def serve(config) -> None:
+    server = VisionServer(config)
+    port = await server.start()
+    log.info("vision_svc ready on %s:%d", config.host, port)
+    await wait_for_shutdown_signal()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    configure_logging(config.log_level, config.log_json)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

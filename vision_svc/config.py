@@ -1,0 +1,106 @@
+"""The vision stage's configuration: one frozen dataclass, built from the command line in one place."""
+
+import argparse
+import dataclasses
+import pathlib
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    model: pathlib.Path
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    kernel_backend: str | None = None
+    max_batch_tiles: int = 32
+    batch_wait_ms: float = 5.0
+    max_queue_tiles: int = 1024
+    max_tiles: int | None = None
+    max_images_per_request: int = 16
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 40_000_000
+    cache_bytes: int = 2048 * MiB
+    preprocess_workers: int = 2
+    chunk_bytes: int = 1 * MiB
+    max_message_bytes: int = 64 * MiB
+    grace_s: float = 30.0
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def __post_init__(self):
+        positive = ("max_batch_tiles", "max_queue_tiles", "max_images_per_request", "max_image_bytes",
+                    "max_image_pixels", "chunk_bytes", "max_message_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_tiles is not None and not 1 <= self.max_tiles <= 64:
+            raise ValueError(f"--max-tiles must be in [1, 64], got {self.max_tiles}")
+        if self.max_queue_tiles < self.max_batch_tiles:
+            raise ValueError("--max-queue-tiles must be at least --max-batch-tiles")
+        if self.chunk_bytes + 4096 > self.max_message_bytes:
+            raise ValueError("--chunk-bytes must leave room for headers under --max-message-bytes")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
+        if self.batch_wait_ms < 0 or self.grace_s < 0 or self.preprocess_workers < 0 or self.cache_bytes < 0:
+            raise ValueError("--batch-wait-ms, --grace-s, --preprocess-workers and --cache-bytes must be >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = VisionConfig(model=pathlib.Path("."))
+    p = argparse.ArgumentParser(
+        prog="python -m vision_svc",
+        description="The InternVL vision stage: encodes images into language-model embeddings and streams "
+                    "them over gRPC (internvl.vision.v1.VisionEncoder, with grpc.health.v1 and reflection).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=pathlib.Path, required=True,
+                   help="InternVL checkpoint directory, original (OpenGVLab) or transformers-native layout; "
+                        "only its vision tensors are read")
+    p.add_argument("--served-model-name", default=None, help="name reported by GetInfo (default: directory name)")
+    p.add_argument("--host", default=d.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port (0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this HTTP port")
+    p.add_argument("--device", default=d.device, help="cpu, cuda[:i] or npu[:i]")
+    p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 or float16; auto = float32 on cpu, "
+                                                     "bfloat16 on accelerators")
+    p.add_argument("--kernel-backend", default=None,
+                   help="force a kernels backend (reference, cpu, cuda, npu); default: the best for the device")
+    p.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles,
+                   help="most tiles in one encoder forward pass, across concurrent requests")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="longest wait for more tiles before running a partly filled batch")
+    p.add_argument("--max-queue-tiles", type=int, default=d.max_queue_tiles,
+                   help="tiles allowed to wait for the encoder; beyond it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="limit and default for tiles per image, thumbnail excluded (default: the model's "
+                        "max_dynamic_patch)")
+    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
+                   help="most images in one request")
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="most encoded bytes per image")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="most pixels (width x height) per image, checked before decoding (decompression bombs)")
+    p.add_argument("--cache-bytes", type=int, default=d.cache_bytes,
+                   help="embedding cache size in bytes (0 disables it)")
+    p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers,
+                   help="processes decoding and tiling images (0: a thread of this process)")
+    p.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes, help="embedding bytes per streamed message")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help="gRPC message limit; an Encode request carries all its images, so it bounds their sum")
+    p.add_argument("--grace-s", type=float, default=d.grace_s,
+                   help="on SIGTERM, seconds that in-flight requests get to finish")
+    p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> VisionConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return VisionConfig(**vars(args))
+    except ValueError as error:
+        parser.error(str(error))

@@ -1,0 +1,142 @@
+"""Runs the encoder on its device in one worker thread, batching tiles of concurrent requests.
+
+The event loop only enqueues tiles and awaits futures; the device work happens on the worker thread, which
+gathers queued tiles into one forward pass of at most `max_batch_tiles`, waiting at most `batch_wait_s`
+for a batch to fill. An image larger than a batch is split across passes. The queue is bounded in tiles:
+past `max_queue_tiles` a request is refused at once (the caller retries elsewhere or later) rather than
+queued behind minutes of work.
+"""
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from protos.errors import Overloaded
+from vision_svc import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One image's tiles; `output` is filled slice by slice as passes complete."""
+    tiles: torch.Tensor  # [n, 3, H, W]
+    output: torch.Tensor | None
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    next_tile: int = 0
+    done_tiles: int = 0
+
+
+class EncoderRunner:
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 max_batch_tiles: int, batch_wait_s: float, max_queue_tiles: int):
+        """`encode` maps `[tiles, 3, H, W]` on `device` to `[tiles, tokens, hidden]`; it runs only on the worker."""
+        self._encode = encode
+        self._device = device
+        self._dtype = dtype
+        self.max_batch_tiles = max_batch_tiles
+        self.batch_wait_s = batch_wait_s
+        self.max_queue_tiles = max_queue_tiles
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._queued_tiles = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="encoder-runner", daemon=True)
+        self._thread.start()
+
+    async def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        """`[n, 3, H, W]` float pixels -> `[n * tokens, hidden]` embeddings on the CPU."""
+        loop = asyncio.get_running_loop()
+        job = _Job(tiles=tiles, output=None, future=loop.create_future(), loop=loop)
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("vision encoder is shutting down")
+            if self._queued_tiles + len(tiles) > self.max_queue_tiles:
+                raise Overloaded(f"vision queue full: {self._queued_tiles} tiles queued, limit "
+                                 f"{self.max_queue_tiles}; retry later or on another replica")
+            self._queue.append(job)
+            self._queued_tiles += len(tiles)
+            metrics.QUEUE_TILES.set(self._queued_tiles)
+            self._cond.notify()
+        try:
+            output = await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.future.cancel()  # the worker skips what is left of a cancelled job
+            raise
+        return output.reshape(-1, output.shape[-1])
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _take_batch(self) -> list[tuple[_Job, int, int]] | None:
+        """Blocks for work, then gathers up to max_batch_tiles tiles: (job, start, end) slices."""
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            deadline = time.monotonic() + self.batch_wait_s
+            while self._queued_tiles < self.max_batch_tiles and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            batch, room = [], self.max_batch_tiles
+            while self._queue and room > 0:
+                job = self._queue[0]
+                take = min(room, len(job.tiles) - job.next_tile)
+                batch.append((job, job.next_tile, job.next_tile + take))
+                job.next_tile += take
+                room -= take
+                self._queued_tiles -= take
+                if job.next_tile == len(job.tiles):
+                    self._queue.popleft()
+            metrics.QUEUE_TILES.set(self._queued_tiles)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            live = [(job, start, end) for job, start, end in batch if not job.future.done()]
+            if not live:
+                continue
+            try:
+                self._forward(live)
+            except Exception as error:  # noqa: BLE001 - a failed pass fails its requests, not the worker
+                log.exception("encoder forward pass failed")
+                for job, _, _ in live:
+                    job.loop.call_soon_threadsafe(_fail, job.future, error)
+
+    def _forward(self, batch: list[tuple[_Job, int, int]]) -> None:
+        pixels = torch.cat([job.tiles[start:end] for job, start, end in batch])  # [tiles, 3, H, W]
+        started = time.perf_counter()
+        with torch.inference_mode():
+            embeddings = self._encode(pixels.to(self._device, self._dtype)).cpu()  # [tiles, tokens, hidden]
+        metrics.BATCH_TILES.observe(len(pixels))
+        metrics.TILES.inc(len(pixels))
+        metrics.FORWARD_SECONDS.observe(time.perf_counter() - started)
+        offset = 0
+        for job, start, end in batch:
+            if job.output is None:
+                job.output = embeddings.new_empty((len(job.tiles), *embeddings.shape[1:]))
+            job.output[start:end] = embeddings[offset:offset + end - start]
+            offset += end - start
+            job.done_tiles += end - start
+            if job.done_tiles == len(job.tiles):
+                job.loop.call_soon_threadsafe(_resolve, job.future, job.output)
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,77 @@
+"""Assembles the vision stage from its config: encoder, runner, preprocessing pool, cache, gRPC server."""
+
+import logging
+
+import torch
+from prometheus_client import start_http_server
+
+from protos import tensors, vision_pb2, vision_pb2_grpc
+from protos.server import GrpcServer
+from vision_svc.cache import EmbeddingCache
+from vision_svc.config import VisionConfig
+from vision_svc.encoder import load_encoder
+from vision_svc.encoder_runner import EncoderRunner
+from vision_svc.image_decode import ImageLimits
+from vision_svc.preprocess import PreprocessPool
+from vision_svc.service import Limits, VisionService
+from vision_svc.servicer import VisionEncoderServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+class VisionServer:
+    """The running stage; `start()` returns once it is warm and SERVING."""
+
+    def __init__(self, config: VisionConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        encoder, self.spec = load_encoder(config.model, self.device, self.dtype, config.kernel_backend)
+        max_tiles = config.max_tiles or self.spec.max_dynamic_patch
+        self.runner = EncoderRunner(encoder, self.device, self.dtype, config.max_batch_tiles,
+                                    config.batch_wait_ms / 1000, config.max_queue_tiles)
+        self.pool = PreprocessPool(config.preprocess_workers, ImageLimits(config.max_image_bytes,
+                                                                          config.max_image_pixels))
+        self.cache = EmbeddingCache(config.cache_bytes)
+        limits = Limits(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch, max_tiles=max_tiles, max_images_per_request=config.max_images_per_request,
+                        max_image_bytes=config.max_image_bytes, default_thumbnail=self.spec.use_thumbnail)
+        self.service = VisionService(limits, self.spec.tokens_per_tile, self.runner, self.pool, self.cache)
+        self.info = vision_pb2.GetInfoResponse(
+            model=config.served_model_name or config.model.resolve().name, llm_hidden=self.spec.llm_hidden,
+            dtype=tensors.dtype_to_proto(self.dtype), tokens_per_tile=self.spec.tokens_per_tile,
+            image_size=self.spec.image_size, max_tiles=max_tiles,
+            max_images_per_request=config.max_images_per_request, max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels, use_thumbnail=self.spec.use_thumbnail)
+        self.grpc = GrpcServer(config.host, config.port, config.max_message_bytes, config.grace_s)
+        self.grpc.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server,
+                              VisionEncoderServicer(self.service, self.info, config.chunk_bytes), SERVICE_NAME)
+
+    async def start(self) -> int:
+        port = await self.grpc.start()
+        if self.config.metrics_port is not None:
+            start_http_server(self.config.metrics_port, addr=self.config.host)
+        await self.pool.warm_up()
+        await self._warm_up()
+        await self.grpc.set_serving()
+        return port
+
+    async def _warm_up(self) -> None:
+        """One pass at batch 1 and one full batch, so that the first request pays no one-time costs."""
+        size = self.spec.image_size
+        for batch in (1, self.config.max_batch_tiles):
+            await self.runner.encode(torch.zeros(batch, 3, size, size))
+        log.info("warm: %s on %s (%s), %d tiles per batch", self.info.model, self.device, self.dtype,
+                 self.config.max_batch_tiles)
+
+    async def stop(self) -> None:
+        await self.grpc.drain()
+        self.runner.stop()
+        self.pool.close()

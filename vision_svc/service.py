@@ -1,0 +1,153 @@
+"""Encode requests end to end, below the wire: limits, cache, preprocessing, the encoder, in that order.
+
+It knows nothing of protobuf: the servicer converts requests into `ImageSource`s and `EncodeOptions`, and
+streams the `EncodedImage`s it yields, in the order they finish.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+import torch
+
+from protos.errors import InvalidInput, NotFound
+from vision_svc import metrics
+from vision_svc.cache import CacheKey, EmbeddingCache, content_hash
+from vision_svc.encoder_runner import EncoderRunner
+from vision_svc.image_decode import ImageError
+from vision_svc.preprocess import PreprocessPool
+from vision_svc.tiling import TileOptions
+
+log = logging.getLogger(__name__)
+
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+MISSING_IMAGES_KEY = "missing-image-indices"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """Encoded bytes, or the content hash of bytes encoded before."""
+    data: bytes | None = None
+    content_hash: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    max_tiles: int
+    use_thumbnail: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImage:
+    index: int
+    content_hash: str
+    num_tiles: int
+    embeddings: torch.Tensor  # [num_tiles * tokens_per_tile, llm_hidden], on the CPU
+    cache_hit: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    image_size: int
+    min_tiles: int
+    max_tiles: int
+    max_images_per_request: int
+    max_image_bytes: int
+    default_thumbnail: bool
+
+
+class VisionService:
+    def __init__(self, limits: Limits, tokens_per_tile: int, runner: EncoderRunner, pool: PreprocessPool,
+                 cache: EmbeddingCache):
+        self.limits = limits
+        self.tokens_per_tile = tokens_per_tile
+        self._runner = runner
+        self._pool = pool
+        self._cache = cache
+
+    def options(self, max_tiles: int, thumbnail: bool | None) -> EncodeOptions:
+        """Per-request options within the server's limits; 0 / None take the defaults."""
+        if max_tiles > self.limits.max_tiles:
+            raise InvalidInput(f"max_tiles {max_tiles} is over this server's limit of {self.limits.max_tiles}")
+        return EncodeOptions(max_tiles=max_tiles or self.limits.max_tiles,
+                             use_thumbnail=self.limits.default_thumbnail if thumbnail is None else thumbnail)
+
+    async def encode(self, images: list[ImageSource], options: EncodeOptions) -> AsyncIterator[EncodedImage]:
+        keys = self._check(images, options)
+        tasks = [asyncio.create_task(self._encode_one(i, image, key))
+                 for i, (image, key) in enumerate(zip(images, keys))]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _check(self, images: list[ImageSource], options: EncodeOptions) -> list[CacheKey]:
+        """Validates every image before any work starts, so a bad request costs nothing."""
+        if not images:
+            raise InvalidInput("no images in the request")
+        if len(images) > self.limits.max_images_per_request:
+            raise InvalidInput(f"{len(images)} images in one request; the limit is "
+                               f"{self.limits.max_images_per_request}")
+        keys, missing = [], []
+        for i, image in enumerate(images):
+            if image.data is not None:
+                if len(image.data) > self.limits.max_image_bytes:
+                    raise InvalidInput(f"image {i}: {len(image.data)} bytes, over the limit of "
+                                       f"{self.limits.max_image_bytes}")
+                digest = content_hash(image.data)
+            elif image.content_hash is not None:
+                if not _HASH.match(image.content_hash):
+                    raise InvalidInput(f"image {i}: content_hash must be 64 lowercase hex digits (SHA-256)")
+                digest = image.content_hash
+            else:
+                raise InvalidInput(f"image {i}: neither bytes nor a content hash")
+            key = CacheKey(digest, options.max_tiles, options.use_thumbnail)
+            if image.data is None and self._cache.get(key) is None and self._cache.in_flight(key) is None:
+                missing.append(i)
+            keys.append(key)
+        if missing:
+            metrics.CACHE_MISSES.inc(len(missing))
+            raise NotFound(f"images {missing} named by content hash are not cached here; resend their bytes",
+                           metadata=((MISSING_IMAGES_KEY, ",".join(map(str, missing))),))
+        return keys
+
+    async def _encode_one(self, index: int, image: ImageSource, key: CacheKey) -> EncodedImage:
+        if (cached := self._cache.get(key)) is not None:
+            return self._hit(index, key, cached)
+        if (pending := self._cache.in_flight(key)) is not None:
+            return self._hit(index, key, await asyncio.shield(pending))
+        if image.data is None:  # evicted since the check
+            raise NotFound(f"image {index} named by content hash is no longer cached; resend its bytes",
+                           metadata=((MISSING_IMAGES_KEY, str(index)),))
+        metrics.CACHE_MISSES.inc()
+        # The work is not tied to this request: if its client goes away, requests waiting on the same
+        # image still get it, and the result is cached for the retry.
+        work = asyncio.ensure_future(self._run(index, image.data, key))
+        self._cache.track(key, work)
+        embeddings = await asyncio.shield(work)
+        return EncodedImage(index, key.content_hash, len(embeddings) // self.tokens_per_tile, embeddings, False)
+
+    async def _run(self, index: int, data: bytes, key: CacheKey) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            tiles = await self._pool.tiles(data, TileOptions(
+                max_tiles=key.max_tiles, use_thumbnail=key.use_thumbnail, image_size=self.limits.image_size,
+                min_tiles=min(self.limits.min_tiles, key.max_tiles)))
+        except ImageError as error:
+            raise InvalidInput(f"image {index}: {error}") from error
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
+        embeddings = await self._runner.encode(tiles)
+        self._cache.put(key, embeddings)
+        metrics.CACHE_BYTES.set(self._cache.bytes_used)
+        metrics.IMAGES.labels("encoder").inc()
+        return embeddings
+
+    def _hit(self, index: int, key: CacheKey, embeddings: torch.Tensor) -> EncodedImage:
+        metrics.CACHE_HITS.inc()
+        metrics.IMAGES.labels("cache").inc()
+        return EncodedImage(index, key.content_hash, len(embeddings) // self.tokens_per_tile, embeddings, True)

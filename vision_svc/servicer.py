@@ -1,0 +1,59 @@
+"""gRPC servicer of the vision stage: proto <-> domain conversion only; the work is in `VisionService`."""
+
+import logging
+import time
+
+from protos import tensors, vision_pb2, vision_pb2_grpc
+from protos.errors import ServingError
+from protos.logs import request_id_var
+from vision_svc import metrics
+from vision_svc.service import EncodedImage, ImageSource, VisionService
+
+log = logging.getLogger(__name__)
+
+_THUMBNAIL = {vision_pb2.THUMBNAIL_UNSPECIFIED: None, vision_pb2.THUMBNAIL_ON: True,
+              vision_pb2.THUMBNAIL_OFF: False}
+
+
+def images_from_pb(request: vision_pb2.EncodeRequest) -> list[ImageSource]:
+    return [ImageSource(data=image.data) if image.WhichOneof("source") == "data"
+            else ImageSource(content_hash=image.content_hash or None) for image in request.images]
+
+
+def image_to_pb(image: EncodedImage, chunk_bytes: int):
+    """The messages of one image: the header rides on the first chunk, `last` on the final one."""
+    header = vision_pb2.ImageHeader(content_hash=image.content_hash, num_tiles=image.num_tiles,
+                                    tensor=tensors.header_of(image.embeddings), cache_hit=image.cache_hit)
+    chunks = list(tensors.to_chunks(image.embeddings, chunk_bytes))
+    for n, chunk in enumerate(chunks):
+        yield vision_pb2.EncodeResponse(image_index=image.index, header=header if n == 0 else None,
+                                        data=chunk, last=n == len(chunks) - 1)
+
+
+class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
+    def __init__(self, service: VisionService, info: vision_pb2.GetInfoResponse, chunk_bytes: int):
+        self._service = service
+        self._info = info
+        self._chunk_bytes = chunk_bytes
+
+    async def GetInfo(self, request, context):
+        return self._info
+
+    async def Encode(self, request: vision_pb2.EncodeRequest, context):
+        request_id_var.set(request.request_id or "-")
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            options = self._service.options(request.options.max_tiles, _THUMBNAIL[request.options.thumbnail])
+            images = images_from_pb(request)
+            log.info("encode: %d images, max_tiles=%d", len(images), options.max_tiles)
+            async for image in self._service.encode(images, options):
+                for message in image_to_pb(image, self._chunk_bytes):
+                    metrics.BYTES_STREAMED.inc(len(message.data))
+                    yield message
+        except BaseException as error:
+            code = error.code.name if isinstance(error, ServingError) else type(error).__name__
+            raise
+        finally:
+            metrics.REQUESTS.labels(code).inc()
+            metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
