@@ -25,7 +25,7 @@ REPLY = ["Hello", " from", " the", " fake", "."]
 class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
     """Records every GenerateRequest; the first text part picks a behaviour:
     'error:<STATUS>' fails with that status, 'slow' streams a token every 50 ms for 10 s,
-    'sleep' waits 2 s before its first token; anything else streams REPLY."""
+    'sleep' waits 2 s before its first token, 'crash' fails after its second token; anything else streams REPLY."""
 
     MODEL = MODEL
     REPLY = REPLY
@@ -55,6 +55,8 @@ class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
             for i, token in enumerate(tokens):
                 if command == "slow":
                     await asyncio.sleep(0.05)
+                if command == "crash" and i == 2:
+                    raise RuntimeError("engine crashed")
                 last = i == len(tokens) - 1
                 yield llm_pb2.GenerateResponse(
                     request_id=request.request_id, text=token, token_ids=[100 + i],

@@ -1,0 +1,52 @@
+"""The gateway's command line: every flag explained, parsed into one validated config."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from gateway.config import MIB, build_parser, config_from_args
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_flags_parse_into_the_config(tmp_path: pathlib.Path):
+    config = config_from_args(["--llm", "a:1, b:2", "--port", "9000", "--api-key", "k", "--served-model-name", "m",
+                               "--allowed-local-media-path", str(tmp_path), "--allow-private-image-urls",
+                               "--max-image-bytes", "1000", "--max-images-per-request", "3",
+                               "--image-fetch-timeout-s", "2.5", "--max-redirects", "0",
+                               "--request-timeout-s", "30", "--max-request-bytes", "5000", "--max-tokens-limit", "64"])
+    assert config.llm_targets == ("a:1", "b:2") and config.port == 9000 and config.api_key == "k"
+    assert config.served_model_name == "m" and config.allowed_local_media_path == tmp_path
+    assert config.allow_private_image_urls and config.max_redirects == 0 and config.max_tokens_limit == 64
+    assert (config.max_image_bytes, config.max_images_per_request, config.max_request_bytes) == (1000, 3, 5000)
+    assert config.grpc_max_message_bytes == 3 * 1000 + 5000
+
+
+def test_defaults_are_safe():
+    config = config_from_args(["--llm", "localhost:50051"])
+    assert not config.allow_private_image_urls and config.allowed_local_media_path is None
+    assert config.api_key is None and config.max_image_bytes == 20 * MIB
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--llm", "no-port"], "HOST:PORT"),
+    (["--llm", "a:1", "--max-image-bytes", "0"], "max_image_bytes"),
+    (["--llm", "a:1", "--request-timeout-s", "0"], "request_timeout_s"),
+    (["--llm", "a:1", "--allowed-local-media-path", "/nonexistent-dir"], "not a directory"),
+    (["--llm", "a:1", "--max-images-per-request", "1000", "--max-image-bytes", str(100 * MIB)], "2 GiB"),
+])
+def test_invalid_configs_are_refused(argv, words):
+    with pytest.raises(ValueError, match=words):
+        config_from_args(argv)
+
+
+def test_module_help_runs():
+    result = subprocess.run([sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+    assert result.returncode == 0 and "--allow-private-image-urls" in result.stdout

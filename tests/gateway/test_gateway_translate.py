@@ -1,0 +1,149 @@
+"""Table tests of the gateway's pure functions: OpenAI JSON <-> LanguageModel messages, data URLs, addresses."""
+
+import base64
+
+import pytest
+
+from gateway import translate
+from gateway.errors import HTTP_BY_GRPC_CODE, PayloadTooLarge, http_error
+from gateway.images import decode_data_url, is_public_address
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from protos import errors, llm_pb2
+
+META = translate.ResponseMeta("chatcmpl-r1", 1700000000, "m")
+
+
+def chat_request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({}, llm_pb2.SamplingParams(n=1)),
+    ({"temperature": 0, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "seed": -3},
+     llm_pb2.SamplingParams(n=1, temperature=0, top_p=0.9, top_k=20, min_p=0.05, seed=-3)),
+    ({"max_tokens": 10}, llm_pb2.SamplingParams(n=1, max_tokens=10)),
+    ({"max_tokens": 10, "max_completion_tokens": 20}, llm_pb2.SamplingParams(n=1, max_tokens=20)),
+    ({"stop": "\n"}, llm_pb2.SamplingParams(n=1, stop=["\n"])),
+    ({"stop": ["a", "b"], "stop_token_ids": [2]}, llm_pb2.SamplingParams(n=1, stop=["a", "b"], stop_token_ids=[2])),
+    ({"presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "ignore_eos": True},
+     llm_pb2.SamplingParams(n=1, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
+                            ignore_eos=True)),
+    ({"logprobs": True}, llm_pb2.SamplingParams(n=1, logprobs=0)),
+    ({"logprobs": True, "top_logprobs": 3}, llm_pb2.SamplingParams(n=1, logprobs=3)),
+    ({"logprobs": False, "top_logprobs": 3}, llm_pb2.SamplingParams(n=1)),
+])
+def test_chat_sampling_fields(fields, expected):
+    generate = translate.chat_generate_request(chat_request(**fields), [], "r1", max_tokens_limit=100)
+    assert generate.sampling == expected and generate.request_id == "r1"
+
+
+def test_max_tokens_above_the_limit_is_invalid_input():
+    with pytest.raises(errors.InvalidInput, match="above this server's limit of 100"):
+        translate.chat_generate_request(chat_request(max_tokens=101), [], "r1", max_tokens_limit=100)
+
+
+def test_chat_conversion_places_images_in_message_order():
+    request = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "rules"}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u0"}},
+                                     {"type": "text", "text": "and"},
+                                     {"type": "image_url", "image_url": {"url": "u1", "detail": "high"}}]},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "more"}], "mm_processor_kwargs": {"max_dynamic_patch": 6}})
+    assert translate.image_urls(request) == ["u0", "u1"]
+    generate = translate.chat_generate_request(request, [b"i0", b"i1"], "r", 100)
+    assert generate.max_tiles == 6 and generate.WhichOneof("input") == "chat"
+    assert [(m.role, [p.image.data if p.HasField("image") else p.text for p in m.content]) for m in generate.chat.messages] == [
+        (llm_pb2.ROLE_SYSTEM, ["rules"]), (llm_pb2.ROLE_USER, [b"i0", "and", b"i1"]),
+        (llm_pb2.ROLE_ASSISTANT, [""]), (llm_pb2.ROLE_USER, ["more"])]
+
+
+def test_completion_request_is_a_raw_prompt():
+    request = CompletionRequest.model_validate({"prompt": ["Once"], "max_tokens": 3, "logprobs": 2})
+    generate = translate.completion_generate_request(request, "r", 100)
+    assert generate.prompt == "Once" and generate.sampling.max_tokens == 3 and generate.sampling.logprobs == 2
+
+
+def message(text="", reason=llm_pb2.FINISH_REASON_UNSPECIFIED, usage=None, logprobs=(), stop_reason=""):
+    return llm_pb2.GenerateResponse(text=text, finish_reason=reason, usage=usage, logprobs=logprobs,
+                                    stop_reason=stop_reason)
+
+
+LP = llm_pb2.TokenLogprob(token_id=5, token="é", logprob=-1.5, top=[llm_pb2.TopLogprob(token="é", logprob=-1.5)])
+
+
+@pytest.mark.parametrize("response, with_logprobs, choice", [
+    (message("Hi"), False, {"index": 0, "delta": {"content": "Hi"}, "logprobs": None, "finish_reason": None}),
+    (message(), False, None),
+    (message("", llm_pb2.FINISH_REASON_STOP), False,
+     {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop", "stop_reason": None}),
+    (message("!", llm_pb2.FINISH_REASON_LENGTH), False,
+     {"index": 0, "delta": {"content": "!"}, "logprobs": None, "finish_reason": "length", "stop_reason": None}),
+    (message("", llm_pb2.FINISH_REASON_ABORT), False,
+     {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "abort", "stop_reason": None}),
+    (message("", llm_pb2.FINISH_REASON_STOP, stop_reason="###"), False,
+     {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop", "stop_reason": "###"}),
+    (message("é", logprobs=[LP]), True,
+     {"index": 0, "delta": {"content": "é"}, "finish_reason": None, "logprobs": {"content": [
+         {"token": "é", "logprob": -1.5, "bytes": [195, 169],
+          "top_logprobs": [{"token": "é", "logprob": -1.5, "bytes": [195, 169]}]}]}}),
+])
+def test_chat_chunks(response, with_logprobs, choice):
+    chunk = translate.chat_chunk(response, META, with_logprobs)
+    if choice is None:
+        assert chunk is None
+    else:
+        assert chunk == {"id": "chatcmpl-r1", "object": "chat.completion.chunk", "created": 1700000000,
+                         "model": "m", "choices": [choice]}
+
+
+def test_chat_completion_aggregates_text_reason_and_usage():
+    usage = llm_pb2.Usage(prompt_tokens=7, completion_tokens=2, cached_tokens=3)
+    body = translate.chat_completion([message("Hel"), message("lo", llm_pb2.FINISH_REASON_LENGTH, usage)], META,
+                                     with_logprobs=False)
+    assert body == {"id": "chatcmpl-r1", "object": "chat.completion", "created": 1700000000, "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+                                 "logprobs": None, "finish_reason": "length", "stop_reason": None}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+                              "prompt_tokens_details": {"cached_tokens": 3}}}
+    assert translate.usage_chunk(META, "chat.completion.chunk", usage)["choices"] == []
+
+
+def test_completion_logprobs_offsets_continue_across_chunks():
+    tokens = [llm_pb2.TokenLogprob(token=t, logprob=-1.0) for t in ("ab", "c")]
+    assert translate.completion_logprobs([message(logprobs=tokens)], text_offset=4) == {
+        "tokens": ["ab", "c"], "token_logprobs": [-1.0, -1.0], "top_logprobs": [{}, {}], "text_offset": [4, 6]}
+
+
+@pytest.mark.parametrize("error, status, error_type", [
+    (errors.InvalidInput("x"), 400, "BadRequestError"),
+    (errors.NotFound("x"), 404, "NotFoundError"),
+    (errors.Overloaded("x"), 429, "RateLimitError"),
+    (errors.Unavailable("x"), 503, "ServiceUnavailableError"),
+    (errors.DeadlineExceeded("x"), 504, "GatewayTimeoutError"),
+    (errors.InternalError("x"), 500, "InternalServerError"),
+    (PayloadTooLarge("x"), 413, "PayloadTooLargeError"),
+])
+def test_http_errors(error, status, error_type):
+    assert http_error(error) == (status, {"error": {"message": "x", "type": error_type, "param": None,
+                                                    "code": status}})
+    assert HTTP_BY_GRPC_CODE[error.code][0] == status or isinstance(error, PayloadTooLarge)
+
+
+@pytest.mark.parametrize("payload", [b"", b"a", b"ab", b"abc", bytes(range(256)) * 3])
+def test_data_url_decoded_size_is_known_before_decoding(payload):
+    url = "data:image/png;base64," + base64.b64encode(payload).decode()
+    assert decode_data_url(url, limit=len(payload)) == payload
+    if payload:
+        with pytest.raises(PayloadTooLarge):
+            decode_data_url(url, limit=len(payload) - 1)
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700::1111", True), ("127.0.0.1", False), ("::1", False), ("10.1.2.3", False),
+    ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("0.0.0.0", False),
+    ("100.64.0.1", False), ("224.0.0.1", False), ("fe80::1%eth0", False), ("fc00::1", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True), ("240.0.0.1", False),
+])
+def test_public_addresses(address, public):
+    assert is_public_address(address) is public
