@@ -8,15 +8,15 @@ The call starts before the HTTP status is chosen: an error before the first toke
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import pydantic
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import translate
@@ -26,6 +26,7 @@ from gateway.images import ImageLoader
 from gateway.llm_client import LlmClient, TokenStream
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
+from gateway.responses import collect, completion_renderer, sse_events
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from protos import llm_pb2
 from protos.errors import Cancelled, InternalError, InvalidInput, NotFound, ServingError, Unavailable
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Model = TypeVar("Model", bound=pydantic.BaseModel)
-RenderChunk = Callable[[llm_pb2.GenerateResponse], dict | None]
 
 
 class Gateway:
@@ -113,8 +113,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
             chunks = sse_events(stream, lambda m: translate.chat_chunk(m, meta, body.logprobs),
                                 [translate.chat_role_chunk(meta)], meta, "chat.completion.chunk",
                                 body.stream_options is not None and body.stream_options.include_usage, metrics)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        messages = await until_disconnected(request, collect(stream, metrics))
+            return event_stream(chunks, stream)
+        messages = await collect_unless_disconnected(request, stream, metrics)
         return JSONResponse(translate.chat_completion(messages, meta, body.logprobs))
 
     @app.post("/v1/completions", dependencies=[Depends(require_api_key)])
@@ -129,8 +129,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         if body.stream:
             chunks = sse_events(stream, completion_renderer(meta, with_logprobs), [], meta, "text_completion",
                                 body.stream_options is not None and body.stream_options.include_usage, metrics)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        messages = await until_disconnected(request, collect(stream, metrics))
+            return event_stream(chunks, stream)
+        messages = await collect_unless_disconnected(request, stream, metrics)
         return JSONResponse(translate.completion(messages, meta, with_logprobs))
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
@@ -204,55 +204,21 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+async def collect_unless_disconnected(request: Request, stream: TokenStream,
+                                     metrics: GatewayMetrics) -> list[llm_pb2.GenerateResponse]:
+    try:
+        return await until_disconnected(request, collect(stream, metrics))
+    finally:
+        await stream.close()
+
+
+def event_stream(events: AsyncIterator[str], stream: TokenStream) -> StreamingResponse:
+    # The close also covers a client gone before the first event, when the generator never ran.
+    return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(stream.close))
+
+
 async def start_generation(request: Request, gateway: Gateway, generate: llm_pb2.GenerateRequest,
                            endpoint: str) -> TokenStream:
     stream = await until_disconnected(request, gateway.llm.generate(generate, gateway.config.request_timeout_s))
     gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
     return stream
-
-
-def record_usage(message: llm_pb2.GenerateResponse, metrics: GatewayMetrics) -> None:
-    metrics.prompt_tokens.inc(message.usage.prompt_tokens)
-    metrics.completion_tokens.inc(message.usage.completion_tokens)
-
-
-async def collect(stream: TokenStream, metrics: GatewayMetrics) -> list[llm_pb2.GenerateResponse]:
-    messages = [message async for message in stream]
-    record_usage(messages[-1], metrics)
-    return messages
-
-
-def completion_renderer(meta: translate.ResponseMeta, with_logprobs: bool) -> RenderChunk:
-    offset = 0
-
-    def render(message: llm_pb2.GenerateResponse) -> dict | None:
-        nonlocal offset
-        chunk = translate.completion_chunk(message, meta, with_logprobs, offset)
-        offset += sum(len(lp.token) for lp in message.logprobs)
-        return chunk
-    return render
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-async def sse_events(stream: TokenStream, render: RenderChunk, first_chunks: list[dict],
-                     meta: translate.ResponseMeta, obj: str, include_usage: bool,
-                     metrics: GatewayMetrics) -> AsyncIterator[str]:
-    # A client that disconnects cancels this generator inside `stream`, which cancels the gRPC call.
-    try:
-        for chunk in first_chunks:
-            yield sse(chunk)
-        last = None
-        async for message in stream:
-            last = message
-            if (chunk := render(message)) is not None:
-                yield sse(chunk)
-        record_usage(last, metrics)
-        if include_usage:
-            yield sse(translate.usage_chunk(meta, obj, last.usage))
-    except ServingError as error:
-        log.warning("stream failed after it started: %s", error)
-        yield sse(http_error(error)[1])
-    yield "data: [DONE]\n\n"

@@ -50,9 +50,10 @@ class TokenStream:
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, self.target) from None
         finally:
-            self.cancel()
+            self._call.cancel()
 
-    def cancel(self) -> None:
+    async def close(self) -> None:
+        """Cancels the call if it is still running (a no-op once it has ended)."""
         self._call.cancel()
 
 

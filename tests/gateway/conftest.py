@@ -145,6 +145,11 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
               "/big.png": b"\x89PNG" + bytes(3 << 20)}
 
     def do_GET(self):
+        if self.path.startswith("/away?to="):
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/away?to="))
+            self.end_headers()
+            return
         if self.path.startswith("/redirect/"):
             # /redirect/N/<path>: N more redirects before <path>.
             _, _, hops, rest = self.path.split("/", 3)

@@ -48,8 +48,8 @@ async def test_chat_with_data_url_image_forwards_bytes_and_returns_openai_respon
 
     [sent] = fake.requests
     assert response.id == f"chatcmpl-{sent.request_id}"
-    assert parts(sent.chat) == [(llm_pb2.ROLE_SYSTEM, "text", "Be brief."), (llm_pb2.ROLE_USER, "text", "What is this?"),
-                                (llm_pb2.ROLE_USER, "image", image)]
+    assert parts(sent.chat) == [(llm_pb2.ROLE_SYSTEM, "text", "Be brief."),
+                                (llm_pb2.ROLE_USER, "text", "What is this?"), (llm_pb2.ROLE_USER, "image", image)]
     s = sent.sampling
     assert (s.max_tokens, s.temperature, s.seed, list(s.stop), s.top_k) == (32, 0.0, 7, ["END"], 5)
     assert s.repetition_penalty == pytest.approx(1.1)

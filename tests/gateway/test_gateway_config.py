@@ -1,10 +1,15 @@
 """The gateway's command line: every flag explained, parsed into one validated config."""
 
+import asyncio
 import os
 import pathlib
+import signal
+import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
 from gateway.config import MIB, build_parser, config_from_args
@@ -50,3 +55,31 @@ def test_module_help_runs():
     result = subprocess.run([sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
     assert result.returncode == 0 and "--allow-private-image-urls" in result.stdout
+
+
+async def test_cli_serves_with_uvloop_and_exits_cleanly_on_sigterm(backend):
+    # Async, so the fake backend in this event loop keeps answering while the gateway process calls it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "--llm", backend.target, "--host", "127.0.0.1", "--port", str(port),
+        "--shutdown-grace-s", "1", env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.PIPE)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                assert process.returncode is None and time.monotonic() < deadline, "gateway did not start"
+                try:
+                    models = await http.get("/v1/models")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.1)
+            assert models.json()["data"][0]["id"] == "tiny-internvl"
+            assert (await http.get("/health")).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    # uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM.
+    assert process.returncode in (0, -signal.SIGTERM), stderr.decode()
+    assert "Application shutdown complete" in stderr.decode()

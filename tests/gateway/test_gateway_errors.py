@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from gateway import images
+
 
 def chat(text: str = "hi", **extra) -> dict:
     return {"messages": [{"role": "user", "content": text}], **extra}
@@ -147,6 +149,18 @@ async def test_private_addresses_are_refused_without_the_flag(start_gateway, ima
                           "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/a.png", "http://0.0.0.0/a"):
             assert_error(await post(url, with_image(image_url)), 400, "non-public address")
     assert fake.requests == []
+
+
+async def test_every_redirect_hop_is_checked(start_gateway, image_server, fake, monkeypatch):
+    base, _ = image_server
+    port = base.rsplit(":", 1)[1]
+    # Pretend 127.0.0.1 is public, so that only the redirect's target (127.0.0.2) is refused.
+    monkeypatch.setattr(images, "is_public_address", lambda address: address == "127.0.0.1")
+    async with start_gateway() as url:
+        assert (await post(url, with_image(f"{base}/red.png"))).status_code == 200
+        away = f"{base}/away?to=http://127.0.0.2:{port}/red.png"
+        assert_error(await post(url, with_image(away)), 400, "host '127.0.0.2' resolves to a non-public address")
+    assert len(fake.requests) == 1
 
 
 async def test_local_files_only_inside_the_allowed_directory(start_gateway, fake, png, tmp_path):

@@ -53,7 +53,9 @@ def test_chat_conversion_places_images_in_message_order():
     assert translate.image_urls(request) == ["u0", "u1"]
     generate = translate.chat_generate_request(request, [b"i0", b"i1"], "r", 100)
     assert generate.max_tiles == 6 and generate.WhichOneof("input") == "chat"
-    assert [(m.role, [p.image.data if p.HasField("image") else p.text for p in m.content]) for m in generate.chat.messages] == [
+    contents = [(m.role, [p.image.data if p.HasField("image") else p.text for p in m.content])
+                for m in generate.chat.messages]
+    assert contents == [
         (llm_pb2.ROLE_SYSTEM, ["rules"]), (llm_pb2.ROLE_USER, [b"i0", "and", b"i1"]),
         (llm_pb2.ROLE_ASSISTANT, [""]), (llm_pb2.ROLE_USER, ["more"])]
 

@@ -1,0 +1,64 @@
+"""Renders the messages of one Generate call as OpenAI's answer: SSE events (`data: {...}`, ending with
+`data: [DONE]`) or one JSON body, recording the token counts on the way."""
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from gateway import translate
+from gateway.errors import http_error
+from gateway.llm_client import TokenStream
+from gateway.metrics import GatewayMetrics
+from protos import llm_pb2
+from protos.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+RenderChunk = Callable[[llm_pb2.GenerateResponse], dict | None]
+
+
+def record_usage(message: llm_pb2.GenerateResponse, metrics: GatewayMetrics) -> None:
+    metrics.prompt_tokens.inc(message.usage.prompt_tokens)
+    metrics.completion_tokens.inc(message.usage.completion_tokens)
+
+
+async def collect(stream: TokenStream, metrics: GatewayMetrics) -> list[llm_pb2.GenerateResponse]:
+    messages = [message async for message in stream]
+    record_usage(messages[-1], metrics)
+    return messages
+
+
+def completion_renderer(meta: translate.ResponseMeta, with_logprobs: bool) -> RenderChunk:
+    offset = 0
+
+    def render(message: llm_pb2.GenerateResponse) -> dict | None:
+        nonlocal offset
+        chunk = translate.completion_chunk(message, meta, with_logprobs, offset)
+        offset += sum(len(lp.token) for lp in message.logprobs)
+        return chunk
+    return render
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(stream: TokenStream, render: RenderChunk, first_chunks: list[dict],
+                     meta: translate.ResponseMeta, obj: str, include_usage: bool,
+                     metrics: GatewayMetrics) -> AsyncIterator[str]:
+    # A client that disconnects cancels this generator inside `stream`, which cancels the gRPC call.
+    try:
+        for chunk in first_chunks:
+            yield sse(chunk)
+        last = None
+        async for message in stream:
+            last = message
+            if (chunk := render(message)) is not None:
+                yield sse(chunk)
+        record_usage(last, metrics)
+        if include_usage:
+            yield sse(translate.usage_chunk(meta, obj, last.usage))
+    except ServingError as error:
+        log.warning("stream failed after it started: %s", error)
+        yield sse(http_error(error)[1])
+    yield "data: [DONE]\n\n"
