@@ -1,0 +1,35 @@
+"""`python -m llm_svc --model DIR --vision HOST:PORT ...`: serve the language stage until SIGTERM, then drain."""
+
+import asyncio
+import logging
+import sys
+
+from llm_svc.config import parse_config
+from llm_svc.server import IncompatibleVisionStage, LlmServer
+from protos.errors import Unavailable
+from protos.logs import configure_logging
+from protos.server import wait_for_shutdown_signal
+
+log = logging.getLogger("llm_svc")
+
+
+async def serve(config, engine_args) -> None:
+    server = LlmServer(config, engine_args)
+    try:
+        port = await server.start()
+    except (IncompatibleVisionStage, Unavailable) as error:
+        await server.stop()
+        sys.exit(f"llm_svc: cannot start: {error}")
+    log.info("llm_svc ready on %s:%d, vision stage at %s", config.host, port, ",".join(config.vision))
+    await wait_for_shutdown_signal()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, engine_args = parse_config(argv)
+    configure_logging(config.log_level, config.log_json)
+    asyncio.run(serve(config, engine_args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The language stage's configuration, built from the command line in one place.
+
+Our own flags go into `LlmConfig`; every other flag is one of vLLM's engine arguments and passes through
+unchanged into `AsyncEngineArgs` (parallelism, Ray, max-model-len, dtype, KV cache size, ...). Two engine
+settings are forced, because they are what makes this the disaggregated language stage: image
+embeddings come in (`enable_mm_embeds`) and the vision tower is not built (`limit_mm_per_prompt` 0 for
+every modality).
+"""
+
+import argparse
+import dataclasses
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+MiB = 1 << 20
+NO_VISION_TOWER = {"image": 0, "video": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmConfig:
+    vision: tuple[str, ...]
+    host: str = "0.0.0.0"
+    port: int = 50052
+    metrics_port: int | None = None
+    max_images_per_request: int = 16
+    vision_timeout_s: float = 120.0
+    vision_start_timeout_s: float = 300.0
+    max_message_bytes: int = 64 * MiB
+    max_embedding_bytes: int = 512 * MiB
+    grace_s: float = 30.0
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def __post_init__(self):
+        if not self.vision:
+            raise ValueError("--vision needs at least one HOST:PORT")
+        for target in self.vision:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--vision: {target!r} is not HOST:PORT")
+        if self.max_images_per_request < 1:
+            raise ValueError("--max-images-per-request must be at least 1")
+        if min(self.vision_timeout_s, self.vision_start_timeout_s, self.grace_s) < 0:
+            raise ValueError("timeouts must be >= 0")
+
+
+# --log-level is vLLM's own flag; llm_svc's logs follow it too.
+_OWN_FLAGS = [f.name for f in dataclasses.fields(LlmConfig) if f.name != "log_level"]
+
+
+def build_parser() -> FlexibleArgumentParser:
+    parser = FlexibleArgumentParser(
+        prog="python -m llm_svc",
+        description="The InternVL language stage: vLLM's engine behind gRPC (internvl.llm.v1.LanguageModel, "
+                    "with grpc.health.v1 and reflection), fed image embeddings by vision_svc. Every vLLM "
+                    "engine argument below is accepted unchanged.")
+    d = LlmConfig(vision=("x:1",))
+    own = parser.add_argument_group("llm_svc")
+    own.add_argument("--vision", required=True,
+                     help="vision_svc replicas, HOST:PORT[,HOST:PORT...]; balanced by image content, "
+                          "retried once on another replica when one is unavailable")
+    own.add_argument("--host", default=d.host, help="address to listen on")
+    own.add_argument("--port", type=int, default=d.port, help="gRPC port (0 picks a free one)")
+    own.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics (ours and the engine's) on this HTTP port")
+    own.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
+                     help="most images in one request")
+    own.add_argument("--vision-timeout-s", type=float, default=d.vision_timeout_s,
+                     help="deadline of one vision_svc call")
+    own.add_argument("--vision-start-timeout-s", type=float, default=d.vision_start_timeout_s,
+                     help="how long to wait at start for a vision_svc replica to answer GetInfo")
+    own.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                     help="gRPC message limit; a Generate request carries all its images, so it bounds their sum")
+    own.add_argument("--max-embedding-bytes", type=int, default=d.max_embedding_bytes,
+                     help="largest embedding tensor accepted from vision_svc for one image")
+    own.add_argument("--grace-s", type=float, default=d.grace_s,
+                     help="on SIGTERM, seconds that in-flight streams get to finish before the engine stops")
+    own.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    AsyncEngineArgs.add_cli_args(parser)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[LlmConfig, AsyncEngineArgs]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    own = {name: getattr(args, name) for name in _OWN_FLAGS}
+    own["log_level"] = (getattr(args, "log_level", None) or "INFO").upper()
+    own["vision"] = tuple(t.strip() for t in own["vision"].split(",") if t.strip())
+    try:
+        config = LlmConfig(**own)
+    except ValueError as error:
+        parser.error(str(error))
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    if engine_args.limit_mm_per_prompt and engine_args.limit_mm_per_prompt != NO_VISION_TOWER:
+        parser.error("--limit-mm-per-prompt is set by llm_svc: images arrive as embeddings from vision_svc")
+    engine_args.enable_mm_embeds = True
+    engine_args.limit_mm_per_prompt = dict(NO_VISION_TOWER)
+    return config, engine_args

@@ -1,0 +1,87 @@
+"""Assembles the language stage: vision client (checked), vLLM engine (warmed), gRPC server."""
+
+import logging
+
+import torch
+from prometheus_client import start_http_server
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from llm_svc.config import LlmConfig
+from llm_svc.prompts import ImageRef, Message, PromptRenderer
+from llm_svc.service import LanguageService, ModelShape
+from llm_svc.servicer import LanguageModelServicer
+from llm_svc.vision_client import VisionClient
+from protos import llm_pb2, llm_pb2_grpc
+from protos.server import GrpcServer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LanguageModel"].full_name
+
+
+class IncompatibleVisionStage(RuntimeError):
+    """vision_svc serves embeddings the language model cannot take."""
+
+
+class LlmServer:
+    def __init__(self, config: LlmConfig, engine_args: AsyncEngineArgs):
+        self.config = config
+        self.engine_args = engine_args
+        self.vision = VisionClient(list(config.vision), config.max_message_bytes, config.max_embedding_bytes)
+        self.engine: AsyncLLM | None = None
+        self.grpc: GrpcServer | None = None
+
+    async def start(self) -> int:
+        """Checks the vision stage, starts the engine, warms it, then serves; returns the bound port."""
+        info = await self.vision.get_info(self.config.vision_start_timeout_s)
+        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        model_config = self.engine.model_config
+        hidden = model_config.hf_text_config.hidden_size
+        if info.llm_hidden != hidden:
+            self.engine.shutdown()
+            raise IncompatibleVisionStage(
+                f"vision_svc serves {info.model!r} with embeddings {info.llm_hidden} wide, but the language "
+                f"model {model_config.model!r} has hidden size {hidden}: they are not the same InternVL model")
+        shape = ModelShape(hidden_size=hidden, tokens_per_tile=info.tokens_per_tile,
+                           max_model_len=model_config.max_model_len,
+                           max_images_per_request=min(self.config.max_images_per_request,
+                                                      info.max_images_per_request),
+                           vision_timeout_s=self.config.vision_timeout_s)
+        self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), shape)
+        model_info = llm_pb2.GetModelInfoResponse(
+            model=model_config.served_model_name, max_model_len=shape.max_model_len, hidden_size=hidden,
+            max_images_per_request=shape.max_images_per_request, vocab_size=model_config.get_vocab_size())
+        self.grpc = GrpcServer(self.config.host, self.config.port, self.config.max_message_bytes,
+                               self.config.grace_s)
+        self.grpc.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server,
+                              LanguageModelServicer(self.service, model_info), SERVICE_NAME)
+        port = await self.grpc.start()
+        if self.config.metrics_port is not None:
+            start_http_server(self.config.metrics_port, addr=self.config.host)
+        await self._warm_up()
+        await self.grpc.set_serving()
+        return port
+
+    async def _warm_up(self) -> None:
+        """A text request and an image request: the first image request builds vLLM's multimodal processor,
+        which takes seconds that no client should wait for."""
+        image = ImageRef("0" * 64)
+        prompts = [{"prompt": "warm up"}, {
+            "prompt": self.service.renderer.render([Message("user", (image, "warm up"))]),
+            "multi_modal_data": {"image": [torch.zeros(self.service.shape.tokens_per_tile,
+                                                       self.service.shape.hidden_size)]},
+            "multi_modal_uuids": {"image": [image.content_hash]}}]
+        for n, prompt in enumerate(prompts):
+            async for _ in self.engine.generate(prompt, SamplingParams(max_tokens=2), f"warm-up-{n}"):
+                pass
+        log.info("engine warm: %s, max_model_len %d", self.engine.model_config.served_model_name,
+                 self.engine.model_config.max_model_len)
+
+    async def stop(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.drain()
+        if self.engine is not None:
+            self.engine.shutdown()
+        await self.vision.close()

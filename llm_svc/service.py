@@ -1,0 +1,147 @@
+"""One Generate request below the wire: images to embeddings, prompt to tokens, the engine's stream.
+
+The vision call starts first and runs while the prompt is rendered; embeddings are checked against the
+model before they reach the engine (vLLM may crash on a wrong width). The engine request is aborted when
+the caller goes away: vLLM's `generate` aborts on cancellation, and `Abort` aborts by id.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import torch
+from vllm.outputs import RequestOutput
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from llm_svc import metrics
+from llm_svc.prompts import Message, PromptRenderer
+from llm_svc.vision_client import ImageBlob, VisionClient
+from protos.errors import InternalError, InvalidInput, ServingError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateInput:
+    request_id: str
+    messages: list[Message] | None  # a chat, or
+    prompt: str | None  # a raw prompt
+    images: list[ImageBlob]  # in the order their placeholders appear
+    sampling: object  # vllm.SamplingParams
+    max_tiles: int
+
+
+@dataclasses.dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    timings: dict[str, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    tokens_per_tile: int
+    max_model_len: int
+    max_images_per_request: int
+    vision_timeout_s: float
+
+
+class LanguageService:
+    def __init__(self, engine, vision: VisionClient, renderer: PromptRenderer, shape: ModelShape):
+        self._engine = engine
+        self._vision = vision
+        self.renderer = renderer
+        self.shape = shape
+        self._running: set[str] = set()
+
+    async def abort(self, request_id: str) -> bool:
+        if request_id not in self._running:
+            return False
+        await self._engine.abort(request_id)
+        return True
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
+        if request.request_id in self._running:
+            raise InvalidInput(f"request id {request.request_id!r} is already running")
+        if len(request.images) > self.shape.max_images_per_request:
+            raise InvalidInput(f"{len(request.images)} images in one request; the limit is "
+                               f"{self.shape.max_images_per_request}")
+        started = time.perf_counter()
+        self._running.add(request.request_id)
+        vision = asyncio.ensure_future(self._embeddings(request)) if request.images else None
+        try:
+            text = self.renderer.render(request.messages) if request.messages is not None else request.prompt
+            embeddings = await vision if vision else []
+            vision_s = time.perf_counter() - started
+            prompt = {"prompt": text}
+            if embeddings:
+                metrics.VISION_SECONDS.observe(vision_s)
+                prompt["multi_modal_data"] = {"image": embeddings}
+                prompt["multi_modal_uuids"] = {"image": [img.content_hash for img in request.images]}
+            async for delta in self._stream(request, prompt, started, vision_s):
+                yield delta
+        finally:
+            self._running.discard(request.request_id)
+            if vision and not vision.done():
+                vision.cancel()
+
+    async def _embeddings(self, request: GenerateInput) -> list[torch.Tensor]:
+        results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
+                                            self.shape.vision_timeout_s)
+        for i, result in enumerate(results):
+            rows, width = result.embeddings.shape if result.embeddings.dim() == 2 else (-1, -1)
+            expected = result.num_tiles * self.shape.tokens_per_tile
+            if result.num_tiles < 1 or rows != expected or width != self.shape.hidden_size:
+                raise InternalError(f"image {i}: the vision stage sent embeddings of shape "
+                                    f"{tuple(result.embeddings.shape)} for {result.num_tiles} tiles; the language "
+                                    f"model needs [{expected}, {self.shape.hidden_size}]")
+        return [r.embeddings for r in results]
+
+    async def _stream(self, request: GenerateInput, prompt: dict, started: float,
+                      vision_s: float) -> AsyncIterator[Delta]:
+        first_token_s = None
+        completion_tokens = 0
+        try:
+            async for output in self._engine.generate(prompt, request.sampling, request.request_id):
+                completion = output.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                if first_token_s is None and completion.token_ids:
+                    first_token_s = time.perf_counter() - started
+                    metrics.TTFT_SECONDS.observe(first_token_s)
+                delta = Delta(completion.text, list(completion.token_ids), completion.logprobs)
+                if output.finished:
+                    total_s = time.perf_counter() - started
+                    delta.finish_reason = completion.finish_reason
+                    delta.stop_reason = completion.stop_reason
+                    delta.prompt_tokens = len(output.prompt_token_ids or ())
+                    delta.completion_tokens = completion_tokens
+                    delta.cached_tokens = output.num_cached_tokens or 0
+                    delta.timings = {"vision_s": vision_s, "queue_s": _queue_seconds(output),
+                                     "first_token_s": first_token_s or total_s, "total_s": total_s}
+                    metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
+                metrics.COMPLETION_TOKENS.inc(len(completion.token_ids))
+                yield delta
+        except ServingError:
+            raise
+        except EngineDeadError as error:
+            raise Unavailable(f"the engine is dead: {error}") from error
+        except ValueError as error:  # vLLM's validation: prompt too long, bad token ids, ...
+            raise InvalidInput(str(error)) from error
+
+
+def _queue_seconds(output: RequestOutput) -> float:
+    stats = output.metrics
+    queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
+    return max(0.0, scheduled - queued) if queued and scheduled else 0.0

@@ -1,0 +1,117 @@
+"""gRPC servicer of the language stage: proto <-> domain conversion only; the work is in `LanguageService`."""
+
+import hashlib
+import logging
+import uuid
+
+from llm_svc import metrics
+from llm_svc.prompts import ImageRef, Message
+from llm_svc.sampling import to_sampling_params
+from llm_svc.service import Delta, GenerateInput, LanguageService
+from llm_svc.vision_client import ImageBlob
+from protos import llm_pb2, llm_pb2_grpc
+from protos.errors import InvalidInput, ServingError
+from protos.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+_ROLES = {llm_pb2.ROLE_SYSTEM: "system", llm_pb2.ROLE_USER: "user", llm_pb2.ROLE_ASSISTANT: "assistant"}
+_FINISH = {"stop": llm_pb2.FINISH_REASON_STOP, "length": llm_pb2.FINISH_REASON_LENGTH,
+           "abort": llm_pb2.FINISH_REASON_ABORT}
+
+
+def image_from_pb(part: llm_pb2.ImagePart) -> ImageBlob:
+    if part.WhichOneof("source") == "data":
+        if not part.data:
+            raise InvalidInput("an image part has empty bytes")
+        return ImageBlob(hashlib.sha256(part.data).hexdigest(), part.data)
+    if part.WhichOneof("source") == "content_hash":
+        return ImageBlob(part.content_hash.lower(), None)
+    raise InvalidInput("an image part has neither bytes nor a content hash")
+
+
+def chat_from_pb(chat: llm_pb2.Chat) -> tuple[list[Message], list[ImageBlob]]:
+    messages, images = [], []
+    for n, message in enumerate(chat.messages):
+        if message.role not in _ROLES:
+            raise InvalidInput(f"message {n}: role must be system, user or assistant")
+        parts = []
+        for part in message.content:
+            if part.WhichOneof("part") == "image":
+                images.append(image_from_pb(part.image))
+                parts.append(ImageRef(images[-1].content_hash))
+            else:
+                parts.append(part.text)
+        messages.append(Message(_ROLES[message.role], tuple(parts)))
+    return messages, images
+
+
+def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int) -> GenerateInput:
+    request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
+    sampling = to_sampling_params(request.sampling, max_model_len)
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        messages, images = chat_from_pb(request.chat)
+        return GenerateInput(request_id, messages, None, images, sampling, request.max_tiles)
+    if kind == "prompt":
+        if not request.prompt:
+            raise InvalidInput("the prompt is empty")
+        return GenerateInput(request_id, None, request.prompt, [], sampling, request.max_tiles)
+    raise InvalidInput("the request has neither chat messages nor a prompt")
+
+
+def _logprobs_to_pb(token_ids: list[int], logprobs: list | None, top_n: int) -> list[llm_pb2.TokenLogprob]:
+    """vLLM gives, per token, a dict holding the chosen token and the `top_n` most likely (rank 1..top_n)."""
+    if not logprobs:
+        return []
+    out = []
+    for token_id, alternatives in zip(token_ids, logprobs):
+        chosen = alternatives[token_id]
+        top = sorted((kv for kv in alternatives.items() if kv[1].rank is not None and kv[1].rank <= top_n),
+                     key=lambda kv: kv[1].rank)
+        out.append(llm_pb2.TokenLogprob(
+            token_id=token_id, token=chosen.decoded_token or "", logprob=chosen.logprob,
+            top=[llm_pb2.TopLogprob(token_id=t, token=lp.decoded_token or "", logprob=lp.logprob) for t, lp in top]))
+    return out
+
+
+def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int) -> llm_pb2.GenerateResponse:
+    response = llm_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
+                                        logprobs=_logprobs_to_pb(delta.token_ids, delta.logprobs, top_logprobs))
+    if delta.finish_reason is not None:
+        response.finish_reason = _FINISH.get(delta.finish_reason, llm_pb2.FINISH_REASON_STOP)
+        response.stop_reason = "" if delta.stop_reason is None else str(delta.stop_reason)
+        response.usage.CopyFrom(llm_pb2.Usage(prompt_tokens=delta.prompt_tokens,
+                                              completion_tokens=delta.completion_tokens,
+                                              cached_tokens=delta.cached_tokens))
+        response.timings.CopyFrom(llm_pb2.Timings(**delta.timings))
+    return response
+
+
+class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
+    def __init__(self, service: LanguageService, info: llm_pb2.GetModelInfoResponse):
+        self._service = service
+        self._info = info
+
+    async def GetModelInfo(self, request, context):
+        return self._info
+
+    async def Abort(self, request, context):
+        return llm_pb2.AbortResponse(aborted=await self._service.abort(request.request_id))
+
+    async def Generate(self, request: llm_pb2.GenerateRequest, context):
+        request_id_var.set(request.request_id or "-")
+        code = "OK"
+        metrics.RUNNING.inc()
+        try:
+            generate_input = input_from_pb(request, self._info.max_model_len)
+            request_id_var.set(generate_input.request_id)
+            log.info("generate: %d images", len(generate_input.images))
+            async for delta in self._service.generate(generate_input):
+                yield delta_to_pb(generate_input.request_id, delta, request.sampling.logprobs)
+        except BaseException as error:
+            code = error.code.name if isinstance(error, ServingError) else type(error).__name__
+            raise
+        finally:
+            metrics.RUNNING.dec()
+            metrics.REQUESTS.labels(code).inc()

@@ -1,0 +1,26 @@
+"""Runs the real stages as subprocesses on loopback ports for end-to-end tests, with the same launcher
+as `make serve` (`deploy.local`), plus small CPU settings that keep the suite fast."""
+
+import pathlib
+
+from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
+
+# fp32 so that greedy tokens can be compared with the fp32 references; a small KV cache and batch.
+TEST_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "8", "--dtype", "float32",
+                     "--grace-s", "5"]
+
+
+def start_vision(model: pathlib.Path, log_dir: pathlib.Path, *extra: str) -> Stage:
+    port = free_port()
+    return vision_stage(model, port, ["--preprocess-workers", "0", "--grace-s", "5", *extra],
+                        log_dir / f"vision-{port}.log")
+
+
+def start_llm(model: pathlib.Path, vision: list[Stage], log_dir: pathlib.Path, *extra: str) -> Stage:
+    port = free_port()
+    return llm_stage(model, vision, port, [*TEST_ENGINE_FLAGS, *extra], log_dir / f"llm-{port}.log")
+
+
+def start_gateway(llm: list[Stage], log_dir: pathlib.Path, *extra: str) -> Stage:
+    port = free_port()
+    return gateway_stage(llm, "127.0.0.1", port, list(extra), log_dir / f"gateway-{port}.log")
