@@ -1,0 +1,168 @@
+"""vision_svc end to end: a real server on a loopback port, real encoder, real gRPC client."""
+
+import asyncio
+import dataclasses
+import io
+import pathlib
+
+import grpc
+import pytest
+import torch
+from PIL import Image
+from prometheus_client import REGISTRY
+
+from protos import tensors, vision_pb2, vision_pb2_grpc
+from vision_svc.cache import content_hash
+from vision_svc.config import VisionConfig
+from vision_svc.encoder import load_encoder
+from vision_svc.server import VisionServer
+from vision_svc.tiling import TileOptions, image_to_tile_array
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+async def vision(tiny_checkpoint):
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, max_batch_tiles=16,
+                          batch_wait_ms=100, max_queue_tiles=64, max_images_per_request=4,
+                          max_image_bytes=2 << 20, max_image_pixels=4_000_000, chunk_bytes=64 << 10, grace_s=1)
+    server = VisionServer(config)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield vision_pb2_grpc.VisionEncoderStub(channel), server
+    await channel.close()
+    await server.stop()
+
+
+async def encode(stub, images: list[vision_pb2.ImageInput], max_tiles: int = 0):
+    """{index: (header, tensor)} from the stream, checking that each image's chunks are contiguous."""
+    out, current, assembler, header = {}, None, None, None
+    request = vision_pb2.EncodeRequest(request_id="t", images=images,
+                                       options=vision_pb2.PreprocessOptions(max_tiles=max_tiles))
+    async for message in stub.Encode(request):
+        if message.HasField("header"):
+            assert current is None, "chunks of two images interleaved"
+            current, header = message.image_index, message.header
+            assembler = tensors.TensorAssembler(header.tensor, max_bytes=1 << 30)
+        assert message.image_index == current
+        assembler.add(message.data)
+        if message.last:
+            out[current] = (header, assembler.finish())
+            current = None
+    return out
+
+
+def expected_embeddings(model: pathlib.Path, data: bytes, max_tiles: int = 12) -> torch.Tensor:
+    encoder, spec = load_encoder(model, "cpu", torch.float32)
+    tiles = image_to_tile_array(Image.open(io.BytesIO(data)).convert("RGB"), TileOptions(max_tiles=max_tiles))
+    with torch.inference_mode():
+        return encoder(torch.from_numpy(tiles)).reshape(-1, spec.llm_hidden)
+
+
+async def test_concurrent_clients_each_get_their_own_embeddings_batched(vision, tiny_checkpoint):
+    stub, server = vision
+    images = [png(300 + 97 * i, 200 + 61 * i, seed=i) for i in range(6)]
+    passes_before = REGISTRY.get_sample_value("vision_batch_tiles_count") or 0
+    results = await asyncio.gather(*(encode(stub, [vision_pb2.ImageInput(data=d)], max_tiles=2) for d in images))
+    passes = REGISTRY.get_sample_value("vision_batch_tiles_count") - passes_before
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    total_tiles = 0
+    for data, result in zip(images, results):
+        header, embeddings = result[0]
+        assert header.content_hash == content_hash(data)
+        assert header.num_tiles * 256 == embeddings.shape[0]
+        torch.testing.assert_close(embeddings, expected_embeddings(model, data, max_tiles=2), rtol=1e-5, atol=1e-5)
+        total_tiles += header.num_tiles
+    # Tiles of different requests shared forward passes (16 tiles a pass at most).
+    assert passes < len(images) and passes >= -(-total_tiles // 16)
+
+
+async def test_several_images_stream_each_complete_and_indexed(vision):
+    stub, _ = vision
+    images = [png(120, 90, seed=10), png(900, 500, seed=11), png(64, 640, seed=12)]
+    result = await encode(stub, [vision_pb2.ImageInput(data=d) for d in images])
+    assert sorted(result) == [0, 1, 2]
+    assert [result[i][0].content_hash for i in range(3)] == [content_hash(d) for d in images]
+    assert result[1][0].num_tiles == 3  # 2 tiles + thumbnail for a 900x500 image
+
+
+async def test_repeated_image_is_served_from_cache_and_by_hash(vision):
+    stub, _ = vision
+    data = png(500, 400, seed=20)
+    first = await encode(stub, [vision_pb2.ImageInput(data=data)])
+    hits_before = REGISTRY.get_sample_value("vision_cache_hits_total")
+    by_hash = await encode(stub, [vision_pb2.ImageInput(content_hash=content_hash(data))])
+    assert by_hash[0][0].cache_hit and not first[0][0].cache_hit
+    assert torch.equal(by_hash[0][1], first[0][1])
+    assert REGISTRY.get_sample_value("vision_cache_hits_total") == hits_before + 1
+
+
+async def test_unknown_hash_is_not_found_and_names_the_image(vision):
+    stub, _ = vision
+    known = png(100, 100, seed=30)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await encode(stub, [vision_pb2.ImageInput(data=known), vision_pb2.ImageInput(content_hash="ab" * 32)])
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "resend" in error.value.details()
+    assert ("missing-image-indices", "1") in tuple(error.value.trailing_metadata())
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header announcing a huge image, with almost no data."""
+    import struct
+    import zlib
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("images,max_tiles,code,message", [
+    ([b"not an image at all"], 0, grpc.StatusCode.INVALID_ARGUMENT, "image 0"),
+    ([png(10, 10, 1), b""], 0, grpc.StatusCode.INVALID_ARGUMENT, "image 1"),
+    ([png(10, 10, 1), png(10, 10, 2)[:60]], 0, grpc.StatusCode.INVALID_ARGUMENT, "image 1"),
+    ([bomb_png(40000, 40000)], 0, grpc.StatusCode.INVALID_ARGUMENT, "4000000"),
+    ([b"\0" * (3 << 20)], 0, grpc.StatusCode.INVALID_ARGUMENT, "limit of 2097152"),
+    ([png(10, 10, i) for i in range(5)], 0, grpc.StatusCode.INVALID_ARGUMENT, "the limit is 4"),
+    ([png(10, 10, 1)], 13, grpc.StatusCode.INVALID_ARGUMENT, "limit of 12"),
+    ([], 0, grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+])
+async def test_hostile_requests_get_clear_errors_and_server_stays_healthy(vision, images, max_tiles, code, message):
+    stub, _ = vision
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await encode(stub, [vision_pb2.ImageInput(data=d) for d in images], max_tiles=max_tiles)
+    assert error.value.code() == code
+    assert message in error.value.details()
+    ok = await encode(stub, [vision_pb2.ImageInput(data=png(50, 50, seed=99))])
+    assert ok[0][1].shape == (256, ok[0][1].shape[1])
+
+
+async def test_full_queue_answers_resource_exhausted(tiny_checkpoint):
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, max_batch_tiles=4,
+                          max_queue_tiles=4, grace_s=0)
+    server = VisionServer(config)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = vision_pb2_grpc.VisionEncoderStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await encode(stub, [vision_pb2.ImageInput(data=png(1800, 900, seed=5))])  # 8 tiles + thumbnail
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit 4" in error.value.details()
+    finally:
+        await server.stop()
+
+
+def test_config_refuses_bad_limits():
+    with pytest.raises(ValueError, match="--max-batch-tiles must be positive"):
+        VisionConfig(model=pathlib.Path("."), max_batch_tiles=0)
+    with pytest.raises(ValueError, match="--max-tiles"):
+        dataclasses.replace(VisionConfig(model=pathlib.Path(".")), max_tiles=100)
