@@ -165,25 +165,28 @@ class InternVisionEncoder(nn.Module):
 
 def load_encoder(model_dir: pathlib.Path | str, device: torch.device | str, dtype: torch.dtype,
                  backend: str | None = None) -> tuple[InternVisionEncoder, VisionSpec]:
-    """The checkpoint's vision stage on `device` in `dtype`, ops from `backend` (default: the device's own).
+    """The checkpoint's vision stage on `device` in `dtype`, ops from `backend` (default: the device's own)."""
+    spec = VisionSpec.from_model_dir(model_dir)
+    return build_encoder(spec, read_vision_tensors(model_dir), device, dtype, backend, source=str(model_dir)), spec
 
-    Strict: every parameter must be in the checkpoint with its shape, and no vision tensor may be left over.
-    """
+
+def build_encoder(spec: VisionSpec, tensors: dict[str, torch.Tensor], device: torch.device | str,
+                  dtype: torch.dtype, backend: str | None = None, source: str = "tensors") -> InternVisionEncoder:
+    """The encoder made of `tensors` (original names). Strict: every parameter must be there with its shape,
+    and no tensor may be left over."""
     device = torch.device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype}: expected one of {DTYPES}")
     if device.type == "npu":
         importlib.import_module("torch_npu")  # registers the npu device with torch
-    spec = VisionSpec.from_model_dir(model_dir)
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters
         encoder = InternVisionEncoder(spec, get_backend(device, backend))
-    tensors = read_vision_tensors(model_dir)
-    _check_tensors(encoder, tensors, model_dir)
+    _check_tensors(encoder, tensors, source)
     encoder.load_state_dict(tensors, strict=True, assign=True)
-    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False), spec
+    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _check_tensors(encoder: nn.Module, tensors: dict[str, torch.Tensor], model_dir) -> None:
+def _check_tensors(encoder: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     expected = {name: tuple(p.shape) for name, p in encoder.state_dict().items()}
     missing = sorted(expected.keys() - tensors.keys())
     leftover = sorted(tensors.keys() - expected.keys())
@@ -193,4 +196,4 @@ def _check_tensors(encoder: nn.Module, tensors: dict[str, torch.Tensor], model_d
                 for label, names in (("missing", missing), ("not part of the model", leftover),
                                      ("wrong shape", wrong)) if names]
     if problems:
-        raise CheckpointError(f"{model_dir}: vision tensors do not match the config: " + "; ".join(problems))
+        raise CheckpointError(f"{source}: vision tensors do not match the config: " + "; ".join(problems))

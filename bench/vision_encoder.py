@@ -1,0 +1,128 @@
+"""CPU speed of the compact vision encoder against transformers' InternVL, same weights, same run.
+
+    python -m bench.vision_encoder                 # InternViT-300M width, 2 of its 24 layers, batch 1 and 8
+    python -m bench.vision_encoder --layers 24     # the whole encoder (slow on a small CPU)
+
+Prints tiles/s per implementation and dtype, and ours over transformers. Runs are interleaved (one timed call
+of each in turn) and the median kept, so a noisy shared machine slows all rows alike.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import InternVLConfig, InternVLModel
+
+from vision_svc.checkpoint import hf_to_original
+from vision_svc.encoder import InternVisionEncoder, build_encoder
+from vision_svc.model_spec import VisionSpec
+
+# Real InternViT sizes; "tiny" is for smoke runs. TFLOP per 448 px tile for the full encoder + projector.
+SIZES = {
+    "6b": dict(vision=dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
+                           norm_type="rms_norm", use_qk_norm=True, attention_bias=False), llm_hidden=5120,
+               tflop_per_tile=12.0),
+    "300m": dict(vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                             norm_type="layer_norm", use_qk_norm=False, attention_bias=True), llm_hidden=2048,
+                 tflop_per_tile=0.74),
+    "tiny": dict(vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                             norm_type="rms_norm", use_qk_norm=True, attention_bias=False), llm_hidden=48,
+                 tflop_per_tile=0.0),
+}
+
+
+def build_transformers(size: str, layers: int | None, device: torch.device, dtype: torch.dtype,
+                       seed: int = 0) -> InternVLModel:
+    """transformers' model with random weights (norms and layer scales included), made on `device` directly."""
+    vision = dict(SIZES[size]["vision"])
+    vision["num_hidden_layers"] = layers or vision["num_hidden_layers"]
+    llm_hidden = SIZES[size]["llm_hidden"]
+    text = dict(model_type="qwen2", hidden_size=llm_hidden, num_hidden_layers=1, num_attention_heads=8,
+                num_key_value_heads=8, intermediate_size=64, vocab_size=128)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=100)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = InternVLModel(config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("lambda_1", "lambda_2")):
+                param.uniform_(0.05, 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                param.normal_(1.0, 0.1)
+            elif not name.startswith("language_model."):
+                param.normal_(0.0, 0.02)
+    return model
+
+
+def ours_from(model: InternVLModel, dtype: torch.dtype, backend: str | None) -> InternVisionEncoder:
+    """The compact encoder holding the same weights as transformers' `model`."""
+    spec = VisionSpec.from_config(model.config.to_dict())
+    tensors = hf_to_original({f"model.{name}": t for name, t in model.state_dict().items()})
+    return build_encoder(spec, tensors, next(model.parameters()).device, dtype, backend)
+
+
+def transformers_fn(model: InternVLModel):
+    return lambda pixel_values: model.get_image_features(pixel_values).pooler_output
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict, pixel_values: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each fn; one warm-up call each, then the calls alternate."""
+    device = pixel_values.device
+    samples = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(pixel_values)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                synchronize(device)
+                start = time.perf_counter()
+                fn(pixel_values)
+                synchronize(device)
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="300m", help="encoder width (real sizes)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder layers to build (default 2 of 24)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="tiles per call")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation and batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    hf32 = build_transformers(args.size, args.layers, cpu, torch.float32)
+    hf16 = build_transformers(args.size, args.layers, cpu, torch.bfloat16)
+    fns = {
+        "transformers fp32": transformers_fn(hf32),
+        "transformers bf16": transformers_fn(hf16),
+        "ours cpu fp32": ours_from(hf32, torch.float32, "cpu"),
+        "ours cpu bf16": ours_from(hf32, torch.bfloat16, "cpu"),
+    }
+    print(f"InternViT-{args.size} width, {args.layers} layers, {torch.get_num_threads()} threads")
+    print(f"{'batch':>5}  {'implementation':<18} {'tiles/s':>8}  {'vs transformers fp32':>20}  "
+          f"{'vs transformers same dtype':>26}")
+    for batch in args.batches:
+        pixel_values = torch.randn(batch, 3, 448, 448)  # [tiles, 3, 448, 448]
+        seconds = time_interleaved(fns, pixel_values, args.repeats)
+        for name, s in seconds.items():
+            same_dtype = "transformers " + name.split()[-1]
+            print(f"{batch:>5}  {name:<18} {batch / s:>8.2f}  {seconds['transformers fp32'] / s:>19.2f}x  "
+                  f"{seconds[same_dtype] / s:>25.2f}x")
+
+
+if __name__ == "__main__":
+    main()
