@@ -1,0 +1,66 @@
+"""Tiles/s of host preprocessing for a 1920x1080 JPEG (9 tiles: 4x2 grid + thumbnail): inline vs a process pool.
+
+    python bench/preprocess.py [--images 60] [--workers 2]
+"""
+
+import argparse
+import asyncio
+import io
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from vision_svc.image_decode import ImageLimits
+from vision_svc.preprocess import PreprocessPool, preprocess_image
+from vision_svc.tiling import TileOptions
+
+
+def photo_like_jpeg(width: int = 1920, height: int = 1080) -> bytes:
+    # Smooth gradients plus mild noise compress and decode like a photo; pure noise would be unrealistically slow.
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 / width, y * 255 / height, 128 + 100 * np.sin(x / 40) * np.cos(y / 30)], axis=-1)
+    rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def bench_single_call(data: bytes, options: TileOptions, images: int) -> tuple[float, int]:
+    tiles = preprocess_image(data, ImageLimits(), options).shape[0]
+    started = time.perf_counter()
+    for _ in range(images):
+        preprocess_image(data, ImageLimits(), options)
+    return time.perf_counter() - started, tiles * images
+
+
+async def bench_pool(data: bytes, options: TileOptions, images: int, workers: int) -> tuple[float, int]:
+    with PreprocessPool(workers) as pool:
+        await pool.warm_up()
+        started = time.perf_counter()
+        results = await asyncio.gather(*(pool.tiles(data, options) for _ in range(images)))
+        return time.perf_counter() - started, sum(r.shape[0] for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=60, help="images per measurement")
+    parser.add_argument("--workers", type=int, default=2, help="processes of the pooled run")
+    args = parser.parse_args()
+    data = photo_like_jpeg()
+    options = TileOptions(max_tiles=12, use_thumbnail=True)
+    rows = [
+        ("direct call, one core", bench_single_call(data, options, args.images)),
+        ("PreprocessPool(0), one thread", asyncio.run(bench_pool(data, options, args.images, 0))),
+        (f"PreprocessPool({args.workers}), processes", asyncio.run(bench_pool(data, options, args.images, args.workers))),
+    ]
+    print(f"1920x1080 JPEG ({len(data)} bytes), {args.images} images, {os.cpu_count()} CPUs")
+    print(f"{'mode':<34}{'ms/image':>10}{'tiles/s':>10}")
+    for name, (seconds, tiles) in rows:
+        print(f"{name:<34}{1000 * seconds / args.images:>10.1f}{tiles / seconds:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

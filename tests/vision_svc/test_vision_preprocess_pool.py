@@ -1,0 +1,83 @@
+"""PreprocessPool: the same tiles as the direct call, inline or in spawned worker processes."""
+
+import asyncio
+import io
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision_svc.image_decode import ImageError, ImageLimits
+from vision_svc.preprocess import PreprocessPool, PreprocessWorkerDied, preprocess_image
+from vision_svc.tiling import TileOptions
+
+OPTIONS = TileOptions(max_tiles=6, use_thumbnail=True)
+
+
+def jpeg_bytes(width, height, seed):
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+async def process_pool():
+    with PreprocessPool(workers=2, limits=ImageLimits(max_image_pixels=1_000_000)) as pool:
+        await pool.warm_up()
+        yield pool
+
+
+async def assert_tiles_equal_the_direct_call(pool, limits):
+    images = [jpeg_bytes(w, h, seed) for seed, (w, h) in enumerate([(900, 500), (300, 800), (448, 448)])]
+    results = await asyncio.gather(*(pool.tiles(data, OPTIONS) for data in images))
+    for data, got in zip(images, results):
+        expected = preprocess_image(data, limits, OPTIONS)
+        assert got.dtype == torch.float32 and got.shape[1:] == (3, 448, 448)
+        assert torch.equal(got, expected)
+
+
+async def test_process_pool_tiles_equal_the_direct_call(process_pool):
+    await assert_tiles_equal_the_direct_call(process_pool, process_pool.limits)
+
+
+async def test_inline_pool_tiles_equal_the_direct_call():
+    with PreprocessPool(0) as pool:
+        await assert_tiles_equal_the_direct_call(pool, pool.limits)
+
+
+async def test_refusals_from_workers_are_image_errors(process_pool):
+    with pytest.raises(ImageError, match="not an image in a supported format"):
+        await process_pool.tiles(b"definitely not an image", OPTIONS)
+    # The pool's limits are enforced inside the worker.
+    with pytest.raises(ImageError, match="1200x1000 = 1200000 pixels, over the limit of 1000000 pixels"):
+        await process_pool.tiles(jpeg_bytes(1200, 1000, 0), OPTIONS)
+    # A refusal does not hurt the workers.
+    assert (await process_pool.tiles(jpeg_bytes(100, 100, 1), OPTIONS)).shape == (1, 3, 448, 448)
+
+
+async def test_inline_pool_raises_image_errors():
+    with PreprocessPool(0) as pool:
+        with pytest.raises(ImageError, match="empty"):
+            await pool.tiles(b"", OPTIONS)
+
+
+async def test_pool_replaces_itself_after_a_worker_dies():
+    with PreprocessPool(workers=1) as pool:
+        await pool.warm_up()
+        # The executor's process table is private; killing a worker is the only honest way to test this.
+        (pid,) = pool._executor._processes
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(PreprocessWorkerDied):
+            for _ in range(50):  # the executor notices the death asynchronously
+                await pool.tiles(jpeg_bytes(64, 64, 2), OPTIONS)
+                await asyncio.sleep(0.05)
+        assert (await pool.tiles(jpeg_bytes(64, 64, 3), OPTIONS)).shape == (1, 3, 448, 448)
+
+
+def test_pool_refuses_negative_workers():
+    with pytest.raises(ValueError):
+        PreprocessPool(-1)
