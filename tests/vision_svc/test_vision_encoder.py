@@ -158,3 +158,16 @@ def test_other_tile_sizes_are_refused(checkpoints):
     encoder, _ = load_encoder(checkpoints("300m")["hf"], "cpu", torch.float32)
     with pytest.raises(EncoderInputError, match=r"expected \[tiles, 3, 448, 448\]"):
         encoder(torch.zeros(1, 3, 224, 224))
+
+
+@pytest.mark.parametrize("layout", ["original", pytest.param("hf", marks=pytest.mark.xfail(
+    strict=True, raises=CheckpointError,
+    reason="transformers' save_pretrained writes `vision_tower.*`; vision_svc.checkpoint reads only "
+           "`model.vision_tower.*`"))])
+@pytest.mark.parametrize("vision", ["6b", "300m"])
+def test_shared_tiny_checkpoints_equal_transformers(tiny_checkpoint, pixel_values, vision, layout):
+    """The project's own tiny checkpoints (deploy.tiny_model): both layouts hold the same weights."""
+    expected = transformers_embeddings(tiny_checkpoint(layout="hf", vision=vision), pixel_values, torch.float32)
+    encoder, _ = load_encoder(tiny_checkpoint(layout=layout, vision=vision), "cpu", torch.float32)
+    with torch.inference_mode():
+        assert relative_error(encoder(pixel_values), expected) <= TOLERANCE[torch.float32]
