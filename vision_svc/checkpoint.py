@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 ORIGINAL_PREFIXES = ("vision_model.", "mlp1.")
-HF_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+# transformers saves the legacy names (no `model.` prefix) and loads both; so do we.
+HF_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
 
 # hf name (after the `model.vision_tower.` prefix) -> original name (after `vision_model.`)
 _HF_TO_ORIGINAL_RULES = [
@@ -84,7 +85,9 @@ def read_vision_tensors(model_dir: pathlib.Path | str) -> dict[str, torch.Tensor
     for shard, names in wanted.items():
         with safe_open(model_dir / shard, "pt") as f:
             tensors.update((name, f.get_tensor(name)) for name in names)
-    return tensors if layout == "original" else hf_to_original(tensors)
+    if layout == "original":
+        return tensors
+    return hf_to_original({name if name.startswith("model.") else f"model.{name}": t for name, t in tensors.items()})
 
 
 def hf_to_original(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

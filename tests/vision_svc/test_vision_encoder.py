@@ -160,10 +160,7 @@ def test_other_tile_sizes_are_refused(checkpoints):
         encoder(torch.zeros(1, 3, 224, 224))
 
 
-@pytest.mark.parametrize("layout", ["original", pytest.param("hf", marks=pytest.mark.xfail(
-    strict=True, raises=CheckpointError,
-    reason="transformers' save_pretrained writes `vision_tower.*`; vision_svc.checkpoint reads only "
-           "`model.vision_tower.*`"))])
+@pytest.mark.parametrize("layout", ["original", "hf"])
 @pytest.mark.parametrize("vision", ["6b", "300m"])
 def test_shared_tiny_checkpoints_equal_transformers(tiny_checkpoint, pixel_values, vision, layout):
     """The project's own tiny checkpoints (deploy.tiny_model): both layouts hold the same weights."""
