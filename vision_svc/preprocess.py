@@ -1,6 +1,6 @@
 """Image bytes -> InternVL tile tensors, inline or on a pool of worker processes.
 
-Host-side decode + resize is CPU-bound (about 60 ms for a 1080p JPEG) and would stall the event loop and
+Host-side decode + resize is CPU-bound (about 70 ms of one core for a 1080p JPEG) and would stall the event loop and
 the encoder's batching, so the server runs it in worker processes: limits are enforced inside the worker
 (a decompression bomb can only hurt a worker), and refusals come back as `ImageError`.
 """

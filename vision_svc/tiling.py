@@ -56,8 +56,8 @@ def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, image_siz
         diff = abs(aspect_ratio - cols / rows)
         if diff < best_diff:
             best, best_diff = (cols, rows), diff
-        # Equal ratios (1x1 vs 2x2...): take the larger grid only when the image has pixels enough to fill
-        # half of it, so small images are not blown up.
+        # A tie (the same ratio, as 1x1 and 2x2, or exactly halfway between two): take the later, larger
+        # grid only when the image has pixels enough to fill half of it, so small images are not blown up.
         elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
             best = (cols, rows)
     return best
