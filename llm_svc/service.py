@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 import torch
+from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -137,7 +138,7 @@ class LanguageService:
             raise
         except EngineDeadError as error:
             raise Unavailable(f"the engine is dead: {error}") from error
-        except ValueError as error:  # vLLM's validation: prompt too long, bad token ids, ...
+        except (VLLMClientError, ValueError) as error:  # vLLM's validation: prompt too long, bad token ids, ...
             raise InvalidInput(str(error)) from error
 
 

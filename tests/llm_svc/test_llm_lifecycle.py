@@ -1,0 +1,183 @@
+"""llm_svc's lifecycle and its answers to hostile input, against real stages (the destructive tests run last)."""
+
+import hashlib
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import llm_pb2
+from tests.stack import free_port, start_llm, start_vision
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes  # noqa: E402
+
+LONG = llm_pb2.SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint, tmp_path_factory):
+    model = tiny_checkpoint(layout="original", llm="dense")
+    logs = tmp_path_factory.mktemp("logs")
+    # The first replica holds work for 1.5 s before encoding, so a test can kill it mid-request.
+    visions = [start_vision(model, logs, "--batch-wait-ms", "1500"), start_vision(model, logs)]
+    for v in visions:
+        v.wait_ready()
+    metrics_port = free_port()
+    llm = start_llm(model, visions, logs, "--metrics-port", str(metrics_port), "--max-images-per-request", "3",
+                    "--max-model-len", "4096").wait_ready()
+    client = LlmClient(llm.address)
+    yield llm, visions, client, metrics_port
+    client.close()
+    llm.stop()
+    for v in visions:
+        v.stop()
+
+
+def engine_requests(metrics_port: int) -> float:
+    return (metric(metrics_port, "vllm:num_requests_running") + metric(metrics_port, "vllm:num_requests_waiting")
+            + metric(metrics_port, "llm_svc_running_requests"))
+
+
+def wait_until_idle(metrics_port: int, timeout_s: float = 10) -> float:
+    deadline = time.monotonic() + timeout_s
+    while (left := engine_requests(metrics_port)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def assert_still_serving(llm, client):
+    with grpc.insecure_channel(llm.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert len(client.tokens(llm_pb2.GenerateRequest(prompt="hello", sampling=greedy(3)))) == 3
+
+
+def test_model_info(stack):
+    _, _, client, _ = stack
+    info = client.stub.GetModelInfo(llm_pb2.GetModelInfoRequest())
+    assert info.max_model_len == 4096 and info.max_images_per_request == 3 and info.hidden_size > 0
+
+
+def test_usage_and_timings_come_with_the_last_message(stack):
+    _, _, client, _ = stack
+    responses = client.generate(llm_pb2.GenerateRequest(chat=chat(("user", [image(300, 300, 5), "Hi"])),
+                                                        sampling=greedy(5)))
+    last = responses[-1]
+    assert last.finish_reason == llm_pb2.FINISH_REASON_LENGTH and last.usage.completion_tokens == 5
+    assert last.usage.prompt_tokens > 256 and last.timings.vision_s > 0
+    assert 0 < last.timings.first_token_s <= last.timings.total_s
+    assert all(r.finish_reason == llm_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+
+
+def test_cancel_mid_stream_aborts_the_engine_request(stack):
+    _, _, client, metrics_port = stack
+    call = client.stub.Generate(llm_pb2.GenerateRequest(request_id="to-cancel", prompt="story", sampling=LONG))
+    for _ in range(3):
+        next(call)
+    assert engine_requests(metrics_port) > 0
+    call.cancel()
+    assert wait_until_idle(metrics_port) == 0
+
+
+def test_deadline_aborts_the_engine_request(stack):
+    _, _, client, metrics_port = stack
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(llm_pb2.GenerateRequest(prompt="story", sampling=LONG), timeout=1.0)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until_idle(metrics_port) == 0
+
+
+def test_abort_rpc_ends_the_stream_with_abort(stack):
+    _, _, client, metrics_port = stack
+    call = client.stub.Generate(llm_pb2.GenerateRequest(request_id="to-abort", prompt="story", sampling=LONG))
+    next(call)
+    assert client.stub.Abort(llm_pb2.AbortRequest(request_id="to-abort")).aborted
+    assert [r for r in call][-1].finish_reason == llm_pb2.FINISH_REASON_ABORT
+    assert not client.stub.Abort(llm_pb2.AbortRequest(request_id="to-abort")).aborted
+    assert wait_until_idle(metrics_port) == 0
+
+
+def image_part_by_hash(content_hash: str) -> llm_pb2.ContentPart:
+    return llm_pb2.ContentPart(image=llm_pb2.ImagePart(content_hash=content_hash))
+
+
+HOSTILE = {
+    "unknown image hash": (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
+        role=llm_pb2.ROLE_USER, content=[image_part_by_hash("ab" * 32)])]), sampling=greedy(3)),
+        grpc.StatusCode.INVALID_ARGUMENT, "send their bytes"),
+    "too many images": (llm_pb2.GenerateRequest(chat=chat(("user", [image(50, 50, i) for i in range(4)])),
+                                                sampling=greedy(3)), grpc.StatusCode.INVALID_ARGUMENT, "limit is 3"),
+    "prompt longer than the context": (llm_pb2.GenerateRequest(prompt="word " * 6000, sampling=greedy(3)),
+                                       grpc.StatusCode.INVALID_ARGUMENT, "4096"),
+    "max_tokens over the context": (llm_pb2.GenerateRequest(prompt="hi", sampling=greedy(5000)),
+                                    grpc.StatusCode.INVALID_ARGUMENT, "[1, 4096]"),
+    "temperature": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(temperature=7)),
+                    grpc.StatusCode.INVALID_ARGUMENT, "[0, 2]"),
+    "top_p": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(top_p=0)),
+              grpc.StatusCode.INVALID_ARGUMENT, "(0, 1]"),
+    "n > 1": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(n=3)),
+              grpc.StatusCode.INVALID_ARGUMENT, "only n=1"),
+    "too many logprobs": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(logprobs=50)),
+                          grpc.StatusCode.INVALID_ARGUMENT, "at most 20"),
+    "corrupt image": (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
+        role=llm_pb2.ROLE_USER, content=[llm_pb2.ContentPart(image=llm_pb2.ImagePart(data=b"\x89PNG junk"))])]),
+        sampling=greedy(3)), grpc.StatusCode.INVALID_ARGUMENT, "image 0"),
+    "image in an assistant message": (llm_pb2.GenerateRequest(chat=chat(("assistant", [image(50, 50, 1)])),
+                                                              sampling=greedy(3)),
+                                      grpc.StatusCode.INVALID_ARGUMENT, "user messages only"),
+    "no input": (llm_pb2.GenerateRequest(sampling=greedy(3)), grpc.StatusCode.INVALID_ARGUMENT, "neither"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_input_gets_a_clear_error_and_the_engine_stays_healthy(stack, case):
+    llm, _, client, _ = stack
+    request, code, message = HOSTILE[case]
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(request)
+    assert error.value.code() == code
+    assert message in error.value.details()
+    assert_still_serving(llm, client)
+
+
+def test_request_completes_on_the_other_replica_when_its_vision_replica_dies_mid_request(stack):
+    llm, visions, client, _ = stack
+    # A picture whose content hash routes it to the first (slow) replica.
+    picture = next(p for p in (image(400, 300, seed) for seed in range(100, 200))
+                   if int(hashlib.sha256(png_bytes(p)).hexdigest()[:8], 16) % 2 == 0)
+    request = llm_pb2.GenerateRequest(chat=chat(("user", [picture, "What is it?"])), sampling=greedy(6))
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("tokens", client.tokens(request)))
+    worker.start()
+    time.sleep(0.7)  # the request now waits in the first replica's batch
+    visions[0].kill()
+    worker.join(60)
+    assert len(result["tokens"]) == 6
+    assert client.tokens(request) == result["tokens"]  # same answer from the surviving replica
+    assert_still_serving(llm, client)
+
+
+def test_vision_stage_down_is_unavailable_and_text_still_works(stack):
+    llm, visions, client, _ = stack
+    visions[1].kill()
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(llm_pb2.GenerateRequest(chat=chat(("user", [image(60, 60, 3), "Hi"])), sampling=greedy(3)))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "vision_svc" in error.value.details()
+    assert len(client.tokens(llm_pb2.GenerateRequest(prompt="hello", sampling=greedy(3)))) == 3
+
+
+def test_sigterm_lets_the_in_flight_stream_finish(stack):
+    llm, _, client, _ = stack
+    call = client.stub.Generate(llm_pb2.GenerateRequest(prompt="story", sampling=llm_pb2.SamplingParams(
+        temperature=0, max_tokens=60, ignore_eos=True)))
+    first = next(call)
+    llm.proc.terminate()
+    rest = list(call)
+    assert sum(len(r.token_ids) for r in [first, *rest]) == 60
+    assert rest[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH
+    assert llm.proc.wait(30) == 0
