@@ -1,0 +1,201 @@
+"""The whole pipeline through the gateway, with the official openai client, against the real stages; and
+parity with vLLM's own (monolithic) OpenAI server on the same checkpoint."""
+
+import base64
+import http.server
+import io
+import os
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from deploy.local import Stage, free_port
+from tests.stack import start_gateway, start_llm, start_vision
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "llm_svc"))
+from llm_helpers import image, metric, png_bytes  # noqa: E402
+
+MODEL = "tiny-internvl"
+API_KEY = "test-key"
+GREEDY = {"temperature": 0, "max_tokens": 10}
+
+
+def data_url(picture: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(picture)).decode()
+
+
+def user(*parts) -> dict:
+    """Parts that are URLs (data:, http:) become image parts; the others text."""
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": p}}
+                                        if p.startswith(("data:", "http:")) else {"type": "text", "text": p}
+                                        for p in parts]}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint, tmp_path_factory):
+    model = tiny_checkpoint(layout="original", llm="dense")
+    logs = tmp_path_factory.mktemp("logs")
+    vision = start_vision(model, logs).wait_ready()
+    llm_metrics = free_port()
+    llm = start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port", str(llm_metrics)).wait_ready()
+    gateway = start_gateway([llm], logs, "--api-key", API_KEY, "--allow-private-image-urls").wait_ready()
+    yield {"vision": vision, "llm": llm, "gateway": gateway, "llm_metrics": llm_metrics}
+    for stage in (gateway, llm, vision):
+        stage.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"http://{stack['gateway'].address}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_checkpoint, tmp_path_factory):
+    """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype."""
+    model = tiny_checkpoint(layout="original", llm="dense")
+    port = free_port()
+    server = Stage("gateway-vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+                                    "--host", "127.0.0.1", "--served-model-name", MODEL, "--trust-remote-code",
+                                    "--enforce-eager", "--dtype", "float32", "--max-model-len", "8192",
+                                    "--kv-cache-memory-bytes", str(256 << 20), "--limit-mm-per-prompt",
+                                    '{"image": 3}'], port, tmp_path_factory.mktemp("vllm") / "vllm.log",
+                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    server.wait_ready()
+    yield openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
+    server.stop()
+
+
+RED, BLUE = image(900, 500, seed=1), image(500, 700, seed=2)
+CONVERSATIONS = {
+    "one_image": [user(data_url(RED), "Describe the image.")],
+    "two_images": [user(data_url(RED), data_url(BLUE), "Compare them.")],
+    "multi_turn": [user(data_url(RED), "What is this?"), {"role": "assistant", "content": "A field of colour."},
+                   user(data_url(BLUE), "And this one?")],
+    "text_only": [{"role": "user", "content": "Tell me a story."}],
+}
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_greedy_text_equals_vllm_own_openai_server(client, vllm_server, conversation):
+    messages = CONVERSATIONS[conversation]
+    ours = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    theirs = vllm_server.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+    assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+    assert ours.usage.completion_tokens == 10 and ours.choices[0].finish_reason == "length"
+
+
+def test_completions_equal_vllm_own_openai_server(client, vllm_server):
+    ours = client.completions.create(model=MODEL, prompt="Once upon a time", **GREEDY)
+    theirs = vllm_server.completions.create(model=MODEL, prompt="Once upon a time", **GREEDY)
+    assert ours.choices[0].text == theirs.choices[0].text and len(ours.choices[0].text) > 0
+
+
+def test_streaming_with_usage_equals_the_plain_answer(client):
+    messages = CONVERSATIONS["one_image"]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    payload = png_bytes(RED)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/red.png"
+    server.shutdown()
+
+
+def test_image_fetched_over_http_gives_the_same_answer_as_a_data_url(client, image_host):
+    by_url = client.chat.completions.create(model=MODEL, messages=[user(image_host, "Describe the image.")], **GREEDY)
+    by_data = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS["one_image"], **GREEDY)
+    assert by_url.choices[0].message.content == by_data.choices[0].message.content
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+@pytest.mark.parametrize("call,status", [
+    (lambda c: c.chat.completions.create(model=MODEL, messages=[user("data:image/png;base64,iVBORw0KGgoAAAA", "hi")],
+                                         **GREEDY), 400),
+    (lambda c: c.chat.completions.create(model=MODEL, messages=[user("hi")], temperature=0, max_tokens=100000), 400),
+    (lambda c: c.chat.completions.create(model="no-such-model", messages=[user("hi")], **GREEDY), 404),
+    (lambda c: c.chat.completions.create(model=MODEL, messages=[user("hi")], temperature=9), 400),
+])
+def test_errors_from_the_real_backend_have_their_http_status(client, call, status):
+    with pytest.raises(openai.APIStatusError) as error:
+        call(client)
+    assert error.value.status_code == status
+    assert error.value.body["message"]
+
+
+def test_wrong_api_key_is_401(stack):
+    wrong = openai.OpenAI(base_url=f"http://{stack['gateway'].address}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+
+
+def test_backend_down_is_503(tmp_path):
+    port = free_port()
+    dead = f"127.0.0.1:{free_port()}"
+    gateway = Stage("gateway", ["gateway", "--llm", dead, "--host", "127.0.0.1", "--port", str(port)], port,
+                    tmp_path / "gateway.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.post(f"http://{gateway.address}/v1/chat/completions", timeout=30, json={
+                    "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, gateway.logs()
+                time.sleep(0.2)
+        assert response.status_code == 503
+        assert response.json()["error"]["message"]
+    finally:
+        gateway.stop()
+
+
+def test_client_disconnect_mid_stream_leaves_no_request_in_the_engine(stack):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "story"}], "stream": True,
+            "max_tokens": 3000, "ignore_eos": True}
+    with httpx.stream("POST", f"http://{stack['gateway'].address}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert metric(stack["llm_metrics"], "vllm:num_requests_running") == 1
+    deadline = time.monotonic() + 10
+    while metric(stack["llm_metrics"], "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(stack["llm_metrics"], "vllm:num_requests_running") == 0
+
+
+def test_request_id_appears_in_every_stage_log(client, stack):
+    client.chat.completions.create(model=MODEL, messages=[user(data_url(image(321, 123, seed=9)), "Hi")],
+                                   extra_headers={"x-request-id": "trace-me-4242"}, **GREEDY)
+    time.sleep(0.5)
+    for name in ("gateway", "llm", "vision"):
+        assert "trace-me-4242" in stack[name].log_path.read_text(errors="replace"), f"{name} log lacks the id"
