@@ -18,9 +18,12 @@ from protos.errors import ErrorInterceptor
 log = logging.getLogger(__name__)
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Explicit message limits (gRPC's default receive limit is 4 MB) and keepalive, for servers and clients."""
+def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    """Explicit message limits (gRPC's default receive limit is 4 MB), keepalive, and round-robin over every
+    address a target resolves to (a `dns:///` name of a headless Service reaches all its replicas; gRPC's
+    default, pick-first, would send everything to one)."""
     return [
+        ("grpc.lb_policy_name", "round_robin"),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
@@ -38,8 +41,11 @@ class GrpcServer:
         # Time between turning NOT_SERVING and refusing new calls, so that probes and balancers notice.
         self.announce_s = announce_s
         self._address = f"{host}:{port}"
-        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()],
-                                       options=channel_options(max_message_bytes))
+        # Connections are recycled every few minutes so that clients re-resolve DNS and find new replicas;
+        # streams in flight on a recycled connection keep up to 10 minutes to finish.
+        options = [*channel_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000),
+                   ("grpc.max_connection_age_grace_ms", 600_000)]
+        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._service_names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
