@@ -7,7 +7,6 @@ embeddings come in (`enable_mm_embeds`) and the vision tower is not built (`limi
 every modality).
 """
 
-import argparse
 import dataclasses
 
 from vllm.engine.arg_utils import AsyncEngineArgs

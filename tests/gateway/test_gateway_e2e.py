@@ -3,8 +3,7 @@ parity with vLLM's own (monolithic) OpenAI server on the same checkpoint."""
 
 import base64
 import http.server
-import io
-import os
+import pathlib
 import sys
 import threading
 import time
@@ -17,7 +16,7 @@ from PIL import Image
 from deploy.local import Stage, free_port
 from tests.stack import start_gateway, start_llm, start_vision
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "llm_svc"))
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "llm_svc"))
 from llm_helpers import image, metric, png_bytes  # noqa: E402
 
 MODEL = "tiny-internvl"

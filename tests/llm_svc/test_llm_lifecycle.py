@@ -1,6 +1,9 @@
 """llm_svc's lifecycle and its answers to hostile input, against real stages (the destructive tests run last)."""
 
 import hashlib
+import os
+import pathlib
+import subprocess
 import sys
 import threading
 import time
@@ -11,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import llm_pb2
 from tests.stack import free_port, start_llm, start_vision
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes  # noqa: E402
@@ -142,6 +147,19 @@ def test_hostile_input_gets_a_clear_error_and_the_engine_stays_healthy(stack, ca
     assert error.value.code() == code
     assert message in error.value.details()
     assert_still_serving(llm, client)
+
+
+def test_readme_grpc_example_runs(stack, tmp_path):
+    llm, _, _, _ = stack
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("<!-- readme-example: grpc-client -->\n```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.py").write_text(code)
+    (tmp_path / "photo.png").write_bytes(png_bytes(image(640, 480, seed=8)))
+    result = subprocess.run([sys.executable, str(tmp_path / "example.py"), llm.address, str(tmp_path / "photo.png")],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "FINISH_REASON_LENGTH: " in result.stdout and " 32 completion tokens" in result.stdout
 
 
 def test_request_completes_on_the_other_replica_when_its_vision_replica_dies_mid_request(stack):
