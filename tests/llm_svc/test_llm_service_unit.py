@@ -1,0 +1,125 @@
+"""LanguageService and the servicer's conversions with the engine and the vision stage replaced by fakes:
+what must never reach the engine, and the tables of proto <-> domain conversions."""
+
+import hashlib
+
+import pytest
+import torch
+
+from llm_svc.prompts import ImageRef, Message, to_openai_messages
+from llm_svc.service import GenerateInput, LanguageService, ModelShape
+from llm_svc.servicer import chat_from_pb, input_from_pb
+from llm_svc.vision_client import ImageBlob, ImageEmbedding
+from protos import llm_pb2
+from protos.errors import InternalError, InvalidInput
+
+SHAPE = ModelShape(hidden_size=16, tokens_per_tile=4, max_model_len=128, max_images_per_request=2,
+                   vision_timeout_s=5)
+
+
+class FakeVision:
+    def __init__(self, embeddings: torch.Tensor, num_tiles: int):
+        self.result = ImageEmbedding("h" * 64, num_tiles, embeddings, False)
+
+    async def encode(self, request_id, images, max_tiles, timeout_s):
+        return [self.result for _ in images]
+
+
+class RecordingEngine:
+    def __init__(self):
+        self.prompts = []
+
+    async def generate(self, prompt, sampling, request_id):
+        self.prompts.append(prompt)
+        return
+        yield
+
+
+class FixedRenderer:
+    def render(self, messages):
+        return "<image>\nhi"
+
+
+def request(images: int) -> GenerateInput:
+    blobs = [ImageBlob("a" * 64, b"png") for _ in range(images)]
+    messages = [Message("user", (*[ImageRef(b.content_hash) for b in blobs], "hi"))]
+    return GenerateInput("r1", messages, None, blobs, sampling=None, max_tiles=0)
+
+
+@pytest.mark.parametrize("embeddings,num_tiles", [
+    (torch.zeros(8, 15), 2),  # wrong width
+    (torch.zeros(7, 16), 2),  # rows do not match the tiles
+    (torch.zeros(8), 2),  # not 2-D
+    (torch.zeros(0, 16), 0),  # no tiles
+])
+async def test_embeddings_of_the_wrong_shape_never_reach_the_engine(embeddings, num_tiles):
+    engine = RecordingEngine()
+    service = LanguageService(engine, FakeVision(embeddings, num_tiles), FixedRenderer(), SHAPE)
+    with pytest.raises(InternalError, match="the language model needs"):
+        [d async for d in service.generate(request(images=1))]
+    assert engine.prompts == []
+
+
+async def test_embeddings_of_the_right_shape_reach_the_engine_with_their_hashes():
+    engine = RecordingEngine()
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), SHAPE)
+    [d async for d in service.generate(request(images=1))]
+    assert engine.prompts[0]["multi_modal_uuids"] == {"image": ["a" * 64]}
+    assert engine.prompts[0]["multi_modal_data"]["image"][0].shape == (8, 16)
+
+
+async def test_too_many_images_are_refused_before_any_work():
+    engine = RecordingEngine()
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), SHAPE)
+    with pytest.raises(InvalidInput, match="3 images in one request; the limit is 2"):
+        [d async for d in service.generate(request(images=3))]
+
+
+def part(**kwargs) -> llm_pb2.ContentPart:
+    return llm_pb2.ContentPart(**kwargs)
+
+
+def test_chat_conversion_keeps_image_order_and_hashes_bytes():
+    chat = llm_pb2.Chat(messages=[
+        llm_pb2.ChatMessage(role=llm_pb2.ROLE_SYSTEM, content=[part(text="be brief")]),
+        llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER, content=[
+            part(image=llm_pb2.ImagePart(data=b"one")), part(text="and"),
+            part(image=llm_pb2.ImagePart(content_hash="B" * 64))])])
+    messages, images = chat_from_pb(chat)
+    assert [m.role for m in messages] == ["system", "user"]
+    assert images[0].data == b"one" and images[0].content_hash == hashlib.sha256(b"one").hexdigest()
+    assert images[1] == ImageBlob("b" * 64, None)
+    assert messages[1].parts == (ImageRef(images[0].content_hash), "and", ImageRef("b" * 64))
+
+
+@pytest.mark.parametrize("proto,message", [
+    (llm_pb2.GenerateRequest(), "neither chat messages nor a prompt"),
+    (llm_pb2.GenerateRequest(prompt=""), "the prompt is empty"),
+    (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(content=[part(text="x")])])),
+     "role must be"),
+    (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
+        role=llm_pb2.ROLE_USER, content=[part(image=llm_pb2.ImagePart())])])), "neither bytes nor a content hash"),
+    (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(min_p=2)), "min_p=2 must be in [0, 1]"),
+    (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(presence_penalty=-3)), "[-2, 2]"),
+    (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(repetition_penalty=0)), "(0, 2]"),
+    (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(top_k=-5)), "top_k=-5"),
+    (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(stop=[""])), "must not be empty"),
+])
+def test_invalid_requests_name_the_problem(proto, message):
+    with pytest.raises(InvalidInput) as error:
+        input_from_pb(proto, max_model_len=128)
+    assert message in str(error.value)
+
+
+def test_sampling_defaults_and_request_id():
+    converted = input_from_pb(llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(
+        temperature=0, seed=7, stop=["\n"], logprobs=3)), max_model_len=128)
+    assert converted.request_id.startswith("gen-")
+    sampling = converted.sampling
+    assert (sampling.temperature, sampling.seed, sampling.stop, sampling.logprobs) == (0, 7, ["\n"], 3)
+    assert sampling.max_tokens is None  # the engine fills in what the context leaves
+
+
+def test_images_only_in_user_messages():
+    with pytest.raises(InvalidInput, match="user messages only"):
+        to_openai_messages([Message("assistant", (ImageRef("a" * 64),))])
