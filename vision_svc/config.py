@@ -26,6 +26,8 @@ class VisionConfig:
     max_image_pixels: int = 40_000_000
     cache_bytes: int = 2048 * MiB
     preprocess_workers: int = 2
+    preprocess_on: str = "host"
+    compile: bool = False
     chunk_bytes: int = 1 * MiB
     max_message_bytes: int = 64 * MiB
     grace_s: float = 30.0
@@ -46,6 +48,8 @@ class VisionConfig:
             raise ValueError("--chunk-bytes must leave room for headers under --max-message-bytes")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
+        if self.preprocess_on not in ("host", "device"):
+            raise ValueError(f"--preprocess-on must be host or device, got {self.preprocess_on}")
         if self.batch_wait_ms < 0 or self.grace_s < 0 or self.preprocess_workers < 0 or self.cache_bytes < 0:
             raise ValueError("--batch-wait-ms, --grace-s, --preprocess-workers and --cache-bytes must be >= 0")
 
@@ -87,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedding cache size in bytes (0 disables it)")
     p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers,
                    help="processes decoding and tiling images (0: a thread of this process)")
+    p.add_argument("--preprocess-on", choices=("host", "device"), default=d.preprocess_on,
+                   help="where images are resized, tiled and normalized: host (the preprocessing workers, "
+                        "Pillow) or device (the encoder's device, after the workers decode)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder for batch sizes padded up to a few buckets (1, 2, 4, 8, 13, "
+                        "16, 32, ... up to --max-batch-tiles), each compiled at start; CUDA graphs for small "
+                        "buckets on CUDA")
     p.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes, help="embedding bytes per streamed message")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="gRPC message limit; an Encode request carries all its images, so it bounds their sum")

@@ -9,7 +9,9 @@ from protos import tensors, vision_pb2, vision_pb2_grpc
 from protos.server import GrpcServer
 from vision_svc.cache import EmbeddingCache
 from vision_svc.config import VisionConfig
+from vision_svc.device_preprocess import DevicePreprocessPool
 from vision_svc.encoder import load_encoder
+from vision_svc.encoder_compile import BucketedEncoder, batch_buckets
 from vision_svc.encoder_runner import EncoderRunner
 from vision_svc.image_decode import ImageLimits
 from vision_svc.preprocess import PreprocessPool
@@ -36,10 +38,18 @@ class VisionServer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         encoder, self.spec = load_encoder(config.model, self.device, self.dtype, config.kernel_backend)
         max_tiles = config.max_tiles or self.spec.max_dynamic_patch
+        # Batch sizes that the warm-up runs: with --compile, every bucket, so none compiles under traffic.
+        self.warm_up_batches = (1, config.max_batch_tiles)
+        if config.compile:
+            encoder = BucketedEncoder(encoder, batch_buckets(config.max_batch_tiles), self.device)
+            self.warm_up_batches = encoder.buckets
         self.runner = EncoderRunner(encoder, self.device, self.dtype, config.max_batch_tiles,
                                     config.batch_wait_ms / 1000, config.max_queue_tiles)
-        self.pool = PreprocessPool(config.preprocess_workers, ImageLimits(config.max_image_bytes,
-                                                                          config.max_image_pixels))
+        image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels)
+        if config.preprocess_on == "device":
+            self.pool = DevicePreprocessPool(config.preprocess_workers, image_limits, self.device, self.dtype)
+        else:
+            self.pool = PreprocessPool(config.preprocess_workers, image_limits)
         self.cache = EmbeddingCache(config.cache_bytes)
         limits = Limits(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch, max_tiles=max_tiles, max_images_per_request=config.max_images_per_request,
                         max_image_bytes=config.max_image_bytes, default_thumbnail=self.spec.use_thumbnail)
@@ -64,9 +74,10 @@ class VisionServer:
         return port
 
     async def _warm_up(self) -> None:
-        """One pass at batch 1 and one full batch, so that the first request pays no one-time costs."""
+        """One pass at batch 1 and one full batch (every bucket when compiled), so that the first request pays
+        no one-time costs."""
         size = self.spec.image_size
-        for batch in (1, self.config.max_batch_tiles):
+        for batch in self.warm_up_batches:
             await self.runner.encode(torch.zeros(batch, 3, size, size))
         log.info("warm: %s on %s (%s), %d tiles per batch", self.info.model, self.device, self.dtype,
                  self.config.max_batch_tiles)

@@ -1,0 +1,134 @@
+"""`--preprocess-on device`: decode on the pool, tile on the encoder's device; same tiles, same greedy tokens.
+
+The pixel tolerance against the host path is stated and tested in tests/kernels/test_kernels_preprocess.py;
+here: the pool and the server give the device path's tiles, refusals are unchanged, and the tiny model's
+greedy tokens are the same with either path's embeddings.
+"""
+
+import asyncio
+import io
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protos import tensors, vision_pb2, vision_pb2_grpc
+from vision_svc.config import parse_config
+from vision_svc.device_preprocess import DevicePreprocessPool, image_tiles_on_device
+from vision_svc.encoder import load_encoder
+from vision_svc.image_decode import ImageError, ImageLimits, decode_image
+from vision_svc.server import VisionServer
+from vision_svc.tiling import TileOptions, image_to_tile_array
+
+OPTIONS = TileOptions(max_tiles=6, use_thumbnail=True)
+CPU = torch.device("cpu")
+# Two 8-bit levels of the channel with the smallest std, the kernel's stated bound.
+TWO_LEVELS = 2 / 255 / 0.224 + 1e-6
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def host_tiles(data: bytes, options: TileOptions = OPTIONS) -> torch.Tensor:
+    return torch.from_numpy(image_to_tile_array(decode_image(data, ImageLimits()), options))
+
+
+def test_tiles_come_in_the_asked_dtype_within_two_levels_of_the_host():
+    image = noise_image(900, 500, seed=0)
+    got = image_tiles_on_device(image, OPTIONS, CPU, torch.bfloat16)
+    expected = torch.from_numpy(image_to_tile_array(image, OPTIONS))
+    assert got.dtype == torch.bfloat16 and got.device == CPU and got.shape == expected.shape == (3, 3, 448, 448)
+    fp32 = image_tiles_on_device(image, OPTIONS, CPU, torch.float32)
+    assert (fp32 - expected).abs().max() <= TWO_LEVELS
+    torch.testing.assert_close(got, fp32.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["thread", "process"])
+async def test_pool_decodes_then_tiles_on_the_device(workers):
+    images = [encoded(noise_image(w, h, seed), fmt) for seed, (w, h, fmt) in
+              enumerate([(900, 500, "PNG"), (300, 800, "JPEG"), (448, 448, "WEBP")])]
+    with DevicePreprocessPool(workers, ImageLimits(), CPU, torch.float32) as pool:
+        await pool.warm_up()
+        results = await asyncio.gather(*(pool.tiles(data, OPTIONS) for data in images))
+    for data, got in zip(images, results):
+        expected = image_tiles_on_device(decode_image(data, ImageLimits()), OPTIONS, CPU, torch.float32)
+        assert torch.equal(got, expected)
+        assert (got - host_tiles(data)).abs().max() <= TWO_LEVELS
+
+
+@pytest.mark.parametrize("data,message", [(b"not an image", "not an image"),
+                                          (encoded(noise_image(1200, 1000, 0)), "over the limit of 1000000")])
+async def test_pool_refuses_what_the_host_path_refuses(data, message):
+    with DevicePreprocessPool(0, ImageLimits(max_image_pixels=1_000_000), CPU, torch.float32) as pool:
+        with pytest.raises(ImageError, match=message):
+            await pool.tiles(data, OPTIONS)
+
+
+def test_cli_flags_choose_where_preprocessing_runs_and_compilation():
+    config = parse_config(["--model", "m", "--preprocess-on", "device", "--compile"])
+    assert (config.preprocess_on, config.compile) == ("device", True)
+    defaults = parse_config(["--model", "m"])
+    assert (defaults.preprocess_on, defaults.compile) == ("host", False)
+    with pytest.raises(SystemExit):
+        parse_config(["--model", "m", "--preprocess-on", "gpu"])
+
+
+async def test_server_with_device_preprocessing_streams_the_device_paths_embeddings(tiny_checkpoint):
+    from vision_svc.config import VisionConfig
+
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, preprocess_on="device",
+                          max_batch_tiles=8, batch_wait_ms=20, max_tiles=6, grace_s=0)
+    server = VisionServer(config)
+    assert isinstance(server.pool, DevicePreprocessPool)
+    port = await server.start()
+    data = encoded(noise_image(900, 500, seed=3))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = vision_pb2_grpc.VisionEncoderStub(channel)
+            request = vision_pb2.EncodeRequest(request_id="device", images=[vision_pb2.ImageInput(data=data)])
+            messages = [m async for m in stub.Encode(request)]
+    finally:
+        await server.stop()
+    assembler = tensors.TensorAssembler(messages[0].header.tensor, max_bytes=1 << 30)
+    for message in messages:
+        assembler.add(message.data)
+    got = assembler.finish()
+    encoder, spec = load_encoder(model, CPU, torch.float32)
+    with torch.inference_mode():
+        expected = encoder(image_tiles_on_device(decode_image(data, ImageLimits()), OPTIONS, CPU, torch.float32))
+    assert messages[0].header.num_tiles == 3
+    torch.testing.assert_close(got, expected.reshape(-1, spec.llm_hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_models_greedy_tokens_are_the_same_with_either_paths_embeddings(tiny_checkpoint, vllm_engine):
+    from vllm import SamplingParams
+
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    encoder, spec = load_encoder(model, CPU, torch.float32)
+    image = noise_image(900, 500, seed=7)  # a 2x1 grid + thumbnail: both passes resize it
+    options = TileOptions(max_tiles=12, use_thumbnail=True)
+    host = torch.from_numpy(image_to_tile_array(image, options))
+    device = image_tiles_on_device(image, options, CPU, torch.float32)
+    assert not torch.equal(host, device), "the paths agree bit for bit: the check below would be blind"
+    other = torch.from_numpy(image_to_tile_array(noise_image(900, 500, seed=8), options))
+    with torch.inference_mode():
+        embeddings = [encoder(t).reshape(-1, spec.llm_hidden) for t in (host, device, other)]
+
+    engine = vllm_engine("original", "dense")
+    prompt = engine.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat is in the image?"}], tokenize=False, add_generation_prompt=True)
+    outputs = engine.generate([{"prompt": prompt, "multi_modal_data": {"image": [e]}} for e in embeddings],
+                              SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    host_tokens, device_tokens, other_tokens = (list(o.outputs[0].token_ids) for o in outputs)
+    assert device_tokens == host_tokens and len(host_tokens) == 12
+    assert other_tokens != host_tokens, "another image gives the same tokens: the check above would be blind"
