@@ -59,3 +59,9 @@ class PromptRenderer:
         if "prompt" in prompt:
             return prompt["prompt"]
         return self._renderer.get_tokenizer().decode(prompt["prompt_token_ids"])
+
+    async def engine_input(self, prompt: dict) -> dict:
+        """Tokenizes `{"prompt", "multi_modal_data", "multi_modal_uuids"}` and expands its image placeholders
+        into what the engine takes; refuses prompts over the context with vLLM's own message."""
+        (engine_input,) = await self._renderer.render_cmpl_async([prompt])
+        return engine_input

@@ -74,7 +74,8 @@ class LlmServer:
                                                        self.service.shape.hidden_size)]},
             "multi_modal_uuids": {"image": [image.content_hash]}}]
         for n, prompt in enumerate(prompts):
-            async for _ in self.engine.generate(prompt, SamplingParams(max_tokens=2), f"warm-up-{n}"):
+            engine_input = await self.service.renderer.engine_input(prompt)
+            async for _ in self.engine.generate(engine_input, SamplingParams(max_tokens=2), f"warm-up-{n}"):
                 pass
         log.info("engine warm: %s, max_model_len %d", self.engine.model_config.served_model_name,
                  self.engine.model_config.max_model_len)

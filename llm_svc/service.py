@@ -115,7 +115,8 @@ class LanguageService:
         first_token_s = None
         completion_tokens = 0
         try:
-            async for output in self._engine.generate(prompt, request.sampling, request.request_id):
+            engine_input = await self.renderer.engine_input(prompt)
+            async for output in self._engine.generate(engine_input, request.sampling, request.request_id):
                 completion = output.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 if first_token_s is None and completion.token_ids:

@@ -39,6 +39,9 @@ class FixedRenderer:
     def render(self, messages):
         return "<image>\nhi"
 
+    async def engine_input(self, prompt):
+        return prompt
+
 
 def request(images: int) -> GenerateInput:
     blobs = [ImageBlob("a" * 64, b"png") for _ in range(images)]
