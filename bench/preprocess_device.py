@@ -1,0 +1,72 @@
+"""Tiles/s of host vs device preprocessing for a 1920x1080 JPEG (9 tiles: 4x2 grid + thumbnail).
+
+    python -m bench.preprocess_device [--images 30] [--device cpu|cuda] [--threads N]
+
+host:   decode + Pillow resize + numpy normalize, one call per image (`vision_svc.preprocess.preprocess_image`).
+device: decode on the host, then upload + resize + tile + normalize on --device
+        (`vision_svc.device_preprocess.image_tiles_on_device`), timed to the device's completion; the
+        device step alone is also reported, as it is what leaves the preprocessing workers' cores.
+Wall time and CPU time of this process are both reported: on a shared machine, tiles per CPU-second is the
+steadier figure of what a path costs a core.
+"""
+
+import argparse
+import time
+
+import torch
+
+from bench.preprocess import photo_like_jpeg
+from vision_svc.device_preprocess import image_tiles_on_device
+from vision_svc.image_decode import ImageLimits, decode_image
+from vision_svc.preprocess import preprocess_image
+from vision_svc.tiling import TileOptions
+
+
+def timed(step, images: int, device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds per image of `step()`, after one untimed call (allocator and kernel warm-up)."""
+    step()
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(images):
+        step()
+    _sync(device)
+    return (time.perf_counter() - wall) / images, (time.process_time() - cpu) / images
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=30, help="images per measurement")
+    parser.add_argument("--device", default="cpu", help="device of the device path: cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    data = photo_like_jpeg()
+    limits, options = ImageLimits(), TileOptions(max_tiles=12, use_thumbnail=True)
+    image = decode_image(data, limits)
+    tiles = len(image_tiles_on_device(image, options, device, dtype))
+    rows = [
+        ("host: decode + Pillow + normalize", timed(lambda: preprocess_image(data, limits, options), args.images,
+                                                    torch.device("cpu"))),
+        ("host decode only", timed(lambda: decode_image(data, limits), args.images, torch.device("cpu"))),
+        (f"{device.type}: resize + tile + normalize", timed(lambda: image_tiles_on_device(image, options, device,
+                                                                                          dtype), args.images, device)),
+        (f"decode + {device.type} step", timed(lambda: image_tiles_on_device(decode_image(data, limits), options,
+                                                                             device, dtype), args.images, device)),
+    ]
+    print(f"1920x1080 JPEG ({len(data)} bytes), {tiles} tiles, {args.images} images, device {device} ({dtype}), "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'path':<40}{'ms/image':>10}{'tiles/s':>10}{'CPU ms/image':>14}{'tiles/CPU-s':>13}")
+    for name, (wall, cpu) in rows:
+        print(f"{name:<40}{1000 * wall:>10.1f}{tiles / wall:>10.1f}{1000 * cpu:>14.1f}{tiles / cpu:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()
