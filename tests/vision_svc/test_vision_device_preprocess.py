@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from protos import tensors, vision_pb2, vision_pb2_grpc
-from vision_svc.config import parse_config
+from vision_svc.config import VisionConfig, parse_config
 from vision_svc.device_preprocess import DevicePreprocessPool, image_tiles_on_device
 from vision_svc.encoder import load_encoder
 from vision_svc.image_decode import ImageError, ImageLimits, decode_image
@@ -83,8 +83,6 @@ def test_cli_flags_choose_where_preprocessing_runs_and_compilation():
 
 
 async def test_server_with_device_preprocessing_streams_the_device_paths_embeddings(tiny_checkpoint):
-    from vision_svc.config import VisionConfig
-
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
     config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, preprocess_on="device",
                           max_batch_tiles=8, batch_wait_ms=20, max_tiles=6, grace_s=0)
