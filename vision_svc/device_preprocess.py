@@ -10,7 +10,6 @@ encoder's queue there (a 448x448 tile is 1.2 MB in bf16: the queue limit bounds 
 
 import asyncio
 import concurrent.futures
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from PIL import Image
 
 from kernels.preprocess import resize_and_tile
 from vision_svc.image_decode import ImageLimits, decode_image
-from vision_svc.preprocess import PreprocessPool, PreprocessWorkerDied
+from vision_svc.preprocess import PreprocessPool
 from vision_svc.tiling import TileOptions, tile_grid
 
 
@@ -49,17 +48,8 @@ class DevicePreprocessPool(PreprocessPool):
 
     async def tiles(self, data: bytes, options: TileOptions) -> torch.Tensor:
         """Tiles [tiles, 3, S, S] of one image, in the encoder's dtype on its device; ImageError for refused bytes."""
-        loop = asyncio.get_running_loop()
-        executor = self._executor
-        try:
-            image = await loop.run_in_executor(executor, decode_image, data, self.limits)
-        except BrokenProcessPool as e:
-            # As the host path: every pending image of the dead pool fails; only the first replaces it.
-            if self._executor is executor:
-                self._executor = self._new_executor()
-                executor.shutdown(wait=False, cancel_futures=True)
-            raise PreprocessWorkerDied(f"preprocessing worker died: {e}") from e
-        return await loop.run_in_executor(self._device_thread, image_tiles_on_device, image, options,
+        image = await self.in_worker(decode_image, data, self.limits)
+        return await asyncio.get_running_loop().run_in_executor(self._device_thread, image_tiles_on_device, image, options,
                                           self.device, self.dtype)
 
     def close(self) -> None:
