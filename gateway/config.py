@@ -4,6 +4,8 @@ import argparse
 import dataclasses
 import pathlib
 
+from protos.cli import HelpFormatter
+
 MIB = 1 << 20
 # gRPC message lengths are signed 32-bit integers.
 _GRPC_MESSAGE_LIMIT = (1 << 31) - 1
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP gateway in front of the InternVL language service (llm_svc). It "
                     "validates requests, loads image bytes, forwards one gRPC Generate per request (round-robin "
                     "over the llm_svc replicas) and streams the tokens back as SSE or JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = GatewayConfig
     parser.add_argument("--llm", required=True,
                         help="llm_svc replicas as HOST:PORT[,HOST:PORT...]; requests are balanced round-robin")

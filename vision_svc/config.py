@@ -4,6 +4,8 @@ import argparse
 import dataclasses
 import pathlib
 
+from protos.cli import HelpFormatter
+
 MiB = 1 << 20
 
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vision_svc",
         description="The InternVL vision stage: encodes images into language-model embeddings and streams "
                     "them over gRPC (internvl.vision.v1.VisionEncoder, with grpc.health.v1 and reflection).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model", type=pathlib.Path, required=True,
                    help="InternVL checkpoint directory, original (OpenGVLab) or transformers-native layout; "
                         "only its vision tensors are read")
