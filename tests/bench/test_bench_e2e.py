@@ -1,0 +1,64 @@
+"""The benchmarks' own arithmetic and command lines; the runs themselves are in bench/RESULTS.md."""
+
+import io
+import os
+
+import pytest
+from PIL import Image
+
+from bench.common import markdown_table, photo_like_jpeg, ratio
+from bench.e2e import RequestTiming, Summary, chat_body, vllm_bench_argv
+from vision_svc.tiling import TileOptions, tile_count
+
+
+def test_summary_follows_vllm_definitions():
+    timings = [RequestTiming(ttft_s=0.1, e2e_s=0.1 + 31 * 0.01, prompt_tokens=200, output_tokens=32),
+               RequestTiming(ttft_s=0.3, e2e_s=0.3 + 31 * 0.02, prompt_tokens=210, output_tokens=32)]
+    summary = Summary.of(timings, seconds=2.0)
+    assert summary.requests_per_s == 1.0
+    assert summary.output_tokens_per_s == 32.0
+    assert summary.ttft_p50_ms == pytest.approx(200.0)
+    # TPOT excludes the first token: (e2e - ttft) / (tokens - 1), the median over requests.
+    assert summary.tpot_p50_ms == pytest.approx(15.0)
+    assert summary.prompt_tokens == 205
+
+
+def test_images_are_distinct_per_seed_and_tile_as_internvl_does():
+    first, second = photo_like_jpeg(1280, 720, seed=1), photo_like_jpeg(1280, 720, seed=2)
+    assert first != second
+    assert Image.open(io.BytesIO(first)).size == (1280, 720)
+    # 16:9 ties between the 2x1 and 4x2 grids; InternVL takes the larger grid for a large image: 8 + thumbnail.
+    assert tile_count(1280, 720, TileOptions(max_tiles=12, use_thumbnail=True)) == 9
+
+
+def test_chat_body_puts_the_image_before_the_text_and_fixes_the_output_length():
+    body = chat_body("tiny", "hello", b"jpeg", output_len=32)
+    image, text = body["messages"][0]["content"]
+    assert image["image_url"]["url"].startswith("data:image/jpeg;base64,") and text == {"type": "text", "text": "hello"}
+    assert body["max_tokens"] == 32 and body["ignore_eos"] and body["stream_options"] == {"include_usage": True}
+
+
+def test_vllm_bench_command_parses_with_vllm_own_parser(tmp_path):
+    environ = dict(os.environ)
+    try:
+        from vllm.benchmarks import serve
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    finally:  # importing it sets LD_LIBRARY_PATH (opencv), which breaks vLLM servers started later
+        os.environ.clear()
+        os.environ.update(environ)
+
+    class Args:
+        image_size, requests, concurrency, input_len, output_len, warm_up = (1280, 720), 8, 4, 200, 32, 2
+    parser = FlexibleArgumentParser()
+    serve.add_cli_args(parser)
+    args = parser.parse_args(vllm_bench_argv("http://127.0.0.1:1", tmp_path, "random-mm", Args))
+    assert args.backend == "openai-chat" and args.endpoint == "/v1/chat/completions"
+    assert args.random_mm_bucket_config == {(720, 1280, 1): 1.0}  # (height, width, frames)
+    assert args.random_mm_limit_mm_per_prompt == {"image": 1, "video": 0}
+    assert args.ignore_eos and args.num_prompts == 8 and args.max_concurrency == 4
+
+
+def test_tables_and_ratios():
+    assert ratio(3.0, 2.0) == "1.50x" and ratio(1.0, 0.0) == "-"
+    assert markdown_table(["a", "b"], [["x", 1234.5], ["y", 0.01234]]).splitlines() == [
+        "| a | b |", "|---|---|", "| x | 1234 |", "| y | 0.0123 |"]
