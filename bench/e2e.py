@@ -1,7 +1,7 @@
 """End to end: this stack (gateway -> llm_svc -> vision_svc) against vLLM's own monolithic OpenAI server.
 
-    python -m bench.e2e                       # ~5-8 minutes on 2 cores
-    python -m bench.e2e --quick               # ~2 minutes
+    python -m bench.e2e                       # ~2 minutes on 2 quiet cores (~6 under heavy load)
+    python -m bench.e2e --quick               # ~1 minute (~2 under heavy load)
     python -m bench.e2e --parts vllm-bench    # vLLM's serving benchmark (`vllm bench serve`) against both
 
 Both systems serve the same checkpoint on this machine with the same engine flags and dtype, and get the
@@ -277,7 +277,7 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=("compare", "transfer", "vllm-bench"),
                         default=["compare", "transfer"], help="what to run")
-    parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests, rounds and repeats")
     parser.add_argument("--model", type=pathlib.Path, default=None,
                         help="checkpoint directory (default: build the tiny checkpoint, original layout)")
     parser.add_argument("--work-dir", default=None, help="where the tiny checkpoint and the logs go")
