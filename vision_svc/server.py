@@ -51,7 +51,8 @@ class VisionServer:
         else:
             self.pool = PreprocessPool(config.preprocess_workers, image_limits)
         self.cache = EmbeddingCache(config.cache_bytes)
-        limits = Limits(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch, max_tiles=max_tiles, max_images_per_request=config.max_images_per_request,
+        limits = Limits(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch, max_tiles=max_tiles,
+                        max_images_per_request=config.max_images_per_request,
                         max_image_bytes=config.max_image_bytes, default_thumbnail=self.spec.use_thumbnail)
         self.service = VisionService(limits, self.spec.tokens_per_tile, self.runner, self.pool, self.cache)
         self.info = vision_pb2.GetInfoResponse(
