@@ -70,9 +70,6 @@ class LanguageService:
         await self._engine.abort(request_id)
         return True
 
-    def num_running(self) -> int:
-        return len(self._running)
-
     async def generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
         if request.request_id in self._running:
             raise InvalidInput(f"request id {request.request_id!r} is already running")
