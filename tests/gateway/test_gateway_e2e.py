@@ -3,8 +3,6 @@ parity with vLLM's own (monolithic) OpenAI server on the same checkpoint."""
 
 import base64
 import http.server
-import pathlib
-import sys
 import threading
 import time
 
@@ -16,8 +14,7 @@ from PIL import Image
 from deploy.local import Stage, free_port
 from tests.stack import start_gateway, start_llm, start_vision
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "llm_svc"))
-from llm_helpers import image, metric, png_bytes  # noqa: E402
+from tests.llm_svc.llm_helpers import image, metric, png_bytes
 
 MODEL = "tiny-internvl"
 API_KEY = "test-key"

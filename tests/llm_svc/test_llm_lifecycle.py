@@ -17,8 +17,7 @@ from tests.stack import free_port, start_llm, start_vision
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes  # noqa: E402
+from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes
 
 LONG = llm_pb2.SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
 

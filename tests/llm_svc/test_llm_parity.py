@@ -1,7 +1,6 @@
 """The core proof: greedy tokens of llm_svc + vision_svc equal vLLM fed the raw image (monolithic) and
 transformers' `generate`, for both checkpoint layouts, dense and MoE."""
 
-import sys
 
 import pytest
 import torch
@@ -9,8 +8,7 @@ import torch
 from protos import llm_pb2
 from tests.stack import free_port, start_llm, start_vision
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from llm_helpers import LlmClient, chat, greedy, image, metric, openai_messages  # noqa: E402
+from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, openai_messages
 
 MAX_TOKENS = 12
 RED, BLUE = image(900, 500, seed=1), image(500, 700, seed=2)

@@ -14,9 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import vision_pb2, vision_pb2_grpc
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from fake_vision_server import SERVICE, make_server  # noqa: E402
+from tests.protos.fake_vision_server import SERVICE, make_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

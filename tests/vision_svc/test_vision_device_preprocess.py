@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from protos import tensors, vision_pb2, vision_pb2_grpc
+from protos import vision_pb2, vision_pb2_grpc
+from tests.vision_svc.vision_helpers import encode
 from vision_svc.config import VisionConfig, parse_config
 from vision_svc.device_preprocess import DevicePreprocessPool, image_tiles_on_device
 from vision_svc.encoder import load_encoder
@@ -92,19 +93,14 @@ async def test_server_with_device_preprocessing_streams_the_device_paths_embeddi
     data = encoded(noise_image(900, 500, seed=3))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = vision_pb2_grpc.VisionEncoderStub(channel)
-            request = vision_pb2.EncodeRequest(request_id="device", images=[vision_pb2.ImageInput(data=data)])
-            messages = [m async for m in stub.Encode(request)]
+            (header, got), = (await encode(vision_pb2_grpc.VisionEncoderStub(channel),
+                                           [vision_pb2.ImageInput(data=data)])).values()
     finally:
         await server.stop()
-    assembler = tensors.TensorAssembler(messages[0].header.tensor, max_bytes=1 << 30)
-    for message in messages:
-        assembler.add(message.data)
-    got = assembler.finish()
     encoder, spec = load_encoder(model, CPU, torch.float32)
     with torch.inference_mode():
         expected = encoder(image_tiles_on_device(decode_image(data, ImageLimits()), OPTIONS, CPU, torch.float32))
-    assert messages[0].header.num_tiles == 3
+    assert header.num_tiles == 3
     torch.testing.assert_close(got, expected.reshape(-1, spec.llm_hidden), rtol=1e-5, atol=1e-5)
 
 

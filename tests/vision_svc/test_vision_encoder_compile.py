@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from protos import tensors, vision_pb2, vision_pb2_grpc
+from protos import vision_pb2, vision_pb2_grpc
+from tests.vision_svc.vision_helpers import encode
 from vision_svc.config import VisionConfig
 from vision_svc.encoder import load_encoder
 from vision_svc.encoder_compile import BucketedEncoder, batch_buckets
@@ -85,9 +86,10 @@ def test_compiled_buckets_equal_eager_and_nothing_compiles_after_warm_up(encoder
 
 
 @pytest.mark.parametrize("compile,warm_up_batches", [(True, (1, 2, 4, 8, 13, 16, 20)), (False, (1, 20))])
-def test_server_warms_every_bucket_only_when_compiled(tiny_checkpoint, compile, warm_up_batches):
+async def test_server_warms_every_bucket_only_when_compiled(tiny_checkpoint, compile, warm_up_batches):
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
-    # Built, not started: torch.compile is lazy, so nothing compiles before the warm-up runs.
+    # Built, not started: torch.compile is lazy, so nothing compiles before the warm-up runs. (async: the gRPC
+    # server it builds needs a running event loop.)
     server = VisionServer(VisionConfig(model=model, port=0, preprocess_workers=0, compile=compile,
                                        max_batch_tiles=20))
     try:
@@ -109,18 +111,14 @@ async def test_server_with_compile_warms_every_bucket_and_encodes_as_eager(tiny_
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (500, 900, 3), dtype=np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    request = vision_pb2.EncodeRequest(request_id="compiled", images=[vision_pb2.ImageInput(data=buffer.getvalue())])
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            messages = [m async for m in vision_pb2_grpc.VisionEncoderStub(channel).Encode(request)]
+            (header, got), = (await encode(vision_pb2_grpc.VisionEncoderStub(channel),
+                                           [vision_pb2.ImageInput(data=buffer.getvalue())])).values()
     finally:
         await server.stop()
-    assembler = tensors.TensorAssembler(messages[0].header.tensor, max_bytes=1 << 30)
-    for message in messages:
-        assembler.add(message.data)
-    got = assembler.finish()
     pixels = torch.from_numpy(image_to_tile_array(image, TileOptions(max_tiles=12)))  # [3, 3, S, S]
     with torch.inference_mode():
         expected = encoder(pixels).reshape(-1, got.shape[-1])
-    assert messages[0].header.num_tiles == 3
+    assert header.num_tiles == 3
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

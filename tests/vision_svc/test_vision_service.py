@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from protos import tensors, vision_pb2, vision_pb2_grpc
+from protos import vision_pb2, vision_pb2_grpc
+from tests.vision_svc.vision_helpers import encode
 from vision_svc.cache import content_hash
 from vision_svc.config import VisionConfig
 from vision_svc.encoder import load_encoder
@@ -39,24 +40,6 @@ async def vision(tiny_checkpoint):
     yield vision_pb2_grpc.VisionEncoderStub(channel), server
     await channel.close()
     await server.stop()
-
-
-async def encode(stub, images: list[vision_pb2.ImageInput], max_tiles: int = 0):
-    """{index: (header, tensor)} from the stream, checking that each image's chunks are contiguous."""
-    out, current, assembler, header = {}, None, None, None
-    request = vision_pb2.EncodeRequest(request_id="t", images=images,
-                                       options=vision_pb2.PreprocessOptions(max_tiles=max_tiles))
-    async for message in stub.Encode(request):
-        if message.HasField("header"):
-            assert current is None, "chunks of two images interleaved"
-            current, header = message.image_index, message.header
-            assembler = tensors.TensorAssembler(header.tensor, max_bytes=1 << 30)
-        assert message.image_index == current
-        assembler.add(message.data)
-        if message.last:
-            out[current] = (header, assembler.finish())
-            current = None
-    return out
 
 
 def expected_embeddings(model: pathlib.Path, data: bytes, max_tiles: int = 12) -> torch.Tensor:
