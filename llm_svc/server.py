@@ -1,5 +1,6 @@
 """Assembles the language stage: vision client (checked), vLLM engine (warmed), gRPC server."""
 
+import asyncio
 import logging
 
 import torch
@@ -19,6 +20,7 @@ from protos.server import GrpcServer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LanguageModel"].full_name
+ENGINE_WATCH_INTERVAL_S = 1.0
 
 
 class IncompatibleVisionStage(RuntimeError):
@@ -32,6 +34,7 @@ class LlmServer:
         self.vision = VisionClient(list(config.vision), config.max_message_bytes, config.max_embedding_bytes)
         self.engine: AsyncLLM | None = None
         self.grpc: GrpcServer | None = None
+        self._engine_watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Checks the vision stage, starts the engine, warms it, then serves; returns the bound port."""
@@ -62,7 +65,14 @@ class LlmServer:
             start_http_server(self.config.metrics_port, addr=self.config.host)
         await self._warm_up()
         await self.grpc.set_serving()
+        self._engine_watch = asyncio.create_task(self._watch_engine())
         return port
+
+    async def _watch_engine(self) -> None:
+        """A dead engine cannot recover: health turns NOT_SERVING so that balancers and liveness probes act."""
+        while not self.engine.errored:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        await self.grpc.set_not_serving(f"the engine died: {self.engine.dead_error}")
 
     async def _warm_up(self) -> None:
         """A text request and an image request: the first image request builds vLLM's multimodal processor,
@@ -81,6 +91,8 @@ class LlmServer:
                  self.engine.model_config.max_model_len)
 
     async def stop(self) -> None:
+        if self._engine_watch is not None:
+            self._engine_watch.cancel()
         if self.grpc is not None:
             await self.grpc.drain()
         if self.engine is not None:

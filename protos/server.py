@@ -70,6 +70,10 @@ class GrpcServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("health: SERVING")
 
+    async def set_not_serving(self, reason: str) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.error("health: NOT_SERVING: %s", reason)
+
     async def drain(self) -> None:
         """NOT_SERVING, then let in-flight calls finish for up to `grace_s` before cancelling them."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -198,3 +199,33 @@ def test_sigterm_lets_the_in_flight_stream_finish(stack):
     assert sum(len(r.token_ids) for r in [first, *rest]) == 60
     assert rest[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH
     assert llm.proc.wait(30) == 0
+
+
+@pytest.fixture
+def doomed_llm(tiny_checkpoint, tmp_path):
+    """A stack of its own, for a test that kills its engine."""
+    model = tiny_checkpoint(layout="original", llm="dense")
+    vision = start_vision(model, tmp_path).wait_ready()
+    llm = start_llm(model, [vision], tmp_path).wait_ready()
+    client = LlmClient(llm.address)
+    yield llm, client
+    client.close()
+    llm.stop()
+    vision.stop()
+
+
+def test_engine_death_fails_the_stream_with_unavailable_and_turns_health_not_serving(doomed_llm):
+    llm, client = doomed_llm
+    call = client.stub.Generate(llm_pb2.GenerateRequest(prompt="story", sampling=LONG))
+    next(call)
+    for child in psutil.Process(llm.proc.pid).children(recursive=True):
+        child.kill()
+    with pytest.raises(grpc.RpcError) as error:
+        list(call)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    deadline = time.monotonic() + 10
+    with grpc.insecure_channel(llm.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health still SERVING with a dead engine"
+            time.sleep(0.2)
