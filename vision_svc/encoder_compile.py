@@ -6,10 +6,15 @@ blank tiles up to the next bucket bounds the graphs to one per bucket, all compi
 warm-up (`buckets` tells it which sizes to run). Tiles never attend across each other, so padding changes
 no real tile's output; the padded rows are sliced off.
 
-On CUDA the small buckets run as CUDA graphs (mode="reduce-overhead"): there a forward pass is short and
-kernel launches are a large share of it. Large buckets are compute-bound, and a graph per large shape
-would hold its activation memory for good, so they compile without graphs.
+Small buckets run as device graphs, captured once and replayed: there a forward pass is short and kernel
+launches are a large share of it. On CUDA that is inductor's CUDA graphs (mode="reduce-overhead"); on Ascend,
+TorchAir's aclgraph (its npu backend in mode "reduce-overhead"). Large buckets are compute-bound, and a graph
+per large shape would hold its activation memory for good: on CUDA (and CPU) they compile without graphs;
+on Ascend they run eagerly (inductor does not target NPUs, and TorchAir's other mode needs every operator
+registered in its graph IR).
 """
+
+import importlib
 
 from collections.abc import Callable
 
@@ -18,8 +23,9 @@ from torch import nn
 
 # 13 = 12 tiles + thumbnail: one full image at InternVL's default max_dynamic_patch, the commonest batch.
 _BASE_BUCKETS = (1, 2, 4, 8, 13, 16, 32)
-# Largest bucket that runs as a CUDA graph.
-CUDA_GRAPH_MAX_TILES = 16
+# Largest bucket that runs as a device graph.
+GRAPH_MAX_TILES = 16
+GRAPH_DEVICES = ("cuda", "npu")
 
 
 def batch_buckets(max_batch_tiles: int) -> tuple[int, ...]:
@@ -44,14 +50,14 @@ class BucketedEncoder:
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"buckets must be increasing positive sizes, got {buckets}")
         self.buckets = buckets
-        self._use_graphs = compile and device.type == "cuda"
+        self._device_type = device.type
+        self._use_graphs = compile and device.type in GRAPH_DEVICES
         if compile:
             # Each bucket is one more compiled shape of the same forward; dynamo's default limit (8) would
             # silently run the buckets past it in eager mode.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(buckets) + 1)
-            self._large = torch.compile(encoder, dynamic=False)
-            self._small = torch.compile(encoder, dynamic=False, mode="reduce-overhead") if self._use_graphs \
-                else self._large
+            self._large = encoder if device.type == "npu" else torch.compile(encoder, dynamic=False)
+            self._small = _compile_for_graphs(encoder, device.type) if self._use_graphs else self._large
         else:
             self._large = self._small = encoder
 
@@ -71,12 +77,23 @@ class BucketedEncoder:
         return self._forward(size)(batch)[:tiles]  # [tiles, tokens, hidden]
 
     def _forward(self, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        if self._use_graphs and size <= CUDA_GRAPH_MAX_TILES:
+        if self._use_graphs and size <= GRAPH_MAX_TILES:
             return self._graph_forward
         return self._large
 
     def _graph_forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # A CUDA graph's output lives in memory that its next replay overwrites: copy it out, and tell
-        # the graph trees that a new step begins (there is no backward pass to mark it).
-        torch.compiler.cudagraph_mark_step_begin()
+        # A graph's output lives in memory that its next replay overwrites: copy it out. On CUDA, also tell
+        # inductor's graph trees that a new step begins (there is no backward pass to mark it).
+        if self._device_type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
         return self._small(pixels).clone()
+
+
+def _compile_for_graphs(encoder: nn.Module, device_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if device_type == "cuda":
+        return torch.compile(encoder, dynamic=False, mode="reduce-overhead")
+    importlib.import_module("torch_npu")  # TorchAir needs torch_npu imported first
+    torchair = importlib.import_module("torchair")
+    config = torchair.CompilerConfig()
+    config.mode = "reduce-overhead"  # aclgraph: capture once, replay without host-side launches
+    return torch.compile(encoder, dynamic=False, backend=torchair.get_npu_backend(compiler_config=config))

@@ -8,6 +8,8 @@ the server's wiring of the flag.
 
 import io
 import os
+import sys
+import types
 
 import grpc
 import numpy as np
@@ -19,7 +21,7 @@ from protos import vision_pb2, vision_pb2_grpc
 from tests.vision_svc.vision_helpers import encode
 from vision_svc.config import VisionConfig
 from vision_svc.encoder import load_encoder
-from vision_svc.encoder_compile import BucketedEncoder, batch_buckets
+from vision_svc.encoder_compile import GRAPH_MAX_TILES, BucketedEncoder, batch_buckets
 from vision_svc.server import VisionServer
 from vision_svc.tiling import TileOptions, image_to_tile_array
 
@@ -122,3 +124,41 @@ async def test_server_with_compile_warms_every_bucket_and_encodes_as_eager(tiny_
         expected = encoder(pixels).reshape(-1, got.shape[-1])
     assert header.num_tiles == 3
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+class FakeTorchAir(types.ModuleType):
+    """TorchAir's documented entry points (`CompilerConfig`, `get_npu_backend(compiler_config=...)`); its
+    backend runs the captured graph as is, so the compiled encoder can run on a CPU."""
+
+    def __init__(self):
+        super().__init__("torchair")
+        self.modes, self.graphs = [], 0
+
+    class CompilerConfig:
+        mode = "max-autotune"
+
+    def get_npu_backend(self, *, compiler_config):
+        self.modes.append(compiler_config.mode)
+
+        def backend(graph_module, example_inputs):
+            self.graphs += 1
+            return graph_module.forward
+        return backend
+
+
+def test_npu_small_buckets_replay_as_aclgraph_and_large_ones_run_eagerly(encoder, monkeypatch):
+    torchair = FakeTorchAir()
+    monkeypatch.setitem(sys.modules, "torchair", torchair)
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    torch._dynamo.reset()
+    npu = types.SimpleNamespace(type="npu")  # a device of that kind, as far as the bucketing cares
+    bucketed = BucketedEncoder(encoder, (1, 2, GRAPH_MAX_TILES + 1), npu)
+    pixels = tiles(GRAPH_MAX_TILES + 1)
+    with torch.inference_mode():
+        expected = encoder(pixels)
+        for count in (1, 2):
+            torch.testing.assert_close(bucketed(pixels[:count]), expected[:count], rtol=1e-5, atol=1e-5)
+        graphs_after_small = torchair.graphs
+        torch.testing.assert_close(bucketed(pixels), expected, rtol=1e-5, atol=1e-5)
+    assert torchair.modes == ["reduce-overhead"]
+    assert graphs_after_small >= 2 and torchair.graphs == graphs_after_small  # the large bucket ran eagerly
