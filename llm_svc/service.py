@@ -10,16 +10,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 import torch
-from vllm.exceptions import VLLMClientError
+from vllm.exceptions import GracefulHTTPError, VLLMClientError
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from llm_svc import metrics
 from llm_svc.prompts import Message, PromptRenderer
 from llm_svc.vision_client import ImageBlob, VisionClient
-from protos.errors import InternalError, InvalidInput, ServingError, Unavailable
+from protos.errors import InternalError, InvalidInput, Overloaded, ServingError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,9 @@ class LanguageService:
             raise
         except EngineDeadError as error:
             raise Unavailable(f"the engine is dead: {error}") from error
+        except GracefulHTTPError as error:  # admission control (--max-num-queued-reqs / -tokens): retry elsewhere
+            raise (Unavailable if error.http_status == HTTPStatus.SERVICE_UNAVAILABLE else Overloaded)(
+                error.message) from error
         except (VLLMClientError, ValueError) as error:  # vLLM's validation: prompt too long, bad token ids, ...
             raise InvalidInput(str(error)) from error
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import re
 import uuid
 
 from llm_svc import metrics
@@ -15,6 +16,7 @@ from protos.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
+_HASH = re.compile(r"[0-9a-f]{64}")
 _ROLES = {llm_pb2.ROLE_SYSTEM: "system", llm_pb2.ROLE_USER: "user", llm_pb2.ROLE_ASSISTANT: "assistant"}
 _FINISH = {"stop": llm_pb2.FINISH_REASON_STOP, "length": llm_pb2.FINISH_REASON_LENGTH,
            "abort": llm_pb2.FINISH_REASON_ABORT}
@@ -26,6 +28,8 @@ def image_from_pb(part: llm_pb2.ImagePart) -> ImageBlob:
             raise InvalidInput("an image part has empty bytes")
         return ImageBlob(hashlib.sha256(part.data).hexdigest(), part.data)
     if part.WhichOneof("source") == "content_hash":
+        if not _HASH.fullmatch(part.content_hash.lower()):
+            raise InvalidInput("an image's content_hash must be 64 hex digits (SHA-256 of its bytes)")
         return ImageBlob(part.content_hash.lower(), None)
     raise InvalidInput("an image part has neither bytes nor a content hash")
 

@@ -44,7 +44,10 @@ class GrpcServer:
         # Connections are recycled every few minutes so that clients re-resolve DNS and find new replicas;
         # streams in flight on a recycled connection keep up to 10 minutes to finish.
         options = [*channel_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000),
-                   ("grpc.max_connection_age_grace_ms", 600_000)]
+                   ("grpc.max_connection_age_grace_ms", 600_000),
+                   # Accept the clients' keepalive pings on idle connections (every 30 s); gRPC's default
+                   # minimum of 5 minutes answers them with GOAWAY "too_many_pings".
+                   ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
         self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -4,6 +4,7 @@ gRPC messages are bounded (4 MB by default), while one 13-tile image of a 38B mo
 embeddings, so a tensor always travels as a sequence of chunks and is reassembled with size checks.
 """
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -59,7 +60,8 @@ class TensorAssembler:
         self.shape = tuple(header.shape)
         if any(d < 0 for d in self.shape):
             raise TensorFormatError(f"negative dimension in shape {self.shape}")
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * torch.tensor([], dtype=self.dtype).element_size()
+        # Python integers: a hostile shape cannot wrap around to a small size.
+        self.nbytes = math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
         if self.nbytes > max_bytes:
             raise TensorFormatError(f"tensor of shape {self.shape} needs {self.nbytes} bytes, over the "
                                     f"limit of {max_bytes}")

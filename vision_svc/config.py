@@ -22,6 +22,7 @@ class VisionConfig:
     max_batch_tiles: int = 32
     batch_wait_ms: float = 5.0
     max_queue_tiles: int = 1024
+    max_pending_images: int = 256
     max_tiles: int | None = None
     max_images_per_request: int = 16
     max_image_bytes: int = 20 * MiB
@@ -37,8 +38,8 @@ class VisionConfig:
     log_json: bool = False
 
     def __post_init__(self):
-        positive = ("max_batch_tiles", "max_queue_tiles", "max_images_per_request", "max_image_bytes",
-                    "max_image_pixels", "chunk_bytes", "max_message_bytes")
+        positive = ("max_batch_tiles", "max_queue_tiles", "max_pending_images", "max_images_per_request",
+                    "max_image_bytes", "max_image_pixels", "chunk_bytes", "max_message_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait for more tiles before running a partly filled batch")
     p.add_argument("--max-queue-tiles", type=int, default=d.max_queue_tiles,
                    help="tiles allowed to wait for the encoder; beyond it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-pending-images", type=int, default=d.max_pending_images,
+                   help="images being decoded, tiled or encoded at once; beyond it requests get "
+                        "RESOURCE_EXHAUSTED before any work (bounds memory under floods)")
     p.add_argument("--max-tiles", type=int, default=None,
                    help="limit and default for tiles per image, thumbnail excluded (default: the model's "
                         "max_dynamic_patch)")

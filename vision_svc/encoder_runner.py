@@ -58,7 +58,8 @@ class EncoderRunner:
         with self._cond:
             if self._stopping:
                 raise Overloaded("vision encoder is shutting down")
-            if self._queued_tiles + len(tiles) > self.max_queue_tiles:
+            # An empty queue takes any image, so an image larger than the queue is slow, not refused forever.
+            if self._queue and self._queued_tiles + len(tiles) > self.max_queue_tiles:
                 raise Overloaded(f"vision queue full: {self._queued_tiles} tiles queued, limit "
                                  f"{self.max_queue_tiles}; retry later or on another replica")
             self._queue.append(job)

@@ -9,6 +9,7 @@ BATCH_TILES = Histogram("vision_batch_tiles", "Tiles per encoder forward pass",
                         buckets=(1, 2, 4, 8, 13, 16, 26, 32, 48, 64, 128))
 FORWARD_SECONDS = Histogram("vision_forward_seconds", "Duration of one encoder forward pass")
 QUEUE_TILES = Gauge("vision_queue_tiles", "Tiles waiting for the encoder")
+PENDING_IMAGES = Gauge("vision_pending_images", "Images being preprocessed or encoded")
 CACHE_HITS = Counter("vision_cache_hits", "Images served from the embedding cache")
 CACHE_MISSES = Counter("vision_cache_misses", "Images not in the embedding cache")
 CACHE_BYTES = Gauge("vision_cache_bytes", "Bytes held by the embedding cache")

@@ -53,7 +53,8 @@ class VisionServer:
         self.cache = EmbeddingCache(config.cache_bytes)
         limits = Limits(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch, max_tiles=max_tiles,
                         max_images_per_request=config.max_images_per_request,
-                        max_image_bytes=config.max_image_bytes, default_thumbnail=self.spec.use_thumbnail)
+                        max_image_bytes=config.max_image_bytes, default_thumbnail=self.spec.use_thumbnail,
+                        max_pending_images=config.max_pending_images)
         self.service = VisionService(limits, self.spec.tokens_per_tile, self.runner, self.pool, self.cache)
         self.info = vision_pb2.GetInfoResponse(
             model=config.served_model_name or config.model.resolve().name, llm_hidden=self.spec.llm_hidden,

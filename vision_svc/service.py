@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from protos.errors import InvalidInput, NotFound
+from protos.errors import InvalidInput, NotFound, Overloaded
 from vision_svc import metrics
 from vision_svc.cache import CacheKey, EmbeddingCache, content_hash
 from vision_svc.encoder_runner import EncoderRunner
@@ -57,6 +57,8 @@ class Limits:
     max_images_per_request: int
     max_image_bytes: int
     default_thumbnail: bool
+    # Images being preprocessed or encoded at once; each holds its bytes and later its pixels.
+    max_pending_images: int
 
 
 class VisionService:
@@ -67,6 +69,8 @@ class VisionService:
         self._runner = runner
         self._pool = pool
         self._cache = cache
+        self._pending = 0
+        self._waiters: dict[CacheKey, int] = {}
 
     def options(self, max_tiles: int, thumbnail: bool | None) -> EncodeOptions:
         """Per-request options within the server's limits; 0 / None take the defaults."""
@@ -119,18 +123,38 @@ class VisionService:
     async def _encode_one(self, index: int, image: ImageSource, key: CacheKey) -> EncodedImage:
         if (cached := self._cache.get(key)) is not None:
             return self._hit(index, key, cached)
-        if (pending := self._cache.in_flight(key)) is not None:
-            return self._hit(index, key, await asyncio.shield(pending))
+        if (work := self._cache.in_flight(key)) is not None:
+            return self._hit(index, key, await self._wait(key, work))
         if image.data is None:  # evicted since the check
             raise NotFound(f"image {index} named by content hash is no longer cached; resend its bytes",
                            metadata=((MISSING_IMAGES_KEY, str(index)),))
+        if self._pending >= self.limits.max_pending_images:
+            raise Overloaded(f"{self._pending} images are being encoded, the limit of this replica; retry later "
+                             "or on another replica")
         metrics.CACHE_MISSES.inc()
-        # The work is not tied to this request: if its client goes away, requests waiting on the same
-        # image still get it, and the result is cached for the retry.
+        # The work is shared by every request for the same image, so it is not tied to this one.
+        self._pending += 1
+        metrics.PENDING_IMAGES.set(self._pending)
         work = asyncio.ensure_future(self._run(index, image.data, key))
+        work.add_done_callback(self._release)
         self._cache.track(key, work)
-        embeddings = await asyncio.shield(work)
+        embeddings = await self._wait(key, work)
         return EncodedImage(index, key.content_hash, len(embeddings) // self.tokens_per_tile, embeddings, False)
+
+    async def _wait(self, key: CacheKey, work: asyncio.Future) -> torch.Tensor:
+        """Awaits shared work; when its last waiter goes away (clients cancelled), the work is cancelled too."""
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            return await asyncio.shield(work)
+        finally:
+            self._waiters[key] -= 1
+            if not self._waiters[key]:
+                del self._waiters[key]
+                work.cancel()  # nothing left to use the result (a no-op when it is done)
+
+    def _release(self, _work: asyncio.Future) -> None:
+        self._pending -= 1
+        metrics.PENDING_IMAGES.set(self._pending)
 
     async def _run(self, index: int, data: bytes, key: CacheKey) -> torch.Tensor:
         started = time.perf_counter()

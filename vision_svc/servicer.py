@@ -4,7 +4,7 @@ import logging
 import time
 
 from protos import tensors, vision_pb2, vision_pb2_grpc
-from protos.errors import ServingError
+from protos.errors import InvalidInput, ServingError
 from protos.logs import request_id_var
 from vision_svc import metrics
 from vision_svc.service import EncodedImage, ImageSource, VisionService
@@ -44,6 +44,8 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
         started = time.perf_counter()
         code = "OK"
         try:
+            if request.options.thumbnail not in _THUMBNAIL:
+                raise InvalidInput(f"unknown thumbnail option {request.options.thumbnail}")
             options = self._service.options(request.options.max_tiles, _THUMBNAIL[request.options.thumbnail])
             images = images_from_pb(request)
             log.info("encode: %d images, max_tiles=%d", len(images), options.max_tiles)

@@ -102,6 +102,10 @@ def test_chat_conversion_keeps_image_order_and_hashes_bytes():
      "role must be"),
     (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
         role=llm_pb2.ROLE_USER, content=[part(image=llm_pb2.ImagePart())])])), "neither bytes nor a content hash"),
+    (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
+        role=llm_pb2.ROLE_USER, content=[part(image=llm_pb2.ImagePart(content_hash="zz" * 32))])])), "64 hex digits"),
+    (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
+        role=llm_pb2.ROLE_USER, content=[part(image=llm_pb2.ImagePart(content_hash=""))])])), "64 hex digits"),
     (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(min_p=2)), "min_p=2 must be in [0, 1]"),
     (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(presence_penalty=-3)), "[-2, 2]"),
     (llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(repetition_penalty=0)), "(0, 2]"),

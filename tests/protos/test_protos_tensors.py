@@ -52,3 +52,9 @@ def test_too_many_or_too_few_bytes_are_refused():
 def test_unsupported_dtype_is_refused():
     with pytest.raises(tensors.TensorFormatError, match="cannot travel"):
         tensors.header_of(torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("shape", [[2**62 + 1, 4], [2**32, 2**32]])
+def test_shapes_whose_size_overflows_int64_are_refused(shape):
+    with pytest.raises(tensors.TensorFormatError, match="over the limit"):
+        tensors.TensorAssembler(header(shape), max_bytes=1 << 30)

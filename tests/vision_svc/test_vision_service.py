@@ -127,21 +127,71 @@ async def test_hostile_requests_get_clear_errors_and_server_stays_healthy(vision
     assert ok[0][1].shape == (256, ok[0][1].shape[1])
 
 
-async def test_full_queue_answers_resource_exhausted(tiny_checkpoint):
+async def test_unknown_thumbnail_option_is_invalid_argument(vision):
+    stub, _ = vision
+    request = vision_pb2.EncodeRequest(images=[vision_pb2.ImageInput(data=png(10, 10, 1))],
+                                       options=vision_pb2.PreprocessOptions(thumbnail=7))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [m async for m in stub.Encode(request)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "thumbnail" in error.value.details()
+
+
+async def test_full_queue_answers_resource_exhausted_and_an_empty_queue_takes_any_image(tiny_checkpoint):
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    # Work waits up to 1.5 s for a full batch, so the first image is still queued when the second arrives.
     config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, max_batch_tiles=4,
-                          max_queue_tiles=4, grace_s=0)
+                          max_queue_tiles=4, batch_wait_ms=1500, grace_s=0)
     server = VisionServer(config)
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = vision_pb2_grpc.VisionEncoderStub(channel)
+            first = asyncio.ensure_future(encode(stub, [vision_pb2.ImageInput(data=png(900, 500, seed=5))]))
+            await asyncio.sleep(0.5)  # 3 tiles queued
             with pytest.raises(grpc.aio.AioRpcError) as error:
-                await encode(stub, [vision_pb2.ImageInput(data=png(1800, 900, seed=5))])  # 8 tiles + thumbnail
+                await encode(stub, [vision_pb2.ImageInput(data=png(901, 500, seed=6))])
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "limit 4" in error.value.details()
+            assert "3 tiles queued, limit 4" in error.value.details()
+            assert (await first)[0][0].num_tiles == 3
+            # 8 tiles + thumbnail, more than the queue holds: taken when the queue is empty.
+            assert (await encode(stub, [vision_pb2.ImageInput(data=png(1800, 900, seed=7))]))[0][0].num_tiles == 9
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def slow_vision(tiny_checkpoint):
+    """One image at a time, and work waits 1.5 s for a full batch: requests can be caught while pending."""
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, max_batch_tiles=32,
+                          batch_wait_ms=1500, max_pending_images=1, grace_s=0)
+    server = VisionServer(config)
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield vision_pb2_grpc.VisionEncoderStub(channel)
+    await server.stop()
+
+
+async def test_images_over_the_pending_limit_are_refused_before_any_work(slow_vision):
+    first = asyncio.ensure_future(encode(slow_vision, [vision_pb2.ImageInput(data=png(300, 200, seed=40))]))
+    await asyncio.sleep(0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await encode(slow_vision, [vision_pb2.ImageInput(data=png(300, 200, seed=41))])
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1 images are being encoded" in error.value.details()
+    assert (await first)[0][0].num_tiles == 7  # 3:2 at this size: a 3x2 grid + thumbnail
+
+
+async def test_work_of_a_cancelled_request_is_dropped(slow_vision):
+    tiles_before = REGISTRY.get_sample_value("vision_tiles_encoded_total")
+    call = slow_vision.Encode(vision_pb2.EncodeRequest(images=[vision_pb2.ImageInput(data=png(300, 200, seed=42))]))
+    await asyncio.sleep(0.3)  # preprocessed, waiting in the encoder's queue
+    assert REGISTRY.get_sample_value("vision_pending_images") == 1
+    call.cancel()
+    await asyncio.sleep(0.3)
+    assert REGISTRY.get_sample_value("vision_pending_images") == 0
+    await asyncio.sleep(1.5)  # past the batch wait: the dropped tiles never reach the encoder
+    assert REGISTRY.get_sample_value("vision_tiles_encoded_total") == tiles_before
 
 
 def test_config_refuses_bad_limits():
