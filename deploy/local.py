@@ -149,13 +149,17 @@ def main() -> None:
     stages: list[Stage] = []
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        # Each stage is listed as soon as it exists, so that a failed or interrupted start stops it too.
         vision = vision_stage(args.model, args.vision_port or free_port(), shlex.split(args.vision_args))
-        stages.append(vision.wait_ready())
+        stages.append(vision)
+        vision.wait_ready()
         llm = llm_stage(args.model, [vision], args.llm_port or free_port(), shlex.split(args.llm_args),
                         cpu_defaults=not args.accelerator)
-        stages.append(llm.wait_ready())
+        stages.append(llm)
+        llm.wait_ready()
         gateway = gateway_stage([llm], args.host, args.port, shlex.split(args.gateway_args))
-        stages.append(gateway.wait_ready())
+        stages.append(gateway)
+        gateway.wait_ready()
         model_name = httpx.get(f"http://{gateway.address}/v1/models").json()["data"][0]["id"]
         print(f"\nServing {model_name} at http://{args.host}:{args.port}/v1 "
               f"(vision_svc {vision.address}, llm_svc {llm.address}). Try:\n\n"
@@ -168,6 +172,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\nstopping...", file=sys.stderr)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second Ctrl-C must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         for stage in reversed(stages):  # the gateway first, so no new work reaches the stages behind it
             stage.stop()
 

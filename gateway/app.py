@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -106,7 +107,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                       await gateway.check_model(body.model))
         images = await until_disconnected(request, gateway.images.load_all(translate.image_urls(body)))
         metrics.image_bytes.inc(sum(len(i) for i in images))
-        generate = translate.chat_generate_request(body, images, request.state.request_id,
+        generate = translate.chat_generate_request(body, images, backend_request_id(request),
                                                    config.max_tokens_limit)
         stream = await start_generation(request, gateway, generate, "/v1/chat/completions")
         if body.stream:
@@ -123,7 +124,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         body = await parse_body(request, CompletionRequest, config.max_request_bytes)
         meta = translate.ResponseMeta(f"cmpl-{request.state.request_id}", int(time.time()),
                                       await gateway.check_model(body.model))
-        generate = translate.completion_generate_request(body, request.state.request_id, config.max_tokens_limit)
+        generate = translate.completion_generate_request(body, backend_request_id(request), config.max_tokens_limit)
         stream = await start_generation(request, gateway, generate, "/v1/completions")
         with_logprobs = body.logprobs is not None
         if body.stream:
@@ -184,6 +185,15 @@ def describe_validation_error(error: pydantic.ValidationError) -> str:
     return "; ".join(problems)
 
 
+def backend_request_id(request: Request) -> str:
+    """The id llm_svc runs the request under. A client's x-request-id may repeat (SDK retries, proxies) while
+    llm_svc's ids must be unique, so a client id gets a suffix; it still prefixes every stage's log lines."""
+    request_id = request.state.request_id
+    if request.headers.get("x-request-id") == request_id:
+        return f"{request_id}-{uuid.uuid4().hex[:8]}"
+    return request_id
+
+
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Awaits `work`, cancelling it if the client disconnects first (nobody would read the answer)."""
     task = asyncio.ensure_future(work)
@@ -195,11 +205,13 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+    if not task.done():  # the client left first; the task only now begins to cancel
+        task.cancel()
         raise Cancelled("client disconnected")
     return task.result()
 

@@ -63,11 +63,13 @@ class LanguageService:
         self._vision = vision
         self.renderer = renderer
         self.shape = shape
-        self._running: set[str] = set()
+        # Running request ids -> whether Abort asked to stop them (it may come before the engine knows them).
+        self._running: dict[str, bool] = {}
 
     async def abort(self, request_id: str) -> bool:
         if request_id not in self._running:
             return False
+        self._running[request_id] = True
         await self._engine.abort(request_id)
         return True
 
@@ -78,12 +80,16 @@ class LanguageService:
             raise InvalidInput(f"{len(request.images)} images in one request; the limit is "
                                f"{self.shape.max_images_per_request}")
         started = time.perf_counter()
-        self._running.add(request.request_id)
+        self._running[request.request_id] = False
         vision = asyncio.ensure_future(self._embeddings(request)) if request.images else None
         try:
             text = self.renderer.render(request.messages) if request.messages is not None else request.prompt
             embeddings = await vision if vision else []
             vision_s = time.perf_counter() - started
+            if self._running[request.request_id]:  # aborted while its images were being encoded
+                yield Delta("", [], None, finish_reason="abort", timings={
+                    "vision_s": vision_s, "queue_s": 0.0, "first_token_s": vision_s, "total_s": vision_s})
+                return
             prompt = {"prompt": text}
             if embeddings:
                 metrics.VISION_SECONDS.observe(vision_s)
@@ -92,7 +98,7 @@ class LanguageService:
             async for delta in self._stream(request, prompt, started, vision_s):
                 yield delta
         finally:
-            self._running.discard(request.request_id)
+            self._running.pop(request.request_id, None)
             if vision and not vision.done():
                 vision.cancel()
 

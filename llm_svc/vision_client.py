@@ -4,7 +4,8 @@
   multi-turn chat (resent every turn) land on the replica whose cache already holds them.
 - Hash first: images this client sent recently go as their hash only; on NOT_FOUND (evicted, or another
   replica) the request is resent with bytes.
-- On UNAVAILABLE the request is retried once on the next replica.
+- On UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED (replica full) the request is retried once on the
+  next replica.
 """
 
 import collections
@@ -66,10 +67,10 @@ class VisionClient:
         for attempt, replica in enumerate(replicas):
             try:
                 return await self._encode_on(replica, request_id, images, max_tiles, timeout_s)
-            except errors.Unavailable:
+            except (errors.Unavailable, errors.Overloaded) as error:
                 if attempt == len(replicas) - 1:
                     raise
-                log.warning("vision_svc %s unavailable; retrying on %s", self.targets[replica],
+                log.warning("vision_svc %s: %s; retrying on %s", self.targets[replica], error,
                             self.targets[replicas[attempt + 1]])
         raise AssertionError("unreachable")
 

@@ -135,9 +135,14 @@ async def test_request_id_header_is_used_end_to_end(gateway_url, fake):
     async with httpx.AsyncClient() as http:
         response = await http.post(f"{gateway_url}/v1/chat/completions", headers={"x-request-id": "req-42"},
                                    json={"messages": [{"role": "user", "content": "hi"}]})
+        again = await http.post(f"{gateway_url}/v1/chat/completions", headers={"x-request-id": "req-42"},
+                                json={"messages": [{"role": "user", "content": "hi"}]})
         generated = await http.get(f"{gateway_url}/v1/models")
     assert response.status_code == 200 and response.headers["x-request-id"] == "req-42"
-    assert response.json()["id"] == "chatcmpl-req-42" and fake.requests[0].request_id == "req-42"
+    assert response.json()["id"] == "chatcmpl-req-42" and again.status_code == 200
+    # llm_svc runs each under a unique id that starts with the client's, so repeated client ids never collide.
+    backend_ids = [r.request_id for r in fake.requests[-2:]]
+    assert all(i.startswith("req-42-") for i in backend_ids) and backend_ids[0] != backend_ids[1]
     assert len(generated.headers["x-request-id"]) == 32
 
 

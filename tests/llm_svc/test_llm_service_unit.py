@@ -1,6 +1,7 @@
 """LanguageService and the servicer's conversions with the engine and the vision stage replaced by fakes:
 what must never reach the engine, and the tables of proto <-> domain conversions."""
 
+import asyncio
 import hashlib
 
 import pytest
@@ -69,6 +70,24 @@ async def test_embeddings_of_the_right_shape_reach_the_engine_with_their_hashes(
     [d async for d in service.generate(request(images=1))]
     assert engine.prompts[0]["multi_modal_uuids"] == {"image": ["a" * 64]}
     assert engine.prompts[0]["multi_modal_data"]["image"][0].shape == (8, 16)
+
+
+class SlowVision(FakeVision):
+    async def encode(self, request_id, images, max_tiles, timeout_s):
+        await asyncio.sleep(0.3)
+        return await super().encode(request_id, images, max_tiles, timeout_s)
+
+
+async def test_abort_while_images_are_encoded_ends_the_request_before_the_engine():
+    engine = RecordingEngine()
+    engine.abort = lambda request_id: asyncio.sleep(0)
+    service = LanguageService(engine, SlowVision(torch.zeros(8, 16), 2), FixedRenderer(), SHAPE)
+    stream = service.generate(request(images=1))
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.1)
+    assert await service.abort("r1")
+    assert (await first).finish_reason == "abort"
+    assert engine.prompts == []
 
 
 async def test_too_many_images_are_refused_before_any_work():
