@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import llm_pb2, llm_pb2_grpc
-from protos.errors import InternalError, ServingError, Unavailable, from_rpc_error
+from protos.errors import FAILED_STAGE_KEY, InternalError, ServingError, Unavailable, from_rpc_error
 from protos.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ class TokenStream:
         self._call.cancel()
 
 
+def _failed_behind(error: grpc.aio.AioRpcError) -> bool:
+    return any(key == FAILED_STAGE_KEY for key, _ in (error.trailing_metadata() or ()))
+
+
 class LlmClient:
     def __init__(self, targets: tuple[str, ...], max_message_bytes: int, unavailable_cooldown_s: float):
         self._replicas = [Replica(t, max_message_bytes) for t in targets]
@@ -74,7 +78,9 @@ class LlmClient:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                # A stage behind llm_svc being unavailable says nothing about this replica, and every
+                # replica shares that stage: no cooldown, no retry.
+                if error.code() != grpc.StatusCode.UNAVAILABLE or _failed_behind(error):
                     raise from_rpc_error(error, replica.target) from None
                 replica.down_until = time.monotonic() + self._cooldown_s
                 if attempt == 0 and len(candidates) > 1:

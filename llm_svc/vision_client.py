@@ -110,7 +110,7 @@ class VisionClient:
                                                     header.cache_hit)
                     self._remember(replica, header.content_hash)
         except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error, f"vision_svc {target}") from error
+            raise errors.from_rpc_error(error, f"vision_svc {target}", stage="vision_svc") from error
         except (KeyError, IndexError, tensors.TensorFormatError) as error:
             raise errors.InternalError(f"vision_svc {target} sent a malformed stream: {error}") from error
         if any(r is None for r in results):

@@ -50,14 +50,20 @@ class InternalError(ServingError):
     code = grpc.StatusCode.INTERNAL
 
 
+# Trailing-metadata key naming the stage an error came from, when a stage passes on another stage's error.
+FAILED_STAGE_KEY = "failed-stage"
+
 _BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, Overloaded, Unavailable, DeadlineExceeded,
                                       Cancelled, InternalError)}
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError, peer: str) -> ServingError:
-    """The typed error for a status received from another stage; its message names that stage."""
+def from_rpc_error(error: grpc.aio.AioRpcError, peer: str, stage: str | None = None) -> ServingError:
+    """The typed error for a status received from another stage; its message names that stage, and `stage`,
+    when given, travels on as FAILED_STAGE_KEY metadata to whoever receives this error next."""
     cls = _BY_CODE.get(error.code(), InternalError)
     metadata = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if isinstance(v, str))
+    if stage is not None:
+        metadata += ((FAILED_STAGE_KEY, stage),)
     return cls(f"{peer}: {error.details()}", metadata)
 
 

@@ -43,6 +43,9 @@ class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
         command = first_text(request)
         if command.startswith("error:"):
             status = command.removeprefix("error:")
+            if status == "VISION_UNAVAILABLE":  # as llm_svc passes on a vision stage that is down
+                raise errors.Unavailable("scripted vision_svc down",
+                                         metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
             cls = {"RESOURCE_EXHAUSTED": errors.Overloaded, "UNAVAILABLE": errors.Unavailable,
                    "INTERNAL": errors.InternalError}[status]
             raise cls(f"scripted {status}")

@@ -95,6 +95,12 @@ async def test_unavailable_replica_is_retried_on_another(backend, start_gateway,
     assert statuses == [200] * 4 and len(fake.requests) == 4
 
 
+async def test_a_stage_down_behind_llm_svc_is_503_without_retry(backend, start_gateway, fake):
+    async with start_gateway(backend.target, backend.target) as url:
+        assert_error(await post(url, chat("error:VISION_UNAVAILABLE")), 503, "vision_svc down")
+        assert len(fake.requests) == 1  # every llm_svc replica shares the vision stage: no retry
+
+
 async def test_api_key_is_required_when_set(start_gateway, fake):
     async with start_gateway(api_key="sesame") as url:
         assert_error(await post(url, chat()), 401, "API key")

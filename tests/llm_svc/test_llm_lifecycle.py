@@ -186,6 +186,7 @@ def test_vision_stage_down_is_unavailable_and_text_still_works(stack):
         client.generate(llm_pb2.GenerateRequest(chat=chat(("user", [image(60, 60, 3), "Hi"])), sampling=greedy(3)))
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "vision_svc" in error.value.details()
+    assert ("failed-stage", "vision_svc") in tuple(error.value.trailing_metadata())
     assert len(client.tokens(llm_pb2.GenerateRequest(prompt="hello", sampling=greedy(3)))) == 3
 
 
