@@ -2,8 +2,6 @@
 parity with vLLM's own (monolithic) OpenAI server on the same checkpoint."""
 
 import base64
-import http.server
-import threading
 import time
 
 import httpx
@@ -102,29 +100,11 @@ def test_streaming_with_usage_equals_the_plain_answer(client):
     assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
 
 
-@pytest.fixture(scope="module")
-def image_host():
-    payload = png_bytes(RED)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/red.png"
-    server.shutdown()
-
-
-def test_image_fetched_over_http_gives_the_same_answer_as_a_data_url(client, image_host):
-    by_url = client.chat.completions.create(model=MODEL, messages=[user(image_host, "Describe the image.")], **GREEDY)
+def test_image_fetched_over_http_gives_the_same_answer_as_a_data_url(client, image_server):
+    base, images = image_server
+    images["/e2e-red.png"] = png_bytes(RED)
+    by_url = client.chat.completions.create(model=MODEL, messages=[user(f"{base}/e2e-red.png", "Describe the image.")],
+                                            **GREEDY)
     by_data = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS["one_image"], **GREEDY)
     assert by_url.choices[0].message.content == by_data.choices[0].message.content
 
