@@ -130,8 +130,8 @@ def devices(container: dict) -> dict[str, int]:
 
 
 def assert_target_served(objects, target: str, stage: str) -> None:
-    """HOST:PORT names a Service whose port leads to the listening port of pods running `stage`."""
-    host, _, port = target.rpartition(":")
+    """[dns:///]HOST:PORT names a Service whose port leads to the listening port of pods running `stage`."""
+    host, _, port = target.removeprefix("dns:///").rpartition(":")
     service = find(objects, "Service", host.split(".")[0])
     ports = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
     assert ports, f"Service {host} has no port {port}"
