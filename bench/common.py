@@ -1,4 +1,4 @@
-"""What the service benchmarks share: test images, summary statistics, markdown tables, an HTTP stage."""
+"""What the service benchmarks share: test images, summary statistics, markdown tables."""
 
 import base64
 import io
@@ -6,11 +6,8 @@ import pathlib
 import statistics
 import tempfile
 
-import httpx
 import numpy as np
 from PIL import Image
-
-from deploy.local import Stage
 
 
 def photo_like_jpeg(width: int, height: int, seed: int) -> bytes:
@@ -53,16 +50,6 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-class HttpStage(Stage):
-    """A process serving HTTP with a `/health` route (vLLM's own OpenAI server)."""
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
 
 def work_dir(path: str | None) -> pathlib.Path:

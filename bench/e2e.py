@@ -30,7 +30,7 @@ import httpx
 from tokenizers import Tokenizer
 
 from bench import embedding_transfer
-from bench.common import (HttpStage, jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
+from bench.common import (jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
                           work_dir)
 from deploy.local import CPU_ENGINE_ENV, CPU_ENGINE_FLAGS, Stage, free_port, gateway_stage, llm_stage, vision_stage
 from deploy.tiny_model.build import build
@@ -161,10 +161,10 @@ def start_ours(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]
 
 def start_vllm(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
     port = free_port()
-    server = HttpStage("vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
-                                "127.0.0.1", "--port", str(port), "--served-model-name", model_dir.name,
-                                "--trust-remote-code", *CPU_ENGINE_FLAGS, *engine_flags(args)],
-                       port, logs / "vllm.log", env=CPU_ENGINE_ENV)
+    server = Stage("vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
+                            "127.0.0.1", "--port", str(port), "--served-model-name", model_dir.name,
+                            "--trust-remote-code", *CPU_ENGINE_FLAGS, *engine_flags(args)],
+                   port, logs / "vllm.log", env=CPU_ENGINE_ENV, http_health=True)
     try:
         return [server.wait_ready()]
     except BaseException:

@@ -36,11 +36,12 @@ def free_port() -> int:
 
 
 class Stage:
-    """One stage process; ready when its health check says so."""
+    """One stage process; ready when its health check says so: gRPC health, or `GET /health` for HTTP servers."""
 
     def __init__(self, name: str, module_args: list[str], port: int, log_path: pathlib.Path | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, http_health: bool = False):
         self.name, self.port = name, port
+        self.http_health = http_health
         self.address = f"127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
@@ -62,7 +63,7 @@ class Stage:
         raise TimeoutError(f"{self.name} not healthy after {timeout_s:.0f} s\n{self.logs()}")
 
     def healthy(self) -> bool:
-        if self.name.startswith("gateway"):
+        if self.http_health:
             try:
                 return httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
@@ -108,10 +109,8 @@ def llm_stage(model: pathlib.Path, vision: list[Stage], port: int, extra: list[s
 
 
 def gateway_stage(llm: list[Stage], host: str, port: int, extra: list[str], log_path=None) -> Stage:
-    stage = Stage("gateway", ["gateway", "--llm", ",".join(s.address for s in llm), "--host", host,
-                              "--port", str(port), *extra], port, log_path)
-    stage.address = f"127.0.0.1:{port}"
-    return stage
+    return Stage("gateway", ["gateway", "--llm", ",".join(s.address for s in llm), "--host", host,
+                             "--port", str(port), *extra], port, log_path, http_health=True)
 
 
 def example_request(port: int, model: str) -> str:

@@ -53,12 +53,12 @@ def vllm_server(tiny_checkpoint, tmp_path_factory):
     """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype."""
     model = tiny_checkpoint(layout="original", llm="dense")
     port = free_port()
-    server = Stage("gateway-vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+    server = Stage("vllm-openai-server", ["vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
                                     "--host", "127.0.0.1", "--served-model-name", MODEL, "--trust-remote-code",
                                     "--enforce-eager", "--dtype", "float32", "--max-model-len", "8192",
                                     "--kv-cache-memory-bytes", str(256 << 20), "--limit-mm-per-prompt",
                                     '{"image": 3}'], port, tmp_path_factory.mktemp("vllm") / "vllm.log",
-                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, http_health=True)
     server.wait_ready()
     yield openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
     server.stop()
@@ -137,7 +137,7 @@ def test_backend_down_is_503(tmp_path):
     port = free_port()
     dead = f"127.0.0.1:{free_port()}"
     gateway = Stage("gateway", ["gateway", "--llm", dead, "--host", "127.0.0.1", "--port", str(port)], port,
-                    tmp_path / "gateway.log")
+                    tmp_path / "gateway.log", http_health=True)
     try:
         deadline = time.monotonic() + 60
         while True:
