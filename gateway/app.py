@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import translate
 from gateway.config import GatewayConfig
-from gateway.errors import PayloadTooLarge, Unauthenticated, http_error
+from gateway.errors import Unauthenticated, http_error, read_capped
 from gateway.images import ImageLoader
 from gateway.llm_client import LlmClient, TokenStream
 from gateway.metrics import GatewayMetrics
@@ -160,17 +160,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
 
 async def parse_body(request: Request, model: type[Model], limit: int) -> Model:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is above the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is above the limit of {limit} bytes")
-        chunks.append(chunk)
+    body = await read_capped(request.stream(), request.headers.get("content-length"), limit, "request body")
     try:
-        return model.model_validate_json(b"".join(chunks))
+        return model.model_validate_json(body)
     except pydantic.ValidationError as error:
         raise InvalidInput(describe_validation_error(error)) from None
 

@@ -4,6 +4,8 @@ Errors raised in the gateway and errors received from llm_svc (turned back into 
 `protos.errors.from_rpc_error`) both end here, so a status code means the same thing whoever raised it.
 """
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from protos.errors import InvalidInput, ServingError
@@ -34,6 +36,20 @@ class PayloadTooLarge(InvalidInput):
 
     http_status = 413
     error_type = "PayloadTooLargeError"
+
+
+async def read_capped(chunks: AsyncIterator[bytes], declared_length: str | None, limit: int, what: str) -> bytes:
+    """The bytes of a body or download, refused as soon as it is known to exceed `limit`: from the declared
+    Content-Length before reading, else while reading, so an oversized payload is never held whole."""
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+        raise PayloadTooLarge(f"{what} of {declared_length} bytes is above the limit of {limit}")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"{what} is above the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def http_error(error: ServingError, param: str | None = None) -> tuple[int, dict]:

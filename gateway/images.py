@@ -18,7 +18,7 @@ import urllib.request
 import httpx
 
 from gateway.config import GatewayConfig
-from gateway.errors import PayloadTooLarge
+from gateway.errors import PayloadTooLarge, read_capped
 from protos.errors import InvalidInput
 
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -84,7 +84,8 @@ class ImageLoader:
                     continue
                 if response.status_code != 200:
                     raise InvalidInput(f"image {index}: {url} answered HTTP {response.status_code}")
-                return await self._read_limited(response, index)
+                return await read_capped(response.aiter_bytes(), response.headers.get("content-length"),
+                                         self._config.max_image_bytes, f"image {index}")
             finally:
                 await response.aclose()
         raise InvalidInput(f"image {index}: more than {self._config.max_redirects} redirects")
@@ -102,19 +103,6 @@ class ImageLoader:
                     raise InvalidInput(f"image {index}: host '{host}' resolves to a non-public address; "
                                        "image URLs must point to public hosts")
         return addresses[0]
-
-    async def _read_limited(self, response: httpx.Response, index: int) -> bytes:
-        limit = self._config.max_image_bytes
-        declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"image {index}: {declared} bytes is above the limit of {limit}")
-        chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"image {index}: more than the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def is_public_address(address: str) -> bool:
