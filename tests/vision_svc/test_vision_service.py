@@ -11,12 +11,11 @@ import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from protos import vision_pb2, vision_pb2_grpc
-from tests.vision_svc.vision_helpers import encode
+from protos import vision_pb2
+from tests.vision_svc.vision_helpers import encode, running_vision
 from vision_svc.cache import content_hash
 from vision_svc.config import VisionConfig
 from vision_svc.encoder import load_encoder
-from vision_svc.server import VisionServer
 from vision_svc.tiling import TileOptions, image_to_tile_array
 
 
@@ -31,15 +30,10 @@ def png(width: int, height: int, seed: int) -> bytes:
 @pytest.fixture(scope="module")
 async def vision(tiny_checkpoint):
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
-    config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, max_batch_tiles=16,
-                          batch_wait_ms=100, max_queue_tiles=64, max_images_per_request=4,
-                          max_image_bytes=2 << 20, max_image_pixels=4_000_000, chunk_bytes=64 << 10, grace_s=1)
-    server = VisionServer(config)
-    port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield vision_pb2_grpc.VisionEncoderStub(channel), server
-    await channel.close()
-    await server.stop()
+    async with running_vision(model, max_batch_tiles=16, batch_wait_ms=100, max_queue_tiles=64,
+                              max_images_per_request=4, max_image_bytes=2 << 20, max_image_pixels=4_000_000,
+                              chunk_bytes=64 << 10, grace_s=1) as (stub, server):
+        yield stub, server
 
 
 def expected_embeddings(model: pathlib.Path, data: bytes, max_tiles: int = 12) -> torch.Tensor:
@@ -139,37 +133,24 @@ async def test_unknown_thumbnail_option_is_invalid_argument(vision):
 async def test_full_queue_answers_resource_exhausted_and_an_empty_queue_takes_any_image(tiny_checkpoint):
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
     # Work waits up to 1.5 s for a full batch, so the first image is still queued when the second arrives.
-    config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, max_batch_tiles=4,
-                          max_queue_tiles=4, batch_wait_ms=1500, grace_s=0)
-    server = VisionServer(config)
-    port = await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = vision_pb2_grpc.VisionEncoderStub(channel)
-            first = asyncio.ensure_future(encode(stub, [vision_pb2.ImageInput(data=png(900, 500, seed=5))]))
-            await asyncio.sleep(0.5)  # 3 tiles queued
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                await encode(stub, [vision_pb2.ImageInput(data=png(901, 500, seed=6))])
-            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "3 tiles queued, limit 4" in error.value.details()
-            assert (await first)[0][0].num_tiles == 3
-            # 8 tiles + thumbnail, more than the queue holds: taken when the queue is empty.
-            assert (await encode(stub, [vision_pb2.ImageInput(data=png(1800, 900, seed=7))]))[0][0].num_tiles == 9
-    finally:
-        await server.stop()
+    async with running_vision(model, max_batch_tiles=4, max_queue_tiles=4, batch_wait_ms=1500) as (stub, _):
+        first = asyncio.ensure_future(encode(stub, [vision_pb2.ImageInput(data=png(900, 500, seed=5))]))
+        await asyncio.sleep(0.5)  # 3 tiles queued
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await encode(stub, [vision_pb2.ImageInput(data=png(901, 500, seed=6))])
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 tiles queued, limit 4" in error.value.details()
+        assert (await first)[0][0].num_tiles == 3
+        # 8 tiles + thumbnail, more than the queue holds: taken when the queue is empty.
+        assert (await encode(stub, [vision_pb2.ImageInput(data=png(1800, 900, seed=7))]))[0][0].num_tiles == 9
 
 
 @pytest.fixture
 async def slow_vision(tiny_checkpoint):
     """One image at a time, and work waits 1.5 s for a full batch: requests can be caught while pending."""
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
-    config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, max_batch_tiles=32,
-                          batch_wait_ms=1500, max_pending_images=1, grace_s=0)
-    server = VisionServer(config)
-    port = await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield vision_pb2_grpc.VisionEncoderStub(channel)
-    await server.stop()
+    async with running_vision(model, max_batch_tiles=32, batch_wait_ms=1500, max_pending_images=1) as (stub, _):
+        yield stub
 
 
 async def test_images_over_the_pending_limit_are_refused_before_any_work(slow_vision):
