@@ -10,6 +10,7 @@ import os
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from vision_svc.image_decode import ImageLimits
@@ -36,22 +37,30 @@ def bench_single_call(data: bytes, options: TileOptions, images: int) -> tuple[f
     return time.perf_counter() - started, tiles * images
 
 
-async def bench_pool(data: bytes, options: TileOptions, images: int, workers: int) -> tuple[float, int]:
+async def bench_pool(data: bytes, options: TileOptions, images: int, workers: int,
+                     pool: PreprocessPool | None = None) -> tuple[float, int]:
+    """Seconds and tiles for `images` images through `pool` (default: a PreprocessPool of `workers`)."""
     # Two images in flight per worker, each dropped once made, as a server that feeds an encoder would:
     # holding every result at once would measure page faults of fresh memory instead.
     in_flight = asyncio.Semaphore(2 * max(workers, 1))
     tiles = 0
 
-    async def one_image(pool: PreprocessPool) -> None:
-        nonlocal tiles
-        async with in_flight:
-            result = await pool.tiles(data, options)
-        tiles += result.shape[0]
+    last = None
 
-    with PreprocessPool(workers) as pool:
+    async def one_image(pool: PreprocessPool) -> None:
+        nonlocal tiles, last
+        async with in_flight:
+            last = await pool.tiles(data, options)
+        tiles += last.shape[0]
+
+    with pool or PreprocessPool(workers) as pool:
         await pool.warm_up()
+        await asyncio.gather(*(one_image(pool) for _ in range(2 * max(workers, 1))))  # this image's first runs
+        tiles = 0
         started = time.perf_counter()
         await asyncio.gather(*(one_image(pool) for _ in range(images)))
+        if last.device.type == "cuda":  # device tiles are ready when the device says so
+            torch.cuda.synchronize(last.device)
         return time.perf_counter() - started, tiles
 
 

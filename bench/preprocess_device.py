@@ -6,17 +6,22 @@ host:   decode + Pillow resize + numpy normalize, one call per image (`vision_sv
 device: decode on the host, then upload + resize + tile + normalize on --device
         (`vision_svc.device_preprocess.image_tiles_on_device`), timed to the device's completion; the
         device step alone is also reported, as it is what leaves the preprocessing workers' cores.
+device decode: torchvision's decode_jpeg on --device (nvJPEG on CUDA), then the same device step.
 Wall time and CPU time of this process are both reported: on a shared machine, tiles per CPU-second is the
-steadier figure of what a path costs a core.
+steadier figure of what a path costs a core. Then what one replica sustains: vision_svc's pools as the server
+runs them (`--workers` decoding processes), two images in flight per worker, to the device's completion.
 """
 
 import argparse
+import asyncio
 import time
 
+import numpy as np
 import torch
 
-from bench.preprocess import photo_like_jpeg
-from vision_svc.device_preprocess import image_tiles_on_device
+from bench.preprocess import bench_pool, photo_like_jpeg
+from vision_svc.device_preprocess import (DevicePreprocessPool, decode_jpeg_on_device, image_tiles_on_device,
+                                          pixels_to_tiles)
 from vision_svc.image_decode import ImageLimits, decode_image
 from vision_svc.preprocess import preprocess_image
 from vision_svc.tiling import TileOptions
@@ -38,11 +43,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def print_decode_parity(data: bytes, limits: ImageLimits, device: torch.device) -> None:
+    """How far the device's JPEG decoder lands from Pillow's (libjpeg-turbo), in 8-bit levels."""
+    expected = torch.from_numpy(np.array(decode_image(data, limits))).permute(2, 0, 1).int()  # [3, H, W]
+    got = decode_jpeg_on_device(data, limits, device).cpu().int()
+    diff = (got - expected).abs().float()
+    print(f"{device.type} JPEG decode vs Pillow: max {diff.max():.0f} levels, mean {diff.mean():.3f}, "
+          f"{(diff > 0).float().mean():.2%} of values differ")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=30, help="images per measurement")
     parser.add_argument("--device", default="cpu", help="device of the device path: cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes of the pooled runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,12 +75,23 @@ def main() -> None:
                                                                                           dtype), args.images, device)),
         (f"decode + {device.type} step", timed(lambda: image_tiles_on_device(decode_image(data, limits), options,
                                                                              device, dtype), args.images, device)),
+        (f"{device.type} decode + {device.type} step",
+         timed(lambda: pixels_to_tiles(decode_jpeg_on_device(data, limits, device), options, dtype), args.images,
+               device)),
     ]
     print(f"1920x1080 JPEG ({len(data)} bytes), {tiles} tiles, {args.images} images, device {device} ({dtype}), "
           f"{torch.get_num_threads()} torch threads")
+    print_decode_parity(data, limits, device)
     print(f"{'path':<40}{'ms/image':>10}{'tiles/s':>10}{'CPU ms/image':>14}{'tiles/CPU-s':>13}")
     for name, (wall, cpu) in rows:
         print(f"{name:<40}{1000 * wall:>10.1f}{tiles / wall:>10.1f}{1000 * cpu:>14.1f}{tiles / cpu:>13.1f}")
+    print(f"\none replica's pool, {args.workers} decoding processes, {2 * args.images} images")
+    print(f"{'pool':<40}{'ms/image':>10}{'tiles/s':>10}")
+    for decode_on_device in (False, True):
+        pool = DevicePreprocessPool(args.workers, limits, device, dtype, decode_on_device=decode_on_device)
+        seconds, total = asyncio.run(bench_pool(data, options, 2 * args.images, args.workers, pool))
+        name = f"decode on {device.type if decode_on_device else 'host'}, tile on {device.type}"
+        print(f"{name:<40}{1000 * seconds / (2 * args.images):>10.1f}{total / seconds:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class VisionConfig:
     cache_bytes: int = 2048 * MiB
     preprocess_workers: int = 2
     preprocess_on: str = "host"
+    decode_on: str = "host"
     compile: bool = False
     chunk_bytes: int = 1 * MiB
     max_message_bytes: int = 64 * MiB
@@ -53,6 +54,13 @@ class VisionConfig:
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
         if self.preprocess_on not in ("host", "device"):
             raise ValueError(f"--preprocess-on must be host or device, got {self.preprocess_on}")
+        if self.decode_on not in ("host", "device"):
+            raise ValueError(f"--decode-on must be host or device, got {self.decode_on}")
+        if self.decode_on == "device" and self.preprocess_on != "device":
+            raise ValueError("--decode-on device needs --preprocess-on device (the decoded pixels stay on the device)")
+        if self.decode_on == "device" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"--decode-on device decodes with torchvision, which runs on cpu or cuda, "
+                             f"not on {self.device}")
         if self.batch_wait_ms < 0 or self.grace_s < 0 or self.preprocess_workers < 0 or self.cache_bytes < 0:
             raise ValueError("--batch-wait-ms, --grace-s, --preprocess-workers and --cache-bytes must be >= 0")
 
@@ -100,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess-on", choices=("host", "device"), default=d.preprocess_on,
                    help="where images are resized, tiled and normalized: host (the preprocessing workers, "
                         "Pillow) or device (the encoder's device, after the workers decode)")
+    p.add_argument("--decode-on", choices=("host", "device"), default=d.decode_on,
+                   help="where JPEGs are decoded with --preprocess-on device: host (the preprocessing workers) or "
+                        "device (torchvision's decode_jpeg, nvJPEG on CUDA); other formats always decode on the "
+                        "host")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder for batch sizes padded up to a few buckets (1, 2, 4, 8, 13, "
                         "16, 32, ... up to --max-batch-tiles), each compiled at start; CUDA graphs for small "

@@ -70,6 +70,17 @@ class ImageLimits:
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decodes the first frame of `data` to an RGB image within `limits`; raises ImageError otherwise."""
+    image = open_image(data, limits)
+    try:
+        return image.convert("RGB")
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow decoders raise OSError, ValueError, SyntaxError, EOFError... on bad data
+        raise ImageError(f"cannot decode {image.format} image ({image.mode}, {image.width}x{image.height}): {e}") from e
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """`data`'s header, parsed and checked against `limits`; no pixel is decoded yet. ImageError otherwise."""
     if not data:
         raise ImageError("image data is empty")
     if len(data) > limits.max_image_bytes:
@@ -82,12 +93,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_image_pixels} pixels"
         )
-    try:
-        return image.convert("RGB")
-    except MemoryError:
-        raise
-    except Exception as e:  # Pillow decoders raise OSError, ValueError, SyntaxError, EOFError... on bad data
-        raise ImageError(f"cannot decode {image.format} image ({image.mode}, {width}x{height}): {e}") from e
+    return image
 
 
 def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:

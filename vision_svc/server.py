@@ -47,7 +47,8 @@ class VisionServer:
                                     config.batch_wait_ms / 1000, config.max_queue_tiles)
         image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels)
         if config.preprocess_on == "device":
-            self.pool = DevicePreprocessPool(config.preprocess_workers, image_limits, self.device, self.dtype)
+            self.pool = DevicePreprocessPool(config.preprocess_workers, image_limits, self.device, self.dtype,
+                                             decode_on_device=config.decode_on == "device")
         else:
             self.pool = PreprocessPool(config.preprocess_workers, image_limits)
         self.cache = EmbeddingCache(config.cache_bytes)

@@ -1,4 +1,5 @@
 """`--preprocess-on device`: decode on the pool, tile on the encoder's device; same tiles, same greedy tokens.
+`--decode-on device`: JPEGs decoded by torchvision on the device (libjpeg-turbo on a CPU, bit-equal to Pillow).
 
 The pixel tolerance against the host path is stated and tested in tests/kernels/test_kernels_preprocess.py;
 here: the pool and the server give the device path's tiles, refusals are unchanged, and the tiny model's
@@ -17,7 +18,7 @@ from PIL import Image
 from protos import vision_pb2, vision_pb2_grpc
 from tests.vision_svc.vision_helpers import encode
 from vision_svc.config import VisionConfig, parse_config
-from vision_svc.device_preprocess import DevicePreprocessPool, image_tiles_on_device
+from vision_svc.device_preprocess import DevicePreprocessPool, decode_jpeg_on_device, image_tiles_on_device
 from vision_svc.encoder import load_encoder
 from vision_svc.image_decode import ImageError, ImageLimits, decode_image
 from vision_svc.server import VisionServer
@@ -33,9 +34,9 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+def encoded(image: Image.Image, fmt: str = "PNG", **save_options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **save_options)
     return buffer.getvalue()
 
 
@@ -74,6 +75,52 @@ async def test_pool_refuses_what_the_host_path_refuses(data, message):
             await pool.tiles(data, OPTIONS)
 
 
+JPEGS = {
+    "4:2:0": encoded(noise_image(900, 500, 10), "JPEG", quality=75, subsampling=2),
+    "4:4:4 q95": encoded(noise_image(333, 517, 11), "JPEG", quality=95, subsampling=0),
+    "progressive": encoded(noise_image(640, 360, 12), "JPEG", progressive=True),
+    "greyscale": encoded(noise_image(500, 400, 13).convert("L"), "JPEG"),
+}
+TRUNCATED_JPEG = JPEGS["4:4:4 q95"][:len(JPEGS["4:4:4 q95"]) // 2]
+
+
+@pytest.mark.parametrize("name", JPEGS)
+def test_device_jpeg_decode_equals_pillows(name):
+    data = JPEGS[name]
+    pixels = decode_jpeg_on_device(data, ImageLimits(), CPU)
+    expected = torch.from_numpy(np.array(decode_image(data, ImageLimits()))).permute(2, 0, 1)
+    assert pixels is not None and pixels.dtype == torch.uint8
+    assert torch.equal(pixels, expected)
+
+
+@pytest.mark.parametrize("data", [encoded(noise_image(64, 48, 0)),  # PNG
+                                  encoded(noise_image(64, 48, 0).convert("CMYK"), "JPEG"),
+                                  TRUNCATED_JPEG],  # the host's decoder names what is wrong
+                         ids=["png", "cmyk-jpeg", "truncated-jpeg"])
+def test_device_decode_leaves_other_images_to_the_host(data):
+    assert decode_jpeg_on_device(data, ImageLimits(), CPU) is None
+
+
+@pytest.mark.parametrize("data,message", [(b"not an image", "not an image"),
+                                          (JPEGS["4:2:0"], "over the limit of 400000 pixels"),
+                                          (TRUNCATED_JPEG, "truncated")])
+async def test_device_decode_refuses_as_the_host_does_before_decoding(data, message):
+    # 900x500 = 450000 pixels: refused from the header, before any decoder runs
+    with DevicePreprocessPool(0, ImageLimits(max_image_pixels=400_000), CPU, torch.float32,
+                              decode_on_device=True) as pool:
+        with pytest.raises(ImageError, match=message):
+            await pool.tiles(data, OPTIONS)
+
+
+async def test_pool_with_device_decode_gives_the_tiles_of_device_preprocessing():
+    images = [*JPEGS.values(), encoded(noise_image(700, 300, 14)),
+              encoded(noise_image(300, 200, 15).convert("CMYK"), "JPEG")]
+    with DevicePreprocessPool(1, ImageLimits(), CPU, torch.float32, decode_on_device=True) as pool:
+        results = await asyncio.gather(*(pool.tiles(data, OPTIONS) for data in images))
+    for data, got in zip(images, results):
+        assert torch.equal(got, image_tiles_on_device(decode_image(data, ImageLimits()), OPTIONS, CPU, torch.float32))
+
+
 def test_cli_flags_choose_where_preprocessing_runs_and_compilation():
     config = parse_config(["--model", "m", "--preprocess-on", "device", "--compile"])
     assert (config.preprocess_on, config.compile) == ("device", True)
@@ -81,16 +128,28 @@ def test_cli_flags_choose_where_preprocessing_runs_and_compilation():
     assert (defaults.preprocess_on, defaults.compile) == ("host", False)
     with pytest.raises(SystemExit):
         parse_config(["--model", "m", "--preprocess-on", "gpu"])
+    assert parse_config(["--model", "m", "--preprocess-on", "device", "--decode-on", "device"]).decode_on == "device"
+    assert defaults.decode_on == "host"
 
 
-async def test_server_with_device_preprocessing_streams_the_device_paths_embeddings(tiny_checkpoint):
+@pytest.mark.parametrize("argv,message", [
+    (["--decode-on", "device"], "needs --preprocess-on device"),
+    (["--decode-on", "device", "--preprocess-on", "device", "--device", "npu:0"], "not on npu:0"),
+])
+def test_cli_refuses_device_decode_where_it_cannot_run(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--model", "m", *argv])
+    assert message in capsys.readouterr().err
+
+
+async def test_server_with_device_preprocessing_and_decode_streams_the_device_paths_embeddings(tiny_checkpoint):
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
     config = VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0, preprocess_on="device",
-                          max_batch_tiles=8, batch_wait_ms=20, max_tiles=6, grace_s=0)
+                          decode_on="device", max_batch_tiles=8, batch_wait_ms=20, max_tiles=6, grace_s=0)
     server = VisionServer(config)
-    assert isinstance(server.pool, DevicePreprocessPool)
+    assert isinstance(server.pool, DevicePreprocessPool) and server.pool.decode_on_device
     port = await server.start()
-    data = encoded(noise_image(900, 500, seed=3))
+    data = encoded(noise_image(900, 500, seed=3), "JPEG")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             (header, got), = (await encode(vision_pb2_grpc.VisionEncoderStub(channel),
