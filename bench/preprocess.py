@@ -1,32 +1,19 @@
 """Tiles/s of host preprocessing for a 1920x1080 JPEG (9 tiles: 4x2 grid + thumbnail): inline vs a process pool.
 
-    python bench/preprocess.py [--images 60] [--workers 2]
+    python -m bench.preprocess [--images 60] [--workers 2]
 """
 
 import argparse
 import asyncio
-import io
 import os
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
+from bench.common import photo_like_jpeg
 from vision_svc.image_decode import ImageLimits
 from vision_svc.preprocess import PreprocessPool, preprocess_image
 from vision_svc.tiling import TileOptions
-
-
-def photo_like_jpeg(width: int = 1920, height: int = 1080) -> bytes:
-    # Smooth gradients plus mild noise compress and decode like a photo; pure noise would be unrealistically slow.
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([x * 255 / width, y * 255 / height, 128 + 100 * np.sin(x / 40) * np.cos(y / 30)], axis=-1)
-    rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def bench_single_call(data: bytes, options: TileOptions, images: int) -> tuple[float, int]:
@@ -69,7 +56,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60, help="images per measurement")
     parser.add_argument("--workers", type=int, default=2, help="processes of the pooled run")
     args = parser.parse_args()
-    data = photo_like_jpeg()
+    data = photo_like_jpeg(1920, 1080, seed=0)
     options = TileOptions(max_tiles=12, use_thumbnail=True)
     rows = [
         ("direct call, one core", bench_single_call(data, options, args.images)),

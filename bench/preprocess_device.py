@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from bench.preprocess import bench_pool, photo_like_jpeg
+from bench.common import photo_like_jpeg
+from bench.preprocess import bench_pool
 from vision_svc.device_preprocess import (DevicePreprocessPool, decode_jpeg_on_device, image_tiles_on_device,
                                           pixels_to_tiles)
 from vision_svc.image_decode import ImageLimits, decode_image
@@ -63,7 +64,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    data = photo_like_jpeg()
+    data = photo_like_jpeg(1920, 1080, seed=0)
     limits, options = ImageLimits(), TileOptions(max_tiles=12, use_thumbnail=True)
     image = decode_image(data, limits)
     tiles = len(image_tiles_on_device(image, options, device, dtype))

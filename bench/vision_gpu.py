@@ -1,9 +1,11 @@
 """Vision encoder on one GPU at the real InternViT sizes: parity with transformers, then tiles/s.
 
 For each size (6B, 300M, random weights, bf16): our cuda-backend encoder against transformers'
-`get_image_features` (max|a-b| / max|ref| <= 1e-2), then tiles/s and the fraction of the matmul ceiling for
-transformers, our reference backend, our cuda backend (eager) and torch.compile'd layers (inductor over the
-plain-torch + SDPA ops). `--smoke` runs the same steps at a tiny size on CPU.
+`get_image_features` (max|a-b| / max|ref| <= 1e-2), then tiles/s and the fraction of the matmul ceiling
+(a large bf16 matmul, measured at the start on the same GPU) for transformers, our reference backend, our
+cuda backend (eager) and torch.compile'd layers (inductor over the plain-torch + SDPA ops). Last, what
+vision_svc runs with `--compile`: `BucketedEncoder` (whole-encoder compile, CUDA graphs up to 16 tiles) at
+its graph buckets, with the compile time each shape costs at start. `--smoke` runs it all at a tiny size on CPU.
 """
 
 import argparse
@@ -11,46 +13,74 @@ import time
 
 import torch
 
-from bench.vision_encoder import SIZES, build_transformers, ours_from, time_interleaved, transformers_fn
+from bench.vision_encoder import (SIZES, build_transformers, matmul_ceiling_tflops, ours_from, tflop_per_tile,
+                                  time_interleaved, transformers_fn)
+from vision_svc.encoder_compile import BucketedEncoder
 
-MATMUL_CEILING_TFLOPS = 773.0  # H200 dense bf16
 
-
-def compiled(encoder):
+def compiled_layers(encoder):
     # Compile per layer: every layer is the same code, so one graph (per batch shape) serves all of them.
     for layer in encoder.vision_model.encoder.layers:
         layer.compile()
     return encoder
 
 
-def run_size(size: str, device: torch.device, batches: list[int], repeats: int, layers: int | None) -> None:
-    started = time.perf_counter()
-    hf = build_transformers(size, layers, device, torch.bfloat16)
+def print_rows(batch: int, seconds: dict[str, float], tflop: float, ceiling: float) -> None:
+    for name, s in seconds.items():
+        print(f"{batch:>5}  {name:<20} {batch / s:>9.1f}  {batch * tflop / s / ceiling:>9.1%}  {1000 * s:>9.1f}",
+              flush=True)
+
+
+def build(size: str, device: torch.device):
+    """transformers' model and our encoder for the given backend, holding the same random bf16 weights."""
+    hf = build_transformers(size, None, device, torch.bfloat16)
     backend = "cuda" if device.type == "cuda" else "cpu"
-    ours = ours_from(hf, torch.bfloat16, backend)
+    return hf, ours_from(hf, torch.bfloat16, backend), backend
+
+
+def time_implementations(size: str, device: torch.device, batches: list[int], repeats: int, ceiling: float) -> None:
+    started = time.perf_counter()
+    hf, ours, backend = build(size, device)
     torch.manual_seed(1)
     with torch.inference_mode():
         pixel_values = torch.randn(2, 3, 448, 448, device=device)
         expected = transformers_fn(hf)(pixel_values).float()
         error = ((ours(pixel_values).float() - expected).abs().max() / expected.abs().max()).item()
     print(f"\n[{size}] built in {time.perf_counter() - started:.0f}s; parity with transformers (bf16): "
-          f"relative error {error:.2e} {'OK' if error <= 1e-2 else 'FAIL'}")
+          f"relative error {error:.2e} {'OK' if error <= 1e-2 else 'FAIL'}; {tflop_per_tile(size):.3g} TFLOP per tile")
     fns = {
         "transformers": transformers_fn(hf),
         "ours reference": ours_from(hf, torch.bfloat16, "reference"),
         f"ours {backend}": ours,
-        "ours compiled": compiled(ours_from(hf, torch.bfloat16, "cpu")),  # device-agnostic torch ops + SDPA
+        "ours compiled layers": compiled_layers(ours_from(hf, torch.bfloat16, "cpu")),  # device-agnostic ops + SDPA
     }
-    tflop = SIZES[size]["tflop_per_tile"] * (layers or SIZES[size]["vision"]["num_hidden_layers"]) / \
-        SIZES[size]["vision"]["num_hidden_layers"]
-    print(f"{'batch':>5}  {'implementation':<16} {'tiles/s':>9}  {'of ceiling':>10}")
+    print(f"{'batch':>5}  {'implementation':<20} {'tiles/s':>9}  {'of ceiling':>9}  {'ms/call':>9}")
     for batch in batches:
         pixel_values = torch.randn(batch, 3, 448, 448, device=device)  # [tiles, 3, 448, 448]
-        for name, seconds in time_interleaved(fns, pixel_values, repeats).items():
-            tiles_per_s = batch / seconds
-            print(f"{batch:>5}  {name:<16} {tiles_per_s:>9.1f}  {tiles_per_s * tflop / MATMUL_CEILING_TFLOPS:>9.1%}",
-                  flush=True)
-    del fns, hf, ours
+        print_rows(batch, time_interleaved(fns, pixel_values, repeats), tflop_per_tile(size), ceiling)
+    release(device)
+
+
+def time_vision_svc_compiled(size: str, device: torch.device, buckets: list[int], repeats: int,
+                             ceiling: float) -> None:
+    """What `vision_svc --compile` runs: each bucket compiled (and captured) at its first call, then replayed."""
+    _, ours, _ = build(size, device)
+    bucketed = BucketedEncoder(ours, tuple(buckets), device)
+    print(f"\n[{size}] vision_svc --compile")
+    for batch in buckets:
+        pixel_values = torch.randn(batch, 3, 448, 448, device=device)
+        compile_started = time.perf_counter()
+        with torch.inference_mode():
+            bucketed(pixel_values)
+        compile_s = time.perf_counter() - compile_started
+        print_rows(batch, time_interleaved({"vision_svc --compile": bucketed}, pixel_values, 3 * repeats),
+                   tflop_per_tile(size), ceiling)
+        print(f"       (first call, compile + capture: {compile_s:.0f}s)", flush=True)
+    release(device)
+
+
+def release(device: torch.device) -> None:
+    torch.compiler.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -60,17 +90,26 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny size on CPU: checks the script, not speed")
     parser.add_argument("--sizes", nargs="+", default=["6b", "300m"], choices=sorted(SIZES))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 13, 32, 64])
+    parser.add_argument("--graph-batches", type=int, nargs="+", default=[1, 13],
+                        help="buckets timed through vision_svc's compiled encoder (each compiles at first call)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.smoke:
-        run_size("tiny", torch.device("cpu"), batches=[1, 2], repeats=1, layers=None)
-        return
-    if not torch.cuda.is_available():
+        device, sizes, batches, graph_batches, repeats = torch.device("cpu"), ["tiny"], [1, 2], [1, 2], 1
+    elif torch.cuda.is_available():
+        device, sizes, batches, graph_batches, repeats = (torch.device("cuda"), args.sizes, args.batches,
+                                                          args.graph_batches, args.repeats)
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    else:
         raise SystemExit("no CUDA device: run with --smoke on CPU")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for size in args.sizes:
-        run_size(size, torch.device("cuda"), args.batches, args.repeats, layers=None)
+    ceiling = matmul_ceiling_tflops(device, torch.bfloat16, n=8192 if device.type == "cuda" else 512)
+    print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s" if device.type == "cuda" else
+          f"measured bf16 matmul ceiling: {ceiling * 1000:.0f} GFLOP/s")
+    # Every size's eager table first: they hold the goals, the compiled path's compile time comes last.
+    for size in sizes:
+        time_implementations(size, device, batches, repeats, ceiling)
+    for size in sizes:
+        time_vision_svc_compiled(size, device, graph_batches, repeats, ceiling)
 
 
 if __name__ == "__main__":
