@@ -1,6 +1,7 @@
 """Assembles the vision stage from its config: encoder, runner, preprocessing pool, cache, gRPC server."""
 
 import logging
+import time
 
 import torch
 from prometheus_client import start_http_server
@@ -80,10 +81,14 @@ class VisionServer:
         """One pass at batch 1 and one full batch (every bucket when compiled), so that the first request pays
         no one-time costs."""
         size = self.spec.image_size
+        started = time.perf_counter()
         for batch in self.warm_up_batches:
+            batch_started = time.perf_counter()
             await self.runner.encode(torch.zeros(batch, 3, size, size))
-        log.info("warm: %s on %s (%s), %d tiles per batch", self.info.model, self.device, self.dtype,
-                 self.config.max_batch_tiles)
+            # With --compile each bucket compiles here: on large encoders minutes in all, so say where they go.
+            log.info("warm-up pass of %d tiles: %.1f s", batch, time.perf_counter() - batch_started)
+        log.info("warm: %s on %s (%s), %d tiles per batch, warm-up %.1f s", self.info.model, self.device, self.dtype,
+                 self.config.max_batch_tiles, time.perf_counter() - started)
 
     async def stop(self) -> None:
         await self.grpc.drain()
