@@ -24,7 +24,7 @@ from bench.preprocess import bench_pool
 from vision_svc.device_preprocess import (DevicePreprocessPool, decode_jpeg_on_device, image_tiles_on_device,
                                           pixels_to_tiles)
 from vision_svc.image_decode import ImageLimits, decode_image
-from vision_svc.preprocess import preprocess_image
+from vision_svc.preprocess import PreprocessPool, preprocess_image
 from vision_svc.tiling import TileOptions
 
 
@@ -86,13 +86,20 @@ def main() -> None:
     print(f"{'path':<40}{'ms/image':>10}{'tiles/s':>10}{'CPU ms/image':>14}{'tiles/CPU-s':>13}")
     for name, (wall, cpu) in rows:
         print(f"{name:<40}{1000 * wall:>10.1f}{tiles / wall:>10.1f}{1000 * cpu:>14.1f}{tiles / cpu:>13.1f}")
-    print(f"\none replica's pool, {args.workers} decoding processes, {2 * args.images} images")
+    print(f"\none replica's pools, {args.workers} decoding processes, {2 * args.images} images")
     print(f"{'pool':<40}{'ms/image':>10}{'tiles/s':>10}")
-    for decode_on_device in (False, True):
-        pool = DevicePreprocessPool(args.workers, limits, device, dtype, decode_on_device=decode_on_device)
-        seconds, total = asyncio.run(bench_pool(data, options, 2 * args.images, args.workers, pool))
-        name = f"decode on {device.type if decode_on_device else 'host'}, tile on {device.type}"
-        print(f"{name:<40}{1000 * seconds / (2 * args.images):>10.1f}{total / seconds:>10.1f}")
+    pools = [
+        ("decode only, images back to the server", PreprocessPool(args.workers, limits),
+         lambda pool: pool.in_worker(decode_image, data, limits)),
+        (f"decode on host, tile on {device.type}", DevicePreprocessPool(args.workers, limits, device, dtype),
+         lambda pool: pool.tiles(data, options)),
+        (f"decode on {device.type}, tile on {device.type}",
+         DevicePreprocessPool(args.workers, limits, device, dtype, decode_on_device=True),
+         lambda pool: pool.tiles(data, options)),
+    ]
+    for name, pool, one_image in pools:
+        seconds = asyncio.run(bench_pool(2 * args.images, args.workers, one_image, pool))
+        print(f"{name:<40}{1000 * seconds / (2 * args.images):>10.1f}{tiles * 2 * args.images / seconds:>10.1f}")
 
 
 if __name__ == "__main__":
