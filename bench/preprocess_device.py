@@ -10,10 +10,12 @@ device decode: torchvision's decode_jpeg on --device (nvJPEG on CUDA), then the 
 Wall time and CPU time of this process are both reported: on a shared machine, tiles per CPU-second is the
 steadier figure of what a path costs a core. Then what one replica sustains: vision_svc's pools as the server
 runs them (`--workers` decoding processes), two images in flight per worker, to the device's completion.
+Last, a correctness check: the pool's tiles while the device is busy as under an encoder.
 """
 
 import argparse
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -51,6 +53,40 @@ def print_decode_parity(data: bytes, limits: ImageLimits, device: torch.device) 
     diff = (got - expected).abs().float()
     print(f"{device.type} JPEG decode vs Pillow: max {diff.max():.0f} levels, mean {diff.mean():.3f}, "
           f"{(diff > 0).float().mean():.2%} of values differ")
+
+
+def check_under_load(limits: ImageLimits, options: TileOptions, device: torch.device, dtype: torch.dtype,
+                     workers: int, images: int = 16) -> None:
+    """The pool's tiles (device decode) while another thread keeps the device busy as the encoder does, queueing
+    long matmuls and freeing their memory with work still queued: each image's tiles must equal those made on
+    an idle device. Streams or allocator blocks shared by mistake would show here as differing tiles."""
+    datas = [photo_like_jpeg(1920, 1080, seed=100 + n) for n in range(images)]
+    expected = [pixels_to_tiles(decode_jpeg_on_device(d, limits, device), options, dtype).cpu() for d in datas]
+    stop = threading.Event()
+
+    def encoder_like_load() -> None:
+        while not stop.is_set():
+            x = torch.randn(4096, 4096, device=device, dtype=dtype)
+            (x @ x @ x).sum()  # queued; the products' memory is freed at once, with the work still queued
+            del x
+
+    async def run() -> list[torch.Tensor]:
+        with DevicePreprocessPool(workers, limits, device, dtype, decode_on_device=True) as pool:
+            await pool.warm_up()
+            return [t.cpu() for t in await asyncio.gather(*(pool.tiles(d, options) for d in datas))]
+
+    load = threading.Thread(target=encoder_like_load) if device.type != "cpu" else None
+    if load:
+        load.start()
+    try:
+        got = asyncio.run(run())
+    finally:
+        stop.set()
+        if load:
+            load.join()
+    same = sum(torch.equal(g, e) for g, e in zip(got, expected))
+    print(f"\nunder an encoder-like load{'' if load else ' (none on a cpu)'}: {same} of {images} images' tiles "
+          f"equal to those made on an idle device{'' if same == images else '  <-- FAIL'}")
 
 
 def main() -> None:
@@ -100,6 +136,7 @@ def main() -> None:
     for name, pool, one_image in pools:
         seconds = asyncio.run(bench_pool(2 * args.images, args.workers, one_image, pool))
         print(f"{name:<40}{1000 * seconds / (2 * args.images):>10.1f}{tiles * 2 * args.images / seconds:>10.1f}")
+    check_under_load(limits, options, device, dtype, args.workers)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ guarded `decode_image` and limits as the host path, and hands back the RGB image
 float tiles' bytes). One dedicated thread per server uploads it and runs `kernels.preprocess.resize_and_tile`
 on the encoder's device, so the event loop never waits on the device and the encoder's worker thread keeps
 to forward passes. The tiles it returns are already on the device in the encoder's dtype; they wait in the
-encoder's queue there (a 448x448 tile is 1.2 MB in bf16: the queue limit bounds that memory too).
+encoder's queue there (a 448x448 tile is 1.2 MB in bf16: the queue limit bounds that memory too). On an
+accelerator that thread works on a stream of its own (`PreprocessStream`), so it overlaps the encoder.
 
 With `--decode-on device` as well, JPEGs skip the workers: the device thread checks the header against the
 same limits, then torchvision's `decode_jpeg` decodes on the device (nvJPEG on CUDA; libjpeg-turbo on a CPU,
@@ -72,6 +73,40 @@ def decode_jpeg_on_device(data: bytes, limits: ImageLimits, device: torch.device
         return None
 
 
+# Devices whose work is queued on streams; on a CPU the device thread's work runs as it is called.
+STREAM_DEVICES = ("cuda", "npu")
+
+
+class PreprocessStream:
+    """The device thread's own stream, drained at the end of every run.
+
+    Not the encoder's stream: a copy from pageable host memory synchronizes its stream, so there every upload
+    would wait for the forward pass queued before it, and preprocessing would run only between passes.
+    Draining at the end makes the tiles complete before the encoder's stream reads them, and leaves the stream
+    idle when the next run starts, which torchvision's CUDA `decode_jpeg` needs: it writes its output from a
+    private stream without waiting for the caller's, so it could overwrite a block that a kernel still queued
+    on the caller's stream reads.
+    """
+
+    def __init__(self, device: torch.device, module=None):
+        self.device = device
+        self._module = module or (torch.get_device_module(device) if device.type in STREAM_DEVICES else None)
+        self._stream = self._module.Stream(device) if self._module else None
+
+    def run(self, fn, *args) -> torch.Tensor | None:
+        """`fn(*args)` on this stream, finished when it returns; its tensor may then be used on the caller's."""
+        if self._stream is None:
+            return fn(*args)
+        consumer = self._module.current_stream(self.device)  # the encoder's too: neither thread changes its own
+        with self._module.stream(self._stream):
+            tiles = fn(*args)
+            self._stream.synchronize()
+        if tiles is not None:
+            # Freed, the block goes back to this stream's pool: its reuse must also wait for the encoder's reads.
+            tiles.record_stream(consumer)
+        return tiles
+
+
 class DevicePreprocessPool(PreprocessPool):
     """`PreprocessPool` whose `tiles` decode on the pool and tile on `device`; the same interface and warm-up."""
 
@@ -84,17 +119,19 @@ class DevicePreprocessPool(PreprocessPool):
         # One thread: device work is serialized per device anyway, and one queue keeps the order of arrival.
         self._device_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                     thread_name_prefix="device-preprocess")
+        self._stream = PreprocessStream(device)
 
     async def tiles(self, data: bytes, options: TileOptions) -> torch.Tensor:
         """Tiles [tiles, 3, S, S] of one image, in the encoder's dtype on its device; ImageError for refused bytes."""
         loop = asyncio.get_running_loop()
         if self.decode_on_device:
-            tiles = await loop.run_in_executor(self._device_thread, self._decode_and_tile, data, options)
+            tiles = await loop.run_in_executor(self._device_thread, self._stream.run, self._decode_and_tile, data,
+                                               options)
             if tiles is not None:
                 return tiles
         image = await self.in_worker(decode_image, data, self.limits)
-        return await loop.run_in_executor(self._device_thread, image_tiles_on_device, image, options, self.device,
-                                          self.dtype)
+        return await loop.run_in_executor(self._device_thread, self._stream.run, image_tiles_on_device, image,
+                                          options, self.device, self.dtype)
 
     def _decode_and_tile(self, data: bytes, options: TileOptions) -> torch.Tensor | None:
         pixels = decode_jpeg_on_device(data, self.limits, self.device)

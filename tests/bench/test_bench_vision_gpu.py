@@ -19,6 +19,7 @@ def test_vision_gpu_script_runs_every_step_at_smoke_size():
     out = result.stdout
     assert "cpu JPEG decode vs Pillow: max 0 levels" in out  # torchvision's CPU decoder is Pillow's, bit for bit
     assert "decode on cpu, tile on cpu" in out
+    assert "16 of 16 images' tiles equal to those made on an idle device" in out
     assert "parity with transformers (bf16): relative error" in out and "OK" in out and "FAIL" not in out
     for row in ("transformers", "ours reference", "ours cpu", "ours compiled layers", "vision_svc --compile"):
         assert f"  {row} " in out, row

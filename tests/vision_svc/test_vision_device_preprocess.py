@@ -7,6 +7,7 @@ greedy tokens are the same with either path's embeddings.
 """
 
 import asyncio
+import contextlib
 import io
 
 import grpc
@@ -18,7 +19,8 @@ from PIL import Image
 from protos import vision_pb2, vision_pb2_grpc
 from tests.vision_svc.vision_helpers import encode
 from vision_svc.config import VisionConfig, parse_config
-from vision_svc.device_preprocess import DevicePreprocessPool, decode_jpeg_on_device, image_tiles_on_device
+from vision_svc.device_preprocess import (DevicePreprocessPool, PreprocessStream, decode_jpeg_on_device,
+                                          image_tiles_on_device)
 from vision_svc.encoder import load_encoder
 from vision_svc.image_decode import ImageError, ImageLimits, decode_image
 from vision_svc.server import VisionServer
@@ -73,6 +75,64 @@ async def test_pool_refuses_what_the_host_path_refuses(data, message):
     with DevicePreprocessPool(0, ImageLimits(max_image_pixels=1_000_000), CPU, torch.float32) as pool:
         with pytest.raises(ImageError, match=message):
             await pool.tiles(data, OPTIONS)
+
+
+class FakeStreams:
+    """A device module's stream API (`torch.cuda`'s names), recording what is asked of it, in order."""
+
+    def __init__(self):
+        self.calls, self.current = [], "encoder's stream"
+
+    def Stream(self, device):  # noqa: N802 - torch's name
+        return FakeStream(self)
+
+    def current_stream(self, device):
+        return self.current
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous, self.current = self.current, stream
+        self.calls.append("enter")
+        try:
+            yield
+        finally:
+            self.calls.append("exit")
+            self.current = previous
+
+
+class FakeStream:
+    def __init__(self, streams: FakeStreams):
+        self.streams = streams
+
+    def synchronize(self):
+        self.streams.calls.append("synchronize")
+
+
+class FakeTiles:
+    def __init__(self):
+        self.recorded_on = []
+
+    def record_stream(self, stream):
+        self.recorded_on.append(stream)
+
+
+def test_preprocessing_runs_on_its_own_stream_and_hands_over_finished_tiles():
+    streams = FakeStreams()
+    preprocess = PreprocessStream(torch.device("cuda"), module=streams)
+    tiles = FakeTiles()
+
+    def make_tiles():
+        streams.calls.append("work on its own stream" if isinstance(streams.current, FakeStream) else "work elsewhere")
+        return tiles
+
+    assert preprocess.run(make_tiles) is tiles
+    assert streams.calls == ["enter", "work on its own stream", "synchronize", "exit"]
+    assert tiles.recorded_on == ["encoder's stream"]  # reuse of its memory waits for the encoder's reads
+    assert preprocess.run(lambda: None) is None  # a refused device decode: nothing to hand over
+
+
+def test_on_a_cpu_preprocessing_runs_as_called():
+    assert PreprocessStream(CPU).run(lambda x: x + 1, 1) == 2
 
 
 JPEGS = {
