@@ -90,7 +90,13 @@ def ours_from(model: InternVLModel, dtype: torch.dtype, backend: str | None) -> 
 
 
 def transformers_fn(model: InternVLModel):
-    return lambda pixel_values: model.get_image_features(pixel_values).pooler_output
+    """[tiles, 256, llm_hidden] from transformers, whichever shape its version returns (the GPU host's may differ)."""
+    def image_features(pixel_values: torch.Tensor) -> torch.Tensor:
+        features = model.get_image_features(pixel_values)
+        features = getattr(features, "pooler_output", features)  # a plain tensor before transformers 5
+        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+    return image_features
 
 
 def synchronize(device: torch.device) -> None:
