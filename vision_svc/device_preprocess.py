@@ -27,8 +27,7 @@ from vision_svc.image_decode import ImageLimits, decode_image, open_image
 from vision_svc.preprocess import PreprocessPool
 from vision_svc.tiling import TileOptions, tile_grid
 
-
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Pillow's modes of the JPEGs that decode_jpeg turns into RGB as Pillow does: YCbCr (opened as "RGB") and grey.
 DEVICE_JPEG_MODES = ("RGB", "L")
@@ -69,7 +68,7 @@ def decode_jpeg_on_device(data: bytes, limits: ImageLimits, device: torch.device
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as e:  # truncated or corrupt data, or a JPEG variant the device decoder lacks
-        logger.debug("device JPEG decode refused the image, decoding on the host: %s", e)
+        log.debug("device JPEG decode refused the image, decoding on the host: %s", e)
         return None
 
 
