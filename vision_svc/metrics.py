@@ -14,6 +14,7 @@ CACHE_HITS = Counter("vision_cache_hits", "Images served from the embedding cach
 CACHE_MISSES = Counter("vision_cache_misses", "Images not in the embedding cache")
 CACHE_BYTES = Gauge("vision_cache_bytes", "Bytes held by the embedding cache")
 BYTES_STREAMED = Counter("vision_bytes_streamed", "Embedding bytes sent to callers")
+DECODED = Counter("vision_images_decoded", "Images decoded, by where: host (Pillow) or device (decode_jpeg)", ["on"])
 PREPROCESS_SECONDS = Histogram("vision_preprocess_seconds", "Decode and tiling time per image")
 REQUEST_SECONDS = Histogram("vision_request_seconds", "Encode request duration, first byte to last chunk",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))

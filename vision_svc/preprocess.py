@@ -14,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 from PIL import Image
 
+from vision_svc import metrics
 from vision_svc.image_decode import ImageError, ImageLimits, decode_image
 from vision_svc.tiling import (
     IMAGE_SIZE,
@@ -74,8 +75,11 @@ class PreprocessPool:
     async def tiles(self, data: bytes, options: TileOptions) -> torch.Tensor:
         """Float32 tiles [tiles, 3, S, S] of one image; raises ImageError for refused bytes."""
         if self.workers == 0:
-            return await self.in_worker(preprocess_image, data, self.limits, options)
+            tiles = await self.in_worker(preprocess_image, data, self.limits, options)
+            metrics.DECODED.labels(on="host").inc()
+            return tiles
         pixels = await self.in_worker(decode_to_tile_pixels, data, self.limits, options)
+        metrics.DECODED.labels(on="host").inc()
         # Normalizing here (numpy frees the GIL, so in the default thread pool) moves a quarter of the
         # bytes through the worker pipe: float32 tiles of a 1080p image are 22 MB, a 60 ms transfer.
         return torch.from_numpy(await asyncio.get_running_loop().run_in_executor(None, normalize_tiles, pixels))

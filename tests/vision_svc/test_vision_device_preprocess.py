@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from protos import vision_pb2, vision_pb2_grpc
 from tests.vision_svc.vision_helpers import encode
@@ -175,10 +176,17 @@ async def test_device_decode_refuses_as_the_host_does_before_decoding(data, mess
 async def test_pool_with_device_decode_gives_the_tiles_of_device_preprocessing():
     images = [*JPEGS.values(), encoded(noise_image(700, 300, 14)),
               encoded(noise_image(300, 200, 15).convert("CMYK"), "JPEG")]
+    before = {on: decoded_count(on) for on in ("device", "host")}
     with DevicePreprocessPool(1, ImageLimits(), CPU, torch.float32, decode_on_device=True) as pool:
         results = await asyncio.gather(*(pool.tiles(data, OPTIONS) for data in images))
     for data, got in zip(images, results):
         assert torch.equal(got, image_tiles_on_device(decode_image(data, ImageLimits()), OPTIONS, CPU, torch.float32))
+    # the four JPEGs on the device; the PNG and the CMYK JPEG on the host
+    assert {on: decoded_count(on) - before[on] for on in before} == {"device": 4, "host": 2}
+
+
+def decoded_count(on: str) -> float:
+    return REGISTRY.get_sample_value("vision_images_decoded_total", {"on": on}) or 0.0
 
 
 def test_cli_flags_choose_where_preprocessing_runs_and_compilation():
