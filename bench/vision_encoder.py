@@ -16,6 +16,7 @@ import time
 import torch
 from transformers import InternVLConfig, InternVLModel
 
+from deploy.tiny_model.weights import randomize_
 from vision_svc.checkpoint import hf_to_original
 from vision_svc.encoder import InternVisionEncoder, build_encoder
 from vision_svc.model_spec import VisionSpec
@@ -71,14 +72,7 @@ def build_transformers(size: str, layers: int | None, device: torch.device, dtyp
             model = InternVLModel(config).eval().requires_grad_(False)
     finally:
         torch.set_default_dtype(previous)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("lambda_1", "lambda_2")):
-                param.uniform_(0.05, 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.normal_(1.0, 0.1)
-            elif not name.startswith("language_model."):
-                param.normal_(0.0, 0.02)
+    randomize_(model, std=0.02, language_model=False)
     return model
 
 

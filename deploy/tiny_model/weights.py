@@ -33,6 +33,21 @@ def random_model(config: InternVLConfig, seed: int) -> InternVLForConditionalGen
     return model
 
 
+def randomize_(model: torch.nn.Module, std: float, language_model: bool = True) -> None:
+    """Random values in place, norms and layer scales included: their default init (0 or 1) would hide a
+    mistake in how they are applied. The language model is left alone unless `language_model`."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "language_model." in name and not language_model:
+                continue
+            if name.endswith(("lambda_1", "lambda_2")):
+                param.uniform_(0.05, 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                param.normal_(1.0, 0.1)
+            else:
+                param.normal_(0.0, std)
+
+
 def original_state_dict(model: InternVLForConditionalGeneration) -> dict[str, torch.Tensor]:
     """The model's tensors under OpenGVLab's names."""
     hf = model.state_dict()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+from deploy.tiny_model.weights import randomize_
 from vision_svc.checkpoint import CheckpointError, hf_to_original
 from vision_svc.encoder import EncoderInputError, load_encoder
 from vision_svc.model_spec import VisionSpec
@@ -33,14 +34,7 @@ def random_model(vision: str, feature_layer: int = -1, seed: int = 0) -> InternV
                             image_token_id=100, vision_feature_layer=feature_layer)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("lambda_1", "lambda_2")):
-                param.uniform_(0.05, 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.normal_(1.0, 0.1)
-            else:
-                param.normal_(0.0, 0.05)
+    randomize_(model, std=0.05)
     return model
 
 
