@@ -52,6 +52,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def image_size(value: str) -> tuple[int, int]:
+    """argparse type for WIDTHxHEIGHT."""
+    width, _, height = value.partition("x")
+    return int(width), int(height)
+
+
 def work_dir(path: str | None) -> pathlib.Path:
     """Where checkpoints are built (reused across runs: a build with the same arguments is kept) and logs go."""
     directory = pathlib.Path(path) if path else pathlib.Path(tempfile.gettempdir()) / "internvl-dvd-bench"

@@ -30,7 +30,7 @@ import httpx
 from tokenizers import Tokenizer
 
 from bench import embedding_transfer
-from bench.common import (jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
+from bench.common import (image_size, jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
                           work_dir)
 from deploy.local import CPU_ENGINE_ENV, CPU_ENGINE_FLAGS, Stage, free_port, gateway_stage, llm_stage, vision_stage
 from deploy.tiny_model.build import build
@@ -265,11 +265,6 @@ def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
                 stop(stages)
     return markdown_table(["dataset", "system", "completed", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
                            "TPOT p50 ms"], rows)
-
-
-def image_size(value: str) -> tuple[int, int]:
-    width, _, height = value.partition("x")
-    return int(width), int(height)
 
 
 def parse_args() -> argparse.Namespace:

@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import InternVLModel
 
-from bench.common import markdown_table, percentile, photo_like_jpeg, ratio, work_dir
+from bench.common import image_size, markdown_table, percentile, photo_like_jpeg, ratio, work_dir
 from deploy.local import Stage, free_port, vision_stage
 from deploy.tiny_model import configs, weights
 from deploy.tiny_model.build import build
@@ -124,11 +124,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":  # vision_svc's own default
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     return getattr(torch, name)
-
-
-def image_size(value: str) -> tuple[int, int]:
-    width, _, height = value.partition("x")
-    return int(width), int(height)
 
 
 def parse_args() -> argparse.Namespace:
