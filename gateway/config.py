@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import os
 import pathlib
 
 from protos.cli import HelpFormatter
@@ -9,6 +10,8 @@ from protos.cli import HelpFormatter
 MIB = 1 << 20
 # gRPC message lengths are signed 32-bit integers.
 _GRPC_MESSAGE_LIMIT = (1 << 31) - 1
+# Read by config_from_args when neither --api-key nor --api-key-file is given, as vLLM reads VLLM_API_KEY.
+API_KEY_ENV = "GATEWAY_API_KEY"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +19,7 @@ class GatewayConfig:
     llm_targets: tuple[str, ...]
     host: str = "0.0.0.0"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # a secret: kept out of logs
     served_model_name: str | None = None
     allowed_local_media_path: pathlib.Path | None = None
     allow_private_image_urls: bool = False
@@ -36,6 +39,8 @@ class GatewayConfig:
     def __post_init__(self):
         if not self.llm_targets or any(":" not in t for t in self.llm_targets):
             raise ValueError(f"--llm needs HOST:PORT[,HOST:PORT...], got {self.llm_targets}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty, which would lock nobody out; use None for no key")
         for name in ("max_image_bytes", "max_images_per_request", "max_request_bytes", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -68,8 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="llm_svc replicas as HOST:PORT[,HOST:PORT...]; requests are balanced round-robin")
     parser.add_argument("--host", default=d.host, help="HTTP listen address")
     parser.add_argument("--port", type=int, default=d.port, help="HTTP listen port")
-    parser.add_argument("--api-key", default=None,
-                        help="when set, /v1/* requests must send 'Authorization: Bearer KEY' (else 401)")
+    api_key = parser.add_mutually_exclusive_group()
+    api_key.add_argument("--api-key", metavar="KEY", default=None,
+                         help="require 'Authorization: Bearer KEY' on /v1/* (else 401). Every user of the machine "
+                              "sees it in `ps`: prefer --api-key-file, or the environment variable "
+                              f"{API_KEY_ENV}, which is read when neither flag is given. With no key from any of "
+                              "the three, /v1/* is open")
+    api_key.add_argument("--api-key-file", metavar="PATH", type=pathlib.Path, default=None,
+                         help="read the API key from this file once at startup (surrounding whitespace, such as "
+                              "a trailing newline, is stripped); an unreadable or empty file stops the gateway")
     parser.add_argument("--served-model-name", default=None,
                         help="model name clients use; default: the name llm_svc reports in GetModelInfo")
     parser.add_argument("--allowed-local-media-path", type=pathlib.Path, default=None,
@@ -105,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     return GatewayConfig(
         llm_targets=tuple(t.strip() for t in args.llm.split(",") if t.strip()),
-        host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+        host=args.host, port=args.port, api_key=api_key_from(args, parser), served_model_name=args.served_model_name,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_private_image_urls=args.allow_private_image_urls, max_image_bytes=args.max_image_bytes,
         max_images_per_request=args.max_images_per_request, image_fetch_timeout_s=args.image_fetch_timeout_s,
@@ -116,3 +129,25 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
         unavailable_cooldown_s=args.unavailable_cooldown_s, health_timeout_s=args.health_timeout_s,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json)
+
+
+def api_key_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """--api-key or --api-key-file (argparse keeps them exclusive), else $GATEWAY_API_KEY, else None (no key)."""
+    if args.api_key_file is not None:
+        source = f"--api-key-file {args.api_key_file}"
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"{source}: cannot read the API key ({getattr(error, 'strerror', None) or error})")
+    elif args.api_key is not None:
+        source, key = "--api-key", args.api_key
+    elif API_KEY_ENV in os.environ:
+        source, key = API_KEY_ENV, os.environ[API_KEY_ENV]
+    else:
+        return None
+    # Stripped from every source alike: an HTTP header cannot carry surrounding whitespace, so such a key could
+    # never match; and an empty key would lock nobody out while looking like protection.
+    key = key.strip()
+    if not key:
+        parser.error(f"{source}: the API key is empty")
+    return key

@@ -33,7 +33,8 @@ def test_flags_parse_into_the_config(tmp_path: pathlib.Path):
     assert config.grpc_max_message_bytes == 3 * 1000 + 5000
 
 
-def test_defaults_are_safe():
+def test_defaults_are_safe(monkeypatch):
+    monkeypatch.delenv("GATEWAY_API_KEY", raising=False)
     config = config_from_args(["--llm", "localhost:50051"])
     assert not config.allow_private_image_urls and config.allowed_local_media_path is None
     assert config.api_key is None and config.max_image_bytes == 20 * MIB
@@ -57,8 +58,9 @@ def test_module_help_runs():
     assert result.returncode == 0 and "--allow-private-image-urls" in result.stdout
 
 
-async def test_cli_serves_with_uvloop_and_exits_cleanly_on_sigterm(backend):
+async def test_cli_serves_with_uvloop_and_exits_cleanly_on_sigterm(backend, monkeypatch):
     # Async, so the fake backend in this event loop keeps answering while the gateway process calls it.
+    monkeypatch.delenv("GATEWAY_API_KEY", raising=False)  # the child inherits os.environ; /v1/models stays open
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
