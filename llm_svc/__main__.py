@@ -7,6 +7,7 @@ import sys
 from llm_svc.config import parse_config
 from llm_svc.server import IncompatibleVisionStage, LlmServer
 from protos.errors import Unavailable
+from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
 from protos.server import wait_for_shutdown_signal
 
@@ -28,6 +29,7 @@ async def serve(config, engine_args) -> None:
 def main(argv: list[str] | None = None) -> None:
     config, engine_args = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
+    start_orphan_guard()  # before any child process exists
     asyncio.run(serve(config, engine_args))
 
 

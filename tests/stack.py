@@ -1,9 +1,12 @@
 """Runs the real stages as subprocesses on loopback ports for end-to-end tests, with the same launcher
 as `make serve` (`deploy.local`), plus small CPU settings that keep the suite fast."""
 
+import os
 import pathlib
+import time
 
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
+from protos import lifetime
 
 # fp32 so that greedy tokens can be compared with the fp32 references; a small KV cache and batch.
 TEST_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "8", "--dtype", "float32",
@@ -24,3 +27,19 @@ def start_llm(model: pathlib.Path, vision: list[Stage], log_dir: pathlib.Path, *
 def start_gateway(llm: list[Stage], log_dir: pathlib.Path, *extra: str) -> Stage:
     port = free_port()
     return gateway_stage(llm, "127.0.0.1", port, list(extra), log_dir / f"gateway-{port}.log")
+
+
+class StageProcesses:
+    """A stage's processes (it and everything below it) and the shared memory they map, as seen when made."""
+
+    def __init__(self, stage: Stage):
+        pids = [stage.proc.pid, *lifetime.descendants(stage.proc.pid)]
+        self.processes = lifetime.snapshot(pids)
+        self.shared_memory = set().union(*map(lifetime.mapped_shared_memory, pids))
+
+    def assert_all_gone(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := lifetime.still_running(self.processes)) or \
+                (segments := [path for path in self.shared_memory if os.path.exists(path)]):
+            assert time.monotonic() < deadline, f"still running: {left}; shared memory left: {segments}"
+            time.sleep(0.2)

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 
+from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
 from protos.server import wait_for_shutdown_signal
 from vision_svc.config import parse_config
@@ -22,6 +23,7 @@ async def serve(config) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
+    start_orphan_guard()  # before any child process exists
     asyncio.run(serve(config))
 
 

@@ -14,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 from PIL import Image
 
+from protos.lifetime import die_with_parent
 from vision_svc import metrics
 from vision_svc.image_decode import ImageError, ImageLimits, decode_image
 from vision_svc.tiling import (
@@ -70,7 +71,8 @@ class PreprocessPool:
             return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
         # spawn, not fork: the parent holds gRPC and torch threads, which a forked child would inherit half-dead.
         context = multiprocessing.get_context("spawn")
-        return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                                      initializer=die_with_parent)
 
     async def tiles(self, data: bytes, options: TileOptions) -> torch.Tensor:
         """Float32 tiles [tiles, 3, S, S] of one image; raises ImageError for refused bytes."""

@@ -1,0 +1,105 @@
+"""`python -m protos.orphan_guard PID`: when process PID ends, however it ends, stop what it left running.
+
+Started by each stage beside itself (`protos.lifetime.start_orphan_guard`). While the stage lives, the guard
+notes its descendants and the shared-memory segments they map, every `SCAN_INTERVAL_S`. Once the stage is
+gone (a pidfd tells at once), its orphans get SIGTERM, then SIGKILL after `GRACE_S`, and the segments that
+no living process maps any more are removed. After a clean stop there is nothing left and the guard just
+exits. Standard library only: it must start in milliseconds and cost nothing while it waits.
+"""
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import sys
+import time
+
+from protos.lifetime import descendants, mapped_shared_memory, snapshot, still_running
+
+SCAN_INTERVAL_S = 0.5
+# After a clean stop, helpers such as multiprocessing's resource tracker take a moment to notice and exit.
+SETTLE_S = 2.0
+GRACE_S = 5.0
+
+log = logging.getLogger("orphan_guard")
+
+
+class Watched:
+    """The stage's descendants (pid -> start time) and the shared memory they mapped, as last seen."""
+
+    def __init__(self, stage: int):
+        self.stage = stage
+        self.processes: dict[int, int] = {}
+        self.shared_memory: set[str] = set()
+
+    def scan(self) -> None:
+        below = [pid for pid in descendants(self.stage) if pid != os.getpid()]
+        self.processes.update(snapshot(below))
+        for pid in [self.stage, *below]:
+            self.shared_memory |= mapped_shared_memory(pid)
+
+    def alive(self) -> list[int]:
+        """Watched processes still running, and their children."""
+        living = still_running(self.processes)
+        return list(dict.fromkeys(living + [child for pid in living for child in descendants(pid)]))
+
+
+def stop(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if not (pids := wait_for_exit(pids, GRACE_S)):
+            return
+
+
+def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
+    """The processes still running after up to `timeout_s`."""
+    processes = snapshot(pids)
+    deadline = time.monotonic() + timeout_s
+    while (left := still_running(processes)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def remove_unmapped(paths: set[str]) -> list[str]:
+    in_use = set().union(*(mapped_shared_memory(int(p)) for p in os.listdir("/proc") if p.isdigit()))
+    removed = []
+    for path in sorted(paths - in_use):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+def guard(stage: int) -> None:
+    try:
+        stage_fd = os.pidfd_open(stage)
+    except ProcessLookupError:
+        return
+    watched = Watched(stage)
+    while True:
+        watched.scan()
+        if select.select([stage_fd], [], [], SCAN_INTERVAL_S)[0]:
+            break
+    orphans = wait_for_exit(watched.alive(), SETTLE_S)
+    if orphans:
+        log.warning("stage %d ended and left %d processes running (%s): stopping them", stage, len(orphans),
+                    ", ".join(map(str, orphans)))
+        stop(orphans)
+    removed = remove_unmapped(watched.shared_memory)
+    if removed:
+        log.warning("stage %d ended: removed shared memory it left: %s", stage, ", ".join(removed))
+
+
+def main() -> None:
+    # Neither a terminal's Ctrl-C nor a SIGTERM meant for the stage may end the guard before the stage.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    guard(int(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

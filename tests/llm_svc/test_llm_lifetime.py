@@ -1,0 +1,38 @@
+"""However llm_svc ends, vLLM's engine core and multiprocessing's helpers end with it, and the shared memory
+they made is gone."""
+
+import os
+import signal
+
+import pytest
+
+from protos import llm_pb2
+from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image
+from tests.stack import StageProcesses, start_llm, start_vision
+
+
+@pytest.fixture(scope="module")
+def vision(tiny_checkpoint, tmp_path_factory):
+    stage = start_vision(tiny_checkpoint(), tmp_path_factory.mktemp("logs")).wait_ready()
+    yield stage
+    stage.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_nothing_of_llm_svc_outlives_it(tiny_checkpoint, vision, tmp_path, sig):
+    llm = start_llm(tiny_checkpoint(), [vision], tmp_path).wait_ready()
+    client = LlmClient(llm.address)
+    try:
+        request = llm_pb2.GenerateRequest(chat=chat(("user", [image(640, 480, 3), "What is it?"])),
+                                          sampling=greedy(4))
+        assert len(client.tokens(request)) == 4
+    finally:
+        client.close()
+    processes = StageProcesses(llm)
+    # The stage, its orphan guard, vLLM's engine core and multiprocessing's resource tracker.
+    assert len(processes.processes) >= 4
+    # As a terminal does, SIGINT goes to the stage's whole process group (the stage leads it).
+    os.killpg(llm.proc.pid, sig) if sig == signal.SIGINT else llm.proc.send_signal(sig)
+    assert llm.proc.wait(60) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
+    processes.assert_all_gone()
+    assert "Traceback" not in llm.logs(), llm.logs()

@@ -1,0 +1,139 @@
+"""Child processes end with their stage: by the parent-death signal for our own workers, by the orphan guard
+for everything else (with the shared memory they mapped)."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from protos import lifetime
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def wait_until(condition, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    return lifetime.process_start_time(pid) is not None and not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return False
+
+
+def ignored_signals(pid: int) -> set[signal.Signals]:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
+
+
+def start_stage(script: str, tmp_path: pathlib.Path) -> tuple[subprocess.Popen, list[int]]:
+    """A stand-in stage running `script`, which writes the pids of the children it started, one per line, to
+    a file; returns once they are written."""
+    pids_file = tmp_path / "pids"
+    stage = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(pids_file)], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wait_until(lambda: pids_file.exists() and pids_file.read_text().endswith("\n"))
+    return stage, [int(line) for line in pids_file.read_text().split()]
+
+
+# A child that ignores SIGTERM, started by a library as far as the stage knows: nothing tells it to stop.
+STUBBORN_CHILD = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
+
+def test_guard_stops_what_a_killed_stage_left_and_removes_its_shared_memory(tmp_path):
+    stage, (guard, child) = start_stage(f"""
+        import subprocess, sys, time
+        from multiprocessing import shared_memory
+        from protos.lifetime import start_orphan_guard
+        guard = start_orphan_guard()
+        child = subprocess.Popen([sys.executable, "-c", {STUBBORN_CHILD!r}])
+        segment = shared_memory.SharedMemory(create=True, size=4096, name="lifetime-test-{os.getpid()}")
+        time.sleep(1.5)  # the guard scans every 0.5 s
+        open(sys.argv[1], "w").write(f"{{guard.pid}}\\n{{child.pid}}\\n")
+        time.sleep(600)
+    """, tmp_path)
+    segment = pathlib.Path(f"/dev/shm/lifetime-test-{os.getpid()}")
+    assert segment.exists() and running(child)
+    stage.kill()
+    stage.wait()
+    wait_until(lambda: not running(child) and not running(guard))  # SIGTERM ignored: SIGKILL after the grace
+    assert not segment.exists()
+
+
+def test_guard_leaves_nothing_behind_and_kills_nothing_after_a_clean_exit(tmp_path):
+    stage, (guard,) = start_stage("""
+        import sys, time
+        from protos.lifetime import start_orphan_guard
+        guard = start_orphan_guard()
+        open(sys.argv[1], "w").write(f"{guard.pid}\\n")
+        time.sleep(1)
+    """, tmp_path)
+    assert stage.wait(10) == 0
+    wait_until(lambda: not running(guard), timeout_s=5)
+
+
+def test_guard_ignores_the_signals_meant_for_the_stage(tmp_path):
+    stage, (guard,) = start_stage("""
+        import sys, time
+        from protos.lifetime import start_orphan_guard
+        guard = start_orphan_guard()
+        open(sys.argv[1], "w").write(f"{guard.pid}\\n")
+        time.sleep(600)
+    """, tmp_path)
+    wait_until(lambda: ignored_signals(guard) >= {signal.SIGINT, signal.SIGTERM}, timeout_s=5)
+    os.kill(guard, signal.SIGINT)
+    os.kill(guard, signal.SIGTERM)
+    time.sleep(0.5)
+    assert running(guard)
+    stage.kill()
+    stage.wait()
+    wait_until(lambda: not running(guard), timeout_s=5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_worker_that_dies_with_its_parent_goes_at_once(tmp_path, sig):
+    parent, (worker,) = start_stage("""
+        import multiprocessing, sys, time
+        from protos.lifetime import die_with_parent
+        if __name__ == "__main__":
+            pool = multiprocessing.get_context("spawn").Pool(1, initializer=die_with_parent)
+            open(sys.argv[1], "w").write(f"{pool.apply(__import__('os').getpid)}\\n")
+            time.sleep(600)
+    """, tmp_path)
+    os.kill(worker, signal.SIGINT)  # a terminal's Ctrl-C is the parent's to handle
+    time.sleep(0.3)
+    assert running(worker)
+    parent.send_signal(sig)
+    parent.wait()
+    wait_until(lambda: not running(worker), timeout_s=5)
+
+
+def test_descendants_and_start_times(tmp_path):
+    stage, (child,) = start_stage(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", {STUBBORN_CHILD!r}])
+        open(sys.argv[1], "w").write(f"{{child.pid}}\\n")
+        time.sleep(600)
+    """, tmp_path)
+    try:
+        assert lifetime.descendants(stage.pid) == [child]
+        assert lifetime.process_start_time(child) >= lifetime.process_start_time(stage.pid)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        stage.kill()
+        stage.wait()
+    wait_until(lambda: lifetime.process_start_time(child) is None or _zombie(child))
