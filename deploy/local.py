@@ -8,6 +8,9 @@ tensor parallelism, ...).
 
 import argparse
 import base64
+import collections
+import contextlib
+import functools
 import io
 import json
 import os
@@ -17,16 +20,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos import lifetime
+
 # CPU defaults, so that the embedded tiny model serves on a laptop: an in-process engine starts in seconds,
 # and vLLM's CPU backend needs an explicit KV cache size.
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 CPU_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(1 << 30), "--max-model-len", "8192", "--enforce-eager"]
+LOG_TAIL_LINES = 40
+# How long the helpers of stopped stages may take to end (their orphan guards wait up to 7 s) before the
+# launcher reports them.
+LEFTOVER_WAIT_S = 10.0
 
 
 def free_port() -> int:
@@ -36,7 +46,12 @@ def free_port() -> int:
 
 
 class Stage:
-    """One stage process; ready when its health check says so: gRPC health, or `GET /health` for HTTP servers."""
+    """One stage process; ready when its health check says so: gRPC health, or `GET /health` for HTTP servers.
+
+    Each stage leads a process group of its own, so that a terminal's Ctrl-C reaches the launcher alone and
+    the launcher stops the stages in order; and each gets SIGTERM from the kernel if the launcher dies. Its
+    output goes to `log_path`, or else to our own output, each line prefixed with the stage's name.
+    """
 
     def __init__(self, name: str, module_args: list[str], port: int, log_path: pathlib.Path | None = None,
                  env: dict | None = None, http_health: bool = False):
@@ -45,22 +60,38 @@ class Stage:
         self.address = f"127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
-        self.proc = subprocess.Popen([sys.executable, "-m", *module_args], stdout=self._log,
-                                     stderr=subprocess.STDOUT if self._log else None,
-                                     env={**os.environ, **(env or {})})
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.proc = subprocess.Popen([sys.executable, "-m", *module_args],
+                                     stdout=self._log or subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, process_group=0,
+                                     preexec_fn=functools.partial(lifetime.set_parent_death_signal, signal.SIGTERM))
+        if self._log is None:
+            threading.Thread(target=self._echo, name=f"{name}-output", daemon=True).start()
+
+    def _echo(self) -> None:
+        for line in iter(self.proc.stdout.readline, b""):
+            text = line.decode(errors="replace").rstrip("\n")
+            self._tail.append(text)
+            print(f"{self.name:<10} | {text}", flush=True)
 
     def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-8000:] if self.log_path else ""
+        """The last lines of the stage's output."""
+        if self.log_path:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+        return "\n".join(self._tail)
+
+    def failure(self, what: str) -> str:
+        return f"{self.name} {what}; its last output:\n{self.logs()}"
 
     def wait_ready(self, timeout_s: float = 600.0) -> "Stage":
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}\n{self.logs()}")
+                raise StageFailed(self.failure(f"exited with status {self.proc.returncode} while starting"))
             if self.healthy():
                 return self
             time.sleep(0.25)
-        raise TimeoutError(f"{self.name} not healthy after {timeout_s:.0f} s\n{self.logs()}")
+        raise StageFailed(self.failure(f"not healthy after {timeout_s:.0f} s"))
 
     def healthy(self) -> bool:
         if self.http_health:
@@ -76,20 +107,31 @@ class Stage:
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
     def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, which drains the stage; SIGKILL to its whole group if it has not ended within `timeout_s`."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill_group()
+        self.proc.wait()
         if self._log:
             self._log.close()
         return self.proc.returncode
 
     def kill(self) -> None:
+        """The stage alone dies at once, as in a crash; its orphan guard stops its children."""
         self.proc.kill()
         self.proc.wait()
+
+    def kill_group(self) -> None:
+        """The stage and every process of its group die at once."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class StageFailed(RuntimeError):
+    """A stage exited or did not become healthy; the message holds its last output."""
 
 
 def vision_stage(model: pathlib.Path, port: int, extra: list[str], log_path=None) -> Stage:
@@ -124,29 +166,61 @@ def example_request(port: int, model: str) -> str:
             f"-d {shlex.quote(json.dumps(body))}")
 
 
-def _stop_on_sigterm(*_) -> None:
-    raise KeyboardInterrupt  # the same clean stop as Ctrl-C
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM: stop the stages in order."""
+
+    def __init__(self, sig: int):
+        super().__init__(signal.Signals(sig).name)
+        self.signal = sig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=pathlib.Path, required=True, help="InternVL checkpoint directory")
-    parser.add_argument("--host", default="127.0.0.1", help="address of the gateway (the only public stage)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the gateway")
-    parser.add_argument("--vision-port", type=int, default=0, help="gRPC port of vision_svc (0: any free one)")
-    parser.add_argument("--llm-port", type=int, default=0, help="gRPC port of llm_svc (0: any free one)")
-    parser.add_argument("--accelerator", action="store_true",
-                        help="do not add the CPU engine defaults (KV cache size, eager mode, in-process engine)")
-    parser.add_argument("--vision-args", default="", help="extra flags for vision_svc, one quoted string")
-    parser.add_argument("--llm-args", default="", help="extra flags for llm_svc (vLLM engine flags), one string")
-    parser.add_argument("--gateway-args", default="", help="extra flags for the gateway, one string")
-    args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        parser.error(f"{args.model} has no config.json: not a checkpoint directory")
+def _interrupt(sig, _frame) -> None:
+    raise Interrupted(sig)
 
+
+def process_snapshot(stages: list[Stage]) -> dict[int, int]:
+    """pid -> start time of every process the stages are made of, their helpers included."""
+    return lifetime.snapshot([p for stage in stages for p in (stage.proc.pid, *lifetime.descendants(stage.proc.pid))])
+
+
+def left_running(processes: dict[int, int], wait_s: float) -> list[str]:
+    """What still runs of `processes` after up to `wait_s`, each as 'PID command line'."""
+    deadline = time.monotonic() + wait_s
+    while (left := lifetime.still_running(processes)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [f"{pid} {command_line(pid)}" for pid in left]
+
+
+def command_line(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "(ended)"
+
+
+def stop_in_order(stages: list[Stage]) -> None:
+    """The gateway first, so that no new work reaches the stages behind it, then llm_svc, then vision_svc; each
+    gets its grace period to finish what is in flight. From here on a second Ctrl-C (or SIGTERM) kills them
+    all at once, and whatever they left behind is reported."""
+    def kill_all(*_):
+        print("\nsecond interrupt: killing all stages", file=sys.stderr, flush=True)
+        for stage in stages:
+            stage.kill_group()
+
+    signal.signal(signal.SIGINT, kill_all)
+    signal.signal(signal.SIGTERM, kill_all)
+    snapshot = process_snapshot(stages)
+    for stage in reversed(stages):
+        stage.stop()
+    left = left_running(snapshot, LEFTOVER_WAIT_S)
+    if left:
+        print("still running after the stop:\n  " + "\n  ".join(left), file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int | None:
+    """Serves until interrupted; returns the signal that ended it, or None when a stage failed."""
     stages: list[Stage] = []
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    ended_by = None
     try:
         # Each stage is listed as soon as it exists, so that a failed or interrupted start stops it too.
         vision = vision_stage(args.model, args.vision_port or free_port(), shlex.split(args.vision_args))
@@ -165,16 +239,45 @@ def main() -> None:
               f"{example_request(args.port, model_name)}\n\nCtrl-C stops all three.", flush=True)
         while all(s.proc.poll() is None for s in stages):
             time.sleep(0.5)
-        dead = [s.name for s in stages if s.proc.poll() is not None]
-        print(f"{', '.join(dead)} exited; stopping the others", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\nstopping...", file=sys.stderr)
+        dead = next(s for s in stages if s.proc.poll() is not None)
+        print(dead.failure(f"exited with status {dead.proc.returncode}") + "\nstopping the others",
+              file=sys.stderr, flush=True)
+    except StageFailed as failure:
+        print(failure, file=sys.stderr, flush=True)
+    except Interrupted as interrupt:
+        print(f"\n{interrupt}: stopping the stages, gateway first (Ctrl-C again kills them)", file=sys.stderr,
+              flush=True)
+        ended_by = interrupt.signal
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # a second Ctrl-C must not cut the stop short
-            signal.signal(sig, signal.SIG_IGN)
-        for stage in reversed(stages):  # the gateway first, so no new work reaches the stages behind it
-            stage.stop()
+        stop_in_order(stages)
+    return ended_by
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=pathlib.Path, required=True, help="InternVL checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the gateway (the only public stage)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the gateway")
+    parser.add_argument("--vision-port", type=int, default=0, help="gRPC port of vision_svc (0: any free one)")
+    parser.add_argument("--llm-port", type=int, default=0, help="gRPC port of llm_svc (0: any free one)")
+    parser.add_argument("--accelerator", action="store_true",
+                        help="do not add the CPU engine defaults (KV cache size, eager mode, in-process engine)")
+    parser.add_argument("--vision-args", default="", help="extra flags for vision_svc, one quoted string")
+    parser.add_argument("--llm-args", default="", help="extra flags for llm_svc (vLLM engine flags), one string")
+    parser.add_argument("--gateway-args", default="", help="extra flags for the gateway, one string")
+    args = parser.parse_args()
+    if not (args.model / "config.json").exists():
+        parser.error(f"{args.model} has no config.json: not a checkpoint directory")
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    ended_by = run(args)
+    if ended_by is None:
+        sys.exit(1)
+    # End as an interrupted program does, by the signal itself: a shell or make then reports an interrupt,
+    # not a failure.
+    signal.signal(ended_by, signal.SIG_DFL)
+    os.kill(os.getpid(), ended_by)
 
 
 if __name__ == "__main__":

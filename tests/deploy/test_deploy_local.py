@@ -1,0 +1,145 @@
+"""`make serve` as a user meets it: the README's examples answer, one Ctrl-C stops the stages in order while
+in-flight streams finish, a second Ctrl-C kills at once, nothing is left running, and a stage that fails to
+start is reported with its output."""
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from deploy.local import free_port
+from protos import lifetime
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+class Served:
+    """A launcher (`make serve` or `python -m deploy.local`) in a session of its own, as a terminal runs it."""
+
+    def __init__(self, command: list[str], log_path: pathlib.Path, port: int):
+        self.port = port
+        self.log_path = log_path
+        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, timeout_s: float = 600) -> "Served":
+        deadline = time.monotonic() + timeout_s
+        while "\nServing " not in self.output():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()[-5000:]
+            time.sleep(0.5)
+        return self
+
+    def processes(self) -> dict[int, int]:
+        return lifetime.snapshot([self.proc.pid, *lifetime.descendants(self.proc.pid)])
+
+    def ctrl_c(self) -> None:
+        """What a terminal does: SIGINT to the whole foreground process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def kill(self) -> None:
+        for pid in lifetime.still_running(self.processes()):
+            os.kill(pid, signal.SIGKILL)
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0)
+
+
+def readme_example(name: str) -> str:
+    return README.split(f"<!-- readme-example: {name} -->\n```python\n", 1)[1].split("```", 1)[0]
+
+
+def assert_all_gone(processes: dict[int, int], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while left := lifetime.still_running(processes):
+        assert time.monotonic() < deadline, f"still running: {left}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def make_serve(tmp_path_factory):
+    port = free_port()
+    served = Served(["make", "serve", f"PORT={port}"], tmp_path_factory.mktemp("serve") / "make.log", port)
+    yield served.wait_serving()
+    served.kill()
+
+
+def test_readme_openai_example_runs_against_make_serve(make_serve, tmp_path):
+    code = readme_example("openai-client").replace("127.0.0.1:8000", f"127.0.0.1:{make_serve.port}")
+    (tmp_path / "example.py").write_text(code)
+    Image.new("RGB", (640, 480), (40, 90, 200)).save(tmp_path / "photo.jpg")
+    result = subprocess.run([sys.executable, "example.py", "photo.jpg"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "no text streamed"
+
+
+def test_the_request_make_serve_prints_answers(make_serve):
+    curl = re.search(r"^curl .*$", make_serve.output(), re.M)[0]
+    result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120)
+    assert '"finish_reason":' in result.stdout and '"completion_tokens":' in result.stdout, result.stdout
+
+
+def test_one_ctrl_c_finishes_the_stream_stops_the_stages_in_order_and_leaves_nothing(make_serve):
+    stream = make_serve.client().chat.completions.create(
+        model="tiny-internvl", max_tokens=150, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True}, messages=[{"role": "user", "content": "Tell me a story."}])
+    chunks = [next(stream)]
+    reader = threading.Thread(target=lambda: chunks.extend(stream))
+    reader.start()
+    processes = make_serve.processes()
+    assert len(processes) >= 9  # make, the launcher, three stages, two guards, engine core, trackers, workers
+    make_serve.ctrl_c()
+    reader.join(60)
+    assert chunks[-1].usage.completion_tokens == 150
+    assert make_serve.proc.wait(120) == -signal.SIGINT  # interrupted, not failed: make says "Interrupt"
+    assert_all_gone(processes)
+    output = make_serve.output()
+    assert "Traceback" not in output and "still running" not in output and "Error 1" not in output, output
+    stops = [re.search(pattern, output, re.M).start() for pattern in (
+        r"^gateway +\| .*Finished server process", r"^llm_svc +\| .*received SIGTERM", r"^vision_svc \| .*received SIGTERM")]
+    assert stops == sorted(stops), "stages not stopped gateway first, vision_svc last"
+
+
+def test_second_ctrl_c_kills_everything_at_once(tiny_checkpoint, tmp_path):
+    port = free_port()
+    served = Served([sys.executable, "-m", "deploy.local", "--model", str(tiny_checkpoint()), "--port", str(port),
+                     "--gateway-args", "--shutdown-grace-s 300"], tmp_path / "local.log", port).wait_serving()
+    try:
+        stream = served.client().completions.create(model=tiny_checkpoint().name, prompt="Once", max_tokens=8000,
+                                                    stream=True, extra_body={"ignore_eos": True})
+        next(stream)
+        processes = served.processes()
+        served.ctrl_c()
+        time.sleep(2)  # the gateway now waits for the stream, for up to 300 s
+        assert served.proc.poll() is None
+        started = time.monotonic()
+        served.ctrl_c()
+        assert served.proc.wait(30) == -signal.SIGINT
+        assert time.monotonic() - started < 15
+        assert_all_gone(processes)
+        assert "second interrupt: killing all stages" in served.output()
+    finally:
+        served.kill()
+
+
+def test_a_stage_that_fails_to_start_is_reported_with_its_output(tiny_checkpoint, tmp_path):
+    served = Served([sys.executable, "-m", "deploy.local", "--model", str(tiny_checkpoint()), "--port",
+                     str(free_port()), "--llm-args", "--max-num-seqs lots"], tmp_path / "local.log", 0)
+    assert served.proc.wait(300) == 1
+    output = served.output()
+    assert "llm_svc exited with status 2 while starting; its last output:" in output
+    report = output.split("its last output:", 1)[1]
+    assert "--max-num-seqs" in report and "invalid" in report, output
+    assert "still running" not in output
