@@ -49,7 +49,8 @@ class Stage:
     """One stage process; ready when its health check says so: gRPC health, or `GET /health` for HTTP servers.
 
     Each stage leads a process group of its own, so that a terminal's Ctrl-C reaches the launcher alone and
-    the launcher stops the stages in order; and each gets SIGTERM from the kernel if the launcher dies. Its
+    the launcher stops the stages in order; and each gets SIGTERM from the kernel if the launcher dies
+    (strictly, when the thread that started it ends: start stages from a thread that lives as long). Its
     output goes to `log_path`, or else to our own output, each line prefixed with the stage's name.
     """
 
@@ -180,7 +181,8 @@ def _interrupt(sig, _frame) -> None:
 
 def process_snapshot(stages: list[Stage]) -> dict[int, int]:
     """pid -> start time of every process the stages are made of, their helpers included."""
-    return lifetime.snapshot([p for stage in stages for p in (stage.proc.pid, *lifetime.descendants(stage.proc.pid))])
+    pids = [p for stage in stages for p in (stage.proc.pid, *lifetime.descendants(stage.proc.pid))]
+    return lifetime.snapshot(pids)
 
 
 def left_running(processes: dict[int, int], wait_s: float) -> list[str]:

@@ -107,8 +107,9 @@ def test_one_ctrl_c_finishes_the_stream_stops_the_stages_in_order_and_leaves_not
     assert_all_gone(processes)
     output = make_serve.output()
     assert "Traceback" not in output and "still running" not in output and "Error 1" not in output, output
-    stops = [re.search(pattern, output, re.M).start() for pattern in (
-        r"^gateway +\| .*Finished server process", r"^llm_svc +\| .*received SIGTERM", r"^vision_svc \| .*received SIGTERM")]
+    stops = [re.search(pattern, output, re.M).start() for pattern in (r"^gateway +\| .*Finished server process",
+                                                                     r"^llm_svc +\| .*received SIGTERM",
+                                                                     r"^vision_svc \| .*received SIGTERM")]
     assert stops == sorted(stops), "stages not stopped gateway first, vision_svc last"
 
 

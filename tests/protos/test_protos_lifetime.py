@@ -24,14 +24,7 @@ def wait_until(condition, timeout_s: float = 15.0) -> None:
 
 
 def running(pid: int) -> bool:
-    return lifetime.process_start_time(pid) is not None and not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return False
+    return bool(lifetime.still_running(lifetime.snapshot([pid])))
 
 
 def ignored_signals(pid: int) -> set[signal.Signals]:
@@ -136,4 +129,4 @@ def test_descendants_and_start_times(tmp_path):
         os.kill(child, signal.SIGKILL)
         stage.kill()
         stage.wait()
-    wait_until(lambda: lifetime.process_start_time(child) is None or _zombie(child))
+    wait_until(lambda: not running(child))
