@@ -18,7 +18,7 @@ async def serve(config, engine_args) -> None:
     server = LlmServer(config, engine_args)
     try:
         port = await server.start()
-    except (IncompatibleVisionStage, Unavailable) as error:
+    except (IncompatibleVisionStage, Unavailable, OSError) as error:
         await server.stop()
         sys.exit(f"llm_svc: cannot start: {error}")
     log.info("llm_svc ready on %s:%d, vision stage at %s", config.host, port, ",".join(config.vision))

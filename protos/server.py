@@ -61,9 +61,13 @@ class GrpcServer:
 
     async def start(self) -> int:
         reflection.enable_server_reflection(self._service_names, self._server)
-        self.port = self._server.add_insecure_port(self._address)
+        try:
+            self.port = self._server.add_insecure_port(self._address)
+        except RuntimeError:  # grpc's "Failed to bind", with the cause only in its debug log
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC server to {self._address}")
+            raise OSError(f"cannot bind gRPC server to {self._address}: the port is taken, or the address is "
+                          "not one of this machine's")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         log.info("gRPC listening on %s (port %d), NOT_SERVING until warm", self._address, self.port)

@@ -30,12 +30,18 @@ def start_gateway(llm: list[Stage], log_dir: pathlib.Path, *extra: str) -> Stage
 
 
 class StageProcesses:
-    """A stage's processes (it and everything below it) and the shared memory they map, as seen when made."""
+    """The processes a stage is made of (it and everything below it) and the shared memory they map, as seen
+    by each `add`."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self):
+        self.processes: dict[int, int] = {}
+        self.shared_memory: set[str] = set()
+
+    def add(self, stage: Stage) -> "StageProcesses":
         pids = [stage.proc.pid, *lifetime.descendants(stage.proc.pid)]
-        self.processes = lifetime.snapshot(pids)
-        self.shared_memory = set().union(*map(lifetime.mapped_shared_memory, pids))
+        self.processes |= lifetime.snapshot(pids)
+        self.shared_memory |= set().union(*map(lifetime.mapped_shared_memory, pids))
+        return self
 
     def assert_all_gone(self, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import sys
 
 from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
@@ -14,7 +15,11 @@ log = logging.getLogger("vision_svc")
 
 async def serve(config) -> None:
     server = VisionServer(config)
-    port = await server.start()
+    try:
+        port = await server.start()
+    except OSError as error:
+        await server.stop()
+        sys.exit(f"vision_svc: cannot start: {error}")
     log.info("vision_svc ready on %s:%d", config.host, port)
     await wait_for_shutdown_signal()
     await server.stop()

@@ -3,6 +3,8 @@ they made is gone."""
 
 import os
 import signal
+import socket
+import time
 
 import pytest
 
@@ -28,7 +30,7 @@ def test_nothing_of_llm_svc_outlives_it(tiny_checkpoint, vision, tmp_path, sig):
         assert len(client.tokens(request)) == 4
     finally:
         client.close()
-    processes = StageProcesses(llm)
+    processes = StageProcesses().add(llm)
     # The stage, its orphan guard, vLLM's engine core and multiprocessing's resource tracker.
     assert len(processes.processes) >= 4
     # As a terminal does, SIGINT goes to the stage's whole process group (the stage leads it).
@@ -36,3 +38,17 @@ def test_nothing_of_llm_svc_outlives_it(tiny_checkpoint, vision, tmp_path, sig):
     assert llm.proc.wait(60) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
     processes.assert_all_gone()
     assert "Traceback" not in llm.logs(), llm.logs()
+
+
+def test_nothing_of_llm_svc_outlives_a_failed_start(tiny_checkpoint, vision, tmp_path):
+    with socket.socket() as taken:  # the engine starts, then the gRPC port cannot be bound
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        llm = start_llm(tiny_checkpoint(), [vision], tmp_path, "--port", str(taken.getsockname()[1]))
+        processes = StageProcesses()
+        while llm.proc.poll() is None:  # note every process it starts, until it exits
+            processes.add(llm)
+            time.sleep(0.2)
+    assert llm.proc.returncode != 0 and "cannot bind" in llm.logs()
+    assert len(processes.processes) >= 3  # the stage, its guard, the engine core
+    processes.assert_all_gone()

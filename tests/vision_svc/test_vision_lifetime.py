@@ -19,7 +19,7 @@ def test_nothing_of_vision_svc_outlives_it(tiny_checkpoint, tmp_path, sig):
         request = vision_pb2.EncodeRequest(images=[vision_pb2.ImageInput(data=png_bytes(image(900, 600, s)))
                                                    for s in range(3)])
         assert sum(r.last for r in vision_pb2_grpc.VisionEncoderStub(channel).Encode(request, timeout=60)) == 3
-    processes = StageProcesses(vision)
+    processes = StageProcesses().add(vision)
     # The stage, its orphan guard, two workers and multiprocessing's resource tracker; their semaphores.
     assert len(processes.processes) == 5 and processes.shared_memory
     # As a terminal does, SIGINT goes to the stage's whole process group (the stage leads it).
