@@ -32,11 +32,12 @@ from tokenizers import Tokenizer
 from bench import embedding_transfer
 from bench.common import (image_size, jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
                           work_dir)
-from deploy.local import CPU_ENGINE_ENV, CPU_ENGINE_FLAGS, Stage, free_port, gateway_stage, llm_stage, vision_stage
+from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
 from deploy.tiny_model.build import build
 from deploy.tiny_model.tokenizer import LEARNED_VOCAB_SIZE
 
 SYSTEMS = ("DvD (gateway)", "vLLM monolithic")
+CPU_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(1 << 30), "--max-model-len", "8192", "--enforce-eager"]
 WORKLOADS = ("text", "image, distinct", "image, repeated")
 
 
@@ -142,7 +143,8 @@ def workload_bodies(args, model_dir: pathlib.Path, count: int, seed: int) -> dic
 
 
 def engine_flags(args) -> list[str]:
-    return ["--dtype", args.dtype, "--max-num-seqs", str(max(8, args.concurrency))]
+    """The same engine flags for both systems; vLLM's server picks no CPU defaults of its own."""
+    return [*CPU_ENGINE_FLAGS, "--dtype", args.dtype, "--max-num-seqs", str(max(8, args.concurrency))]
 
 
 def start_ours(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
@@ -163,8 +165,8 @@ def start_vllm(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]
     port = free_port()
     server = Stage("vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
                             "127.0.0.1", "--port", str(port), "--served-model-name", model_dir.name,
-                            "--trust-remote-code", *CPU_ENGINE_FLAGS, *engine_flags(args)],
-                   port, logs / "vllm.log", env=CPU_ENGINE_ENV, http_health=True)
+                            "--trust-remote-code", *engine_flags(args)],
+                   port, logs / "vllm.log", http_health=True)
     try:
         return [server.wait_ready()]
     except BaseException:

@@ -29,10 +29,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import lifetime
 
-# CPU defaults, so that the embedded tiny model serves on a laptop: an in-process engine starts in seconds,
-# and vLLM's CPU backend needs an explicit KV cache size.
-CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-CPU_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(1 << 30), "--max-model-len", "8192", "--enforce-eager"]
 LOG_TAIL_LINES = 40
 # How long the helpers of stopped stages may take to end (their orphan guards wait up to 7 s) before the
 # launcher reports them.
@@ -140,15 +136,14 @@ def vision_stage(model: pathlib.Path, port: int, extra: list[str], log_path=None
                                 *extra], port, log_path)
 
 
-def llm_stage(model: pathlib.Path, vision: list[Stage], port: int, extra: list[str], log_path=None,
-              cpu_defaults: bool = True) -> Stage:
-    defaults = [*(CPU_ENGINE_FLAGS if cpu_defaults else []), "--served-model-name", model.resolve().name]
+def llm_stage(model: pathlib.Path, vision: list[Stage], port: int, extra: list[str], log_path=None) -> Stage:
+    # On a CPU, llm_svc itself picks the engine flags that work there (KV cache size, context, eager mode).
+    defaults = ["--served-model-name", model.resolve().name]
     if "llm_config" in json.loads((model / "config.json").read_text()):
         # The original OpenGVLab layout ships its config classes as code; vLLM runs them only when allowed.
         defaults.append("--trust-remote-code")
     return Stage("llm_svc", ["llm_svc", "--model", str(model), "--vision", ",".join(v.address for v in vision),
-                             "--host", "127.0.0.1", "--port", str(port), *defaults, *extra], port, log_path,
-                 env=CPU_ENGINE_ENV if cpu_defaults else None)
+                             "--host", "127.0.0.1", "--port", str(port), *defaults, *extra], port, log_path)
 
 
 def gateway_stage(llm: list[Stage], host: str, port: int, extra: list[str], log_path=None) -> Stage:
@@ -228,8 +223,7 @@ def run(args: argparse.Namespace) -> int | None:
         vision = vision_stage(args.model, args.vision_port or free_port(), shlex.split(args.vision_args))
         stages.append(vision)
         vision.wait_ready()
-        llm = llm_stage(args.model, [vision], args.llm_port or free_port(), shlex.split(args.llm_args),
-                        cpu_defaults=not args.accelerator)
+        llm = llm_stage(args.model, [vision], args.llm_port or free_port(), shlex.split(args.llm_args))
         stages.append(llm)
         llm.wait_ready()
         gateway = gateway_stage([llm], args.host, args.port, shlex.split(args.gateway_args))
@@ -263,8 +257,6 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the gateway")
     parser.add_argument("--vision-port", type=int, default=0, help="gRPC port of vision_svc (0: any free one)")
     parser.add_argument("--llm-port", type=int, default=0, help="gRPC port of llm_svc (0: any free one)")
-    parser.add_argument("--accelerator", action="store_true",
-                        help="do not add the CPU engine defaults (KV cache size, eager mode, in-process engine)")
     parser.add_argument("--vision-args", default="", help="extra flags for vision_svc, one quoted string")
     parser.add_argument("--llm-args", default="", help="extra flags for llm_svc (vLLM engine flags), one string")
     parser.add_argument("--gateway-args", default="", help="extra flags for the gateway, one string")

@@ -29,6 +29,8 @@ async def serve(config, engine_args) -> None:
 def main(argv: list[str] | None = None) -> None:
     config, engine_args = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
+    if config.cpu_defaults is not None:
+        config.cpu_defaults.apply(log)  # logs what llm_svc picked; the engine's workers inherit its environment
     start_orphan_guard()  # before any child process exists
     asyncio.run(serve(config, engine_args))
 

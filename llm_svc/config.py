@@ -4,13 +4,17 @@ Our own flags go into `LlmConfig`; every other flag is one of vLLM's engine argu
 unchanged into `AsyncEngineArgs` (parallelism, Ray, max-model-len, dtype, KV cache size, ...). Two engine
 settings are forced, because they are what makes this the disaggregated language stage: image
 embeddings come in (`enable_mm_embeds`) and the vision tower is not built (`limit_mm_per_prompt` 0 for
-every modality).
+every modality). On a CPU, flags the user leaves out get values that start there (`cpu_defaults`).
 """
 
+import argparse
 import dataclasses
 
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.platforms import current_platform
 from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from llm_svc.cpu_defaults import CpuDefaults, pick_cpu_defaults, read_cpu_machine
 
 MiB = 1 << 20
 NO_VISION_TOWER = {"image": 0, "video": 0}
@@ -30,6 +34,8 @@ class LlmConfig:
     grace_s: float = 30.0
     log_level: str = "INFO"
     log_json: bool = False
+    # What llm_svc picked for vLLM's CPU backend (None elsewhere); main applies its environment and logs it.
+    cpu_defaults: CpuDefaults | None = None
 
     def __post_init__(self):
         if not self.vision:
@@ -45,7 +51,7 @@ class LlmConfig:
 
 
 # --log-level is vLLM's own flag; llm_svc's logs follow it too.
-_OWN_FLAGS = [f.name for f in dataclasses.fields(LlmConfig) if f.name != "log_level"]
+_OWN_FLAGS = [f.name for f in dataclasses.fields(LlmConfig) if f.name not in ("log_level", "cpu_defaults")]
 
 
 def build_parser() -> FlexibleArgumentParser:
@@ -80,6 +86,16 @@ def build_parser() -> FlexibleArgumentParser:
     return parser
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The dests of the options that `argv` sets, however spelled (`--flag v`, `--flag=v`, `--flag_name v`,
+    `--no-flag`, vLLM's `-O1` and `-cc.mode=...`): parsed again by a parser that has no defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(parser.parse_args(argv)))
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[LlmConfig, AsyncEngineArgs]:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,4 +111,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[LlmConfig, AsyncEngineA
         parser.error("--limit-mm-per-prompt is set by llm_svc: images arrive as embeddings from vision_svc")
     engine_args.enable_mm_embeds = True
     engine_args.limit_mm_per_prompt = dict(NO_VISION_TOWER)
+    if current_platform.is_cpu():
+        try:
+            defaults = pick_cpu_defaults(engine_args, given_options(argv), read_cpu_machine())
+        except ValueError as error:
+            parser.error(str(error))
+        for name, value in defaults.engine_args.items():
+            setattr(engine_args, name, value)
+        config = dataclasses.replace(config, cpu_defaults=defaults)
     return config, engine_args

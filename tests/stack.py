@@ -8,9 +8,9 @@ import time
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
 from protos import lifetime
 
-# fp32 so that greedy tokens can be compared with the fp32 references; a small KV cache and batch.
-TEST_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "8", "--dtype", "float32",
-                     "--grace-s", "5"]
+# fp32 so that greedy tokens can be compared with the fp32 references; a small KV cache, context and batch.
+TEST_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "8192", "--max-num-seqs", "8",
+                     "--dtype", "float32", "--grace-s", "5"]
 
 
 def start_vision(model: pathlib.Path, log_dir: pathlib.Path, *extra: str) -> Stage:

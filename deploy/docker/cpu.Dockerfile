@@ -2,7 +2,7 @@
 #
 #   docker build -f deploy/docker/cpu.Dockerfile -t internvl-dvd:cpu .
 #   docker run -v /models:/models:ro internvl-dvd:cpu vision_svc --model /models/tiny-internvl --device cpu --port 50051
-#   docker run -e VLLM_ENABLE_V1_MULTIPROCESSING=0 -v /models:/models:ro internvl-dvd:cpu llm_svc --model /models/tiny-internvl --vision vision:50051 --kv-cache-memory-bytes 1073741824 --enforce-eager
+#   docker run -v /models:/models:ro internvl-dvd:cpu llm_svc --model /models/tiny-internvl --vision vision:50051 --trust-remote-code
 #   docker run -p 8000:8000 internvl-dvd:cpu gateway --llm llm:50052 --port 8000
 #   docker run -v /models:/models internvl-dvd:cpu python3 -m deploy.tiny_model --out /models/tiny-internvl
 #
