@@ -75,6 +75,13 @@ def make_serve(tmp_path_factory):
     served.kill()
 
 
+def test_every_python_example_of_the_readme_is_run_by_a_test():
+    """Each one is tagged; the grpc-client example runs in tests/llm_svc/test_llm_lifecycle.py."""
+    blocks = README.count("```python\n")
+    tagged = re.findall(r"<!-- readme-example: ([\w-]+) -->\n```python\n", README)
+    assert sorted(tagged) == ["grpc-client", "openai-client"] and blocks == len(tagged)
+
+
 def test_readme_openai_example_runs_against_make_serve(make_serve, tmp_path):
     code = readme_example("openai-client").replace("127.0.0.1:8000", f"127.0.0.1:{make_serve.port}")
     (tmp_path / "example.py").write_text(code)
