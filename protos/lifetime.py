@@ -17,8 +17,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 _PR_SET_PDEATHSIG = 1
+# A stage's own temporary directory is named after it: TMP_PREFIX + its pid + a random suffix.
+TMP_PREFIX = "internvl-stage-"
 # Resolved once, here: `set_parent_death_signal` may run between fork and exec, where loading is unsafe.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -40,10 +43,14 @@ def die_with_parent() -> None:
 
 
 def start_orphan_guard() -> subprocess.Popen:
-    """Starts the guard of this process's descendants. It lives in a session of its own, so that the signals
-    sent to the stage's process group (a terminal's Ctrl-C) do not reach it, and it exits on its own once
-    the stage and everything the stage left are gone."""
-    return subprocess.Popen([sys.executable, "-m", "protos.orphan_guard", str(os.getpid())],
+    """Starts the guard of this process's descendants, and gives the stage a temporary directory of its own
+    (TMPDIR, for its children too), which the guard removes when the stage ends: vLLM, for one, leaves its
+    IPC sockets in the temporary directory. The guard lives in a session of its own, so that the signals sent
+    to the stage's process group (a terminal's Ctrl-C) do not reach it, and exits once the stage and
+    everything the stage left are gone."""
+    private_tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+    os.environ["TMPDIR"] = tempfile.tempdir = private_tmp
+    return subprocess.Popen([sys.executable, "-m", "protos.orphan_guard", str(os.getpid()), private_tmp],
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 

@@ -1,16 +1,18 @@
-"""`python -m protos.orphan_guard PID`: when process PID ends, however it ends, stop what it left running.
+"""`python -m protos.orphan_guard PID TMPDIR`: when process PID ends, however it ends, stop what it left running.
 
 Started by each stage beside itself (`protos.lifetime.start_orphan_guard`). While the stage lives, the guard
 notes its descendants and the shared-memory segments they map, every `SCAN_INTERVAL_S`. Once the stage is
-gone (a pidfd tells at once), its orphans get SIGTERM, then SIGKILL after `GRACE_S`, and the segments that
-no living process maps any more are removed. After a clean stop there is nothing left and the guard just
-exits. Standard library only: it must start in milliseconds and cost nothing while it waits.
+gone (a pidfd tells at once), its orphans get SIGTERM, then SIGKILL after `GRACE_S`; then the segments that
+no living process maps any more are removed, and so is the stage's own temporary directory. After a clean
+stop there is nothing else to do. Standard library only: it must start in milliseconds and cost nothing
+while it waits.
 """
 
 import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import sys
 import time
@@ -98,7 +100,11 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    guard(int(sys.argv[1]))
+    stage, private_tmp = int(sys.argv[1]), sys.argv[2]
+    try:
+        guard(stage)
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

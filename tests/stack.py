@@ -1,8 +1,10 @@
 """Runs the real stages as subprocesses on loopback ports for end-to-end tests, with the same launcher
 as `make serve` (`deploy.local`), plus small CPU settings that keep the suite fast."""
 
+import glob
 import os
 import pathlib
+import tempfile
 import time
 
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
@@ -35,17 +37,18 @@ class StageProcesses:
 
     def __init__(self):
         self.processes: dict[int, int] = {}
-        self.shared_memory: set[str] = set()
+        self.files: set[str] = set()  # shared memory, and the stage's own temporary directory
 
     def add(self, stage: Stage) -> "StageProcesses":
         pids = [stage.proc.pid, *lifetime.descendants(stage.proc.pid)]
         self.processes |= lifetime.snapshot(pids)
-        self.shared_memory |= set().union(*map(lifetime.mapped_shared_memory, pids))
+        self.files |= set().union(*map(lifetime.mapped_shared_memory, pids))
+        self.files |= set(glob.glob(f"{tempfile.gettempdir()}/{lifetime.TMP_PREFIX}{stage.proc.pid}-*"))
         return self
 
     def assert_all_gone(self, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s
         while (left := lifetime.still_running(self.processes)) or \
-                (segments := [path for path in self.shared_memory if os.path.exists(path)]):
-            assert time.monotonic() < deadline, f"still running: {left}; shared memory left: {segments}"
+                (files := [path for path in self.files if os.path.exists(path)]):
+            assert time.monotonic() < deadline, f"still running: {left}; files left: {files}"
             time.sleep(0.2)

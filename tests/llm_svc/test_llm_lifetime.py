@@ -31,8 +31,9 @@ def test_nothing_of_llm_svc_outlives_it(tiny_checkpoint, vision, tmp_path, sig):
     finally:
         client.close()
     processes = StageProcesses().add(llm)
-    # The stage, its orphan guard, vLLM's engine core and multiprocessing's resource tracker.
-    assert len(processes.processes) >= 4
+    # The stage, its orphan guard, vLLM's engine core and multiprocessing's resource tracker; the stage's
+    # temporary directory, which holds vLLM's IPC sockets.
+    assert len(processes.processes) >= 4 and processes.files
     # As a terminal does, SIGINT goes to the stage's whole process group (the stage leads it).
     os.killpg(llm.proc.pid, sig) if sig == signal.SIGINT else llm.proc.send_signal(sig)
     assert llm.proc.wait(60) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)

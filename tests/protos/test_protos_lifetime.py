@@ -6,6 +6,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -25,6 +26,10 @@ def wait_until(condition, timeout_s: float = 15.0) -> None:
 
 def running(pid: int) -> bool:
     return bool(lifetime.still_running(lifetime.snapshot([pid])))
+
+
+def private_tmp_dirs(pid: int) -> list[pathlib.Path]:
+    return list(pathlib.Path(tempfile.gettempdir()).glob(f"{lifetime.TMP_PREFIX}{pid}-*"))
 
 
 def ignored_signals(pid: int) -> set[signal.Signals]:
@@ -60,11 +65,12 @@ def test_guard_stops_what_a_killed_stage_left_and_removes_its_shared_memory(tmp_
         time.sleep(600)
     """, tmp_path)
     segment = pathlib.Path(f"/dev/shm/lifetime-test-{os.getpid()}")
+    private_tmp, = private_tmp_dirs(stage.pid)
     assert segment.exists() and running(child)
     stage.kill()
     stage.wait()
     wait_until(lambda: not running(child) and not running(guard))  # SIGTERM ignored: SIGKILL after the grace
-    assert not segment.exists()
+    assert not segment.exists() and not private_tmp.exists()
 
 
 def test_guard_leaves_nothing_behind_and_kills_nothing_after_a_clean_exit(tmp_path):
@@ -75,8 +81,10 @@ def test_guard_leaves_nothing_behind_and_kills_nothing_after_a_clean_exit(tmp_pa
         open(sys.argv[1], "w").write(f"{guard.pid}\\n")
         time.sleep(1)
     """, tmp_path)
+    private_tmp, = private_tmp_dirs(stage.pid)
     assert stage.wait(10) == 0
     wait_until(lambda: not running(guard), timeout_s=5)
+    assert not private_tmp.exists()
 
 
 def test_guard_ignores_the_signals_meant_for_the_stage(tmp_path):

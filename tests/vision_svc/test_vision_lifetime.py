@@ -20,8 +20,9 @@ def test_nothing_of_vision_svc_outlives_it(tiny_checkpoint, tmp_path, sig):
                                                    for s in range(3)])
         assert sum(r.last for r in vision_pb2_grpc.VisionEncoderStub(channel).Encode(request, timeout=60)) == 3
     processes = StageProcesses().add(vision)
-    # The stage, its orphan guard, two workers and multiprocessing's resource tracker; their semaphores.
-    assert len(processes.processes) == 5 and processes.shared_memory
+    # The stage, its orphan guard, two workers and multiprocessing's resource tracker; their semaphores and
+    # the stage's temporary directory.
+    assert len(processes.processes) == 5 and len(processes.files) > 1
     # As a terminal does, SIGINT goes to the stage's whole process group (the stage leads it).
     os.killpg(vision.proc.pid, sig) if sig == signal.SIGINT else vision.proc.send_signal(sig)
     assert vision.proc.wait(30) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
