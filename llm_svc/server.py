@@ -9,7 +9,9 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from llm_svc.admission import AdmissionCheck
 from llm_svc.config import LlmConfig
+from llm_svc.image_tokens import ImageTokenCounter, TilingPolicy
 from llm_svc.prompts import ImageRef, Message, PromptRenderer
 from llm_svc.service import LanguageService, ModelShape
 from llm_svc.servicer import LanguageModelServicer
@@ -52,7 +54,11 @@ class LlmServer:
                            max_images_per_request=min(self.config.max_images_per_request,
                                                       info.max_images_per_request),
                            vision_timeout_s=self.config.vision_timeout_s)
-        self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), shape)
+        admission = AdmissionCheck(self.engine.renderer, self.engine.input_processor,
+                                   await self.engine.get_supported_tasks(),
+                                   ImageTokenCounter(TilingPolicy.from_info(info)), hidden)
+        self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), admission,
+                                       shape)
         model_info = llm_pb2.GetModelInfoResponse(
             model=model_config.served_model_name, max_model_len=shape.max_model_len, hidden_size=hidden,
             max_images_per_request=shape.max_images_per_request, vocab_size=model_config.get_vocab_size())

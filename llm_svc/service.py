@@ -1,11 +1,12 @@
 """One Generate request below the wire: images to embeddings, prompt to tokens, the engine's stream.
 
-The vision call starts first and runs while the prompt is rendered; embeddings are checked against the
-model before they reach the engine (vLLM may crash on a wrong width). The engine request is aborted when
-the caller goes away: vLLM's `generate` aborts on cancellation, and `Abort` aborts by id.
+The prompt is rendered first and the engine's admission checks run on it, each image counted from its
+header (`admission`), so that a request the engine would refuse never reaches the vision stage. Then the
+vision call; embeddings are checked against the model before they reach the engine (vLLM may crash on a
+wrong width). The engine request is aborted when the caller goes away: vLLM's `generate` aborts on
+cancellation, and `Abort` aborts by id.
 """
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -18,6 +19,7 @@ from vllm.outputs import RequestOutput
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from llm_svc import metrics
+from llm_svc.admission import AdmissionCheck
 from llm_svc.prompts import Message, PromptRenderer
 from llm_svc.vision_client import ImageBlob, VisionClient
 from protos.errors import InternalError, InvalidInput, Overloaded, ServingError, Unavailable
@@ -58,10 +60,12 @@ class ModelShape:
 
 
 class LanguageService:
-    def __init__(self, engine, vision: VisionClient, renderer: PromptRenderer, shape: ModelShape):
+    def __init__(self, engine, vision: VisionClient, renderer: PromptRenderer, admission: AdmissionCheck,
+                 shape: ModelShape):
         self._engine = engine
         self._vision = vision
         self.renderer = renderer
+        self._admission = admission
         self.shape = shape
         # Running request ids -> whether Abort asked to stop them (it may come before the engine knows them).
         self._running: dict[str, bool] = {}
@@ -81,10 +85,9 @@ class LanguageService:
                                f"{self.shape.max_images_per_request}")
         started = time.perf_counter()
         self._running[request.request_id] = False
-        vision = asyncio.ensure_future(self._embeddings(request)) if request.images else None
         try:
             text = self.renderer.render(request.messages) if request.messages is not None else request.prompt
-            embeddings = await vision if vision else []
+            embeddings = await self._embeddings(request, text) if request.images else []
             vision_s = time.perf_counter() - started
             if self._running[request.request_id]:  # aborted while its images were being encoded
                 yield Delta("", [], None, finish_reason="abort", timings={
@@ -99,10 +102,10 @@ class LanguageService:
                 yield delta
         finally:
             self._running.pop(request.request_id, None)
-            if vision and not vision.done():
-                vision.cancel()
 
-    async def _embeddings(self, request: GenerateInput) -> list[torch.Tensor]:
+    async def _embeddings(self, request: GenerateInput, text: str) -> list[torch.Tensor]:
+        # Before the vision call: a request that the engine would refuse costs the vision stage nothing.
+        await self._admission.check(request.request_id, text, request.images, request.max_tiles, request.sampling)
         results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
                                             self.shape.vision_timeout_s)
         for i, result in enumerate(results):

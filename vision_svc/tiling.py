@@ -70,6 +70,11 @@ def tile_count(width: int, height: int, options: TileOptions) -> int:
     return blocks + 1 if options.use_thumbnail and blocks != 1 else blocks
 
 
+def fewest_tiles(options: TileOptions) -> int:
+    """The fewest tiles that any image makes with these options: the smallest grid has exactly min_tiles."""
+    return options.min_tiles + 1 if options.use_thumbnail and options.min_tiles != 1 else options.min_tiles
+
+
 def image_to_tile_pixels(image: Image.Image, options: TileOptions) -> np.ndarray:
     """Tiles of an RGB image before normalization, uint8 [tiles, 3, S, S], grid tiles row-major then the thumbnail."""
     if image.mode != "RGB":

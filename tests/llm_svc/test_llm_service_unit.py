@@ -21,9 +21,23 @@ SHAPE = ModelShape(hidden_size=16, tokens_per_tile=4, max_model_len=128, max_ima
 class FakeVision:
     def __init__(self, embeddings: torch.Tensor, num_tiles: int):
         self.result = ImageEmbedding("h" * 64, num_tiles, embeddings, False)
+        self.calls = 0
 
     async def encode(self, request_id, images, max_tiles, timeout_s):
+        self.calls += 1
         return [self.result for _ in images]
+
+
+class Admission:
+    """Admits every request, or refuses every one as the engine's admission check would."""
+
+    def __init__(self, refusal: str | None = None):
+        self.refusal = refusal
+
+    async def check(self, request_id, text, images, max_tiles, sampling):
+        if self.refusal:
+            raise InvalidInput(self.refusal)
+        return 1
 
 
 class RecordingEngine:
@@ -58,7 +72,7 @@ def request(images: int) -> GenerateInput:
 ])
 async def test_embeddings_of_the_wrong_shape_never_reach_the_engine(embeddings, num_tiles):
     engine = RecordingEngine()
-    service = LanguageService(engine, FakeVision(embeddings, num_tiles), FixedRenderer(), SHAPE)
+    service = LanguageService(engine, FakeVision(embeddings, num_tiles), FixedRenderer(), Admission(), SHAPE)
     with pytest.raises(InternalError, match="the language model needs"):
         [d async for d in service.generate(request(images=1))]
     assert engine.prompts == []
@@ -66,7 +80,7 @@ async def test_embeddings_of_the_wrong_shape_never_reach_the_engine(embeddings, 
 
 async def test_embeddings_of_the_right_shape_reach_the_engine_with_their_hashes():
     engine = RecordingEngine()
-    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), SHAPE)
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), SHAPE)
     [d async for d in service.generate(request(images=1))]
     assert engine.prompts[0]["multi_modal_uuids"] == {"image": ["a" * 64]}
     assert engine.prompts[0]["multi_modal_data"]["image"][0].shape == (8, 16)
@@ -81,7 +95,7 @@ class SlowVision(FakeVision):
 async def test_abort_while_images_are_encoded_ends_the_request_before_the_engine():
     engine = RecordingEngine()
     engine.abort = lambda request_id: asyncio.sleep(0)
-    service = LanguageService(engine, SlowVision(torch.zeros(8, 16), 2), FixedRenderer(), SHAPE)
+    service = LanguageService(engine, SlowVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), SHAPE)
     stream = service.generate(request(images=1))
     first = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0.1)
@@ -90,9 +104,18 @@ async def test_abort_while_images_are_encoded_ends_the_request_before_the_engine
     assert engine.prompts == []
 
 
+async def test_a_request_the_engine_would_refuse_never_reaches_the_vision_stage():
+    engine, vision = RecordingEngine(), FakeVision(torch.zeros(8, 16), 2)
+    service = LanguageService(engine, vision, FixedRenderer(), Admission("The decoder prompt (length 200) is longer"),
+                              SHAPE)
+    with pytest.raises(InvalidInput, match="length 200"):
+        [d async for d in service.generate(request(images=1))]
+    assert vision.calls == 0 and engine.prompts == []
+
+
 async def test_too_many_images_are_refused_before_any_work():
     engine = RecordingEngine()
-    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), SHAPE)
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), SHAPE)
     with pytest.raises(InvalidInput, match="3 images in one request; the limit is 2"):
         [d async for d in service.generate(request(images=3))]
 
