@@ -90,8 +90,7 @@ class LanguageService:
             embeddings = await self._embeddings(request, text) if request.images else []
             vision_s = time.perf_counter() - started
             if self._running[request.request_id]:  # aborted while its images were being encoded
-                yield Delta("", [], None, finish_reason="abort", timings={
-                    "vision_s": vision_s, "queue_s": 0.0, "first_token_s": vision_s, "total_s": vision_s})
+                yield _aborted_before_the_engine(vision_s)
                 return
             prompt = {"prompt": text}
             if embeddings:
@@ -123,7 +122,14 @@ class LanguageService:
         completion_tokens = 0
         try:
             engine_input = await self.renderer.engine_input(prompt)
+            if self._running[request.request_id]:  # aborted while the prompt was being rendered
+                yield _aborted_before_the_engine(vision_s)
+                return
             async for output in self._engine.generate(engine_input, request.sampling, request.request_id):
+                if self._running[request.request_id] and not output.finished:
+                    # An Abort that came while the engine was admitting the request found no request to abort.
+                    await self._engine.abort(request.request_id)
+                    continue
                 completion = output.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 if first_token_s is None and completion.token_ids:
@@ -151,6 +157,11 @@ class LanguageService:
                 error.message) from error
         except (VLLMClientError, ValueError) as error:  # vLLM's validation: prompt too long, bad token ids, ...
             raise InvalidInput(str(error)) from error
+
+
+def _aborted_before_the_engine(vision_s: float) -> Delta:
+    return Delta("", [], None, finish_reason="abort", timings={
+        "vision_s": vision_s, "queue_s": 0.0, "first_token_s": vision_s, "total_s": vision_s})
 
 
 def _queue_seconds(output: RequestOutput) -> float:

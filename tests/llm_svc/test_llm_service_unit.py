@@ -3,6 +3,7 @@ what must never reach the engine, and the tables of proto <-> domain conversions
 
 import asyncio
 import hashlib
+import types
 
 import pytest
 import torch
@@ -102,6 +103,57 @@ async def test_abort_while_images_are_encoded_ends_the_request_before_the_engine
     assert await service.abort("r1")
     assert (await first).finish_reason == "abort"
     assert engine.prompts == []
+
+
+class SlowRenderer(FixedRenderer):
+    async def engine_input(self, prompt):
+        await asyncio.sleep(0.3)
+        return prompt
+
+
+class LateKnowingEngine(RecordingEngine):
+    """Learns of a request only when its first output is ready; an abort before that finds nothing to abort,
+    as vLLM's does while it admits the request. Streams until an abort it knows of."""
+
+    def __init__(self):
+        super().__init__()
+        self.known, self.aborted = False, False
+
+    async def abort(self, request_id):
+        self.aborted = self.known
+
+    async def generate(self, prompt, sampling, request_id):
+        self.prompts.append(prompt)
+        await asyncio.sleep(0.3)
+        self.known = True
+        for _ in range(1000):
+            finished = self.aborted
+            completion = types.SimpleNamespace(text="x", token_ids=[1], logprobs=None,
+                                               finish_reason="abort" if finished else None, stop_reason=None)
+            yield types.SimpleNamespace(outputs=[completion], finished=finished, prompt_token_ids=[1],
+                                        num_cached_tokens=0, metrics=None)
+            if finished:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the abort was lost: the request ran to its end")
+
+
+@pytest.mark.parametrize("renderer, reaches_engine", [(SlowRenderer(), False), (FixedRenderer(), True)],
+                         ids=["while rendering", "while the engine admits it"])
+async def test_abort_between_the_vision_phase_and_the_engine_is_honoured(renderer, reaches_engine):
+    engine = LateKnowingEngine()
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), renderer, Admission(), SHAPE)
+    stream = service.generate(request(images=1))
+    collected = asyncio.ensure_future(asyncio.wait_for(_all(stream), 10))
+    await asyncio.sleep(0.1)
+    assert await service.abort("r1")
+    deltas = await collected
+    assert deltas[-1].finish_reason == "abort"
+    assert bool(engine.prompts) == reaches_engine
+
+
+async def _all(stream) -> list:
+    return [d async for d in stream]
 
 
 async def test_a_request_the_engine_would_refuse_never_reaches_the_vision_stage():
