@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.log_level, config.log_json)
     if config.cpu_defaults is not None:
         config.cpu_defaults.apply(log)  # logs what llm_svc picked; the engine's workers inherit its environment
-    start_orphan_guard()  # before any child process exists
+    start_orphan_guard(config.log_json)  # before any child process exists
     asyncio.run(serve(config, engine_args))
 
 

@@ -7,7 +7,7 @@ Two mechanisms, because a stage starts two kinds of child processes:
 - children started by libraries (vLLM's engine core and its workers, multiprocessing's resource tracker) are
   watched by an orphan guard (`protos.orphan_guard`): a small process that `start_orphan_guard()` starts
   beside the stage, which notices the stage's end and stops whatever it left behind, and removes the
-  shared-memory segments they had mapped.
+  shared-memory segments they had mapped and the stage's own temporary directory.
 
 Linux only, as the stages are.
 """
@@ -42,7 +42,7 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def start_orphan_guard() -> subprocess.Popen:
+def start_orphan_guard(log_json: bool = False) -> subprocess.Popen:
     """Starts the guard of this process's descendants, and gives the stage a temporary directory of its own
     (TMPDIR, for its children too), which the guard removes when the stage ends: vLLM, for one, leaves its
     IPC sockets in the temporary directory. The guard lives in a session of its own, so that the signals sent
@@ -50,8 +50,9 @@ def start_orphan_guard() -> subprocess.Popen:
     everything the stage left are gone."""
     private_tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
     os.environ["TMPDIR"] = tempfile.tempdir = private_tmp
-    return subprocess.Popen([sys.executable, "-m", "protos.orphan_guard", str(os.getpid()), private_tmp],
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    command = [sys.executable, "-m", "protos.orphan_guard", str(os.getpid()), private_tmp]
+    return subprocess.Popen([*command, "--log-json"] if log_json else command, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def _stat_fields(pid: int) -> list[bytes] | None:

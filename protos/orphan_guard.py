@@ -1,11 +1,12 @@
-"""`python -m protos.orphan_guard PID TMPDIR`: when process PID ends, however it ends, stop what it left running.
+"""`python -m protos.orphan_guard PID TMPDIR [--log-json]`: when process PID ends, however it ends, stop what it
+left running.
 
 Started by each stage beside itself (`protos.lifetime.start_orphan_guard`). While the stage lives, the guard
 notes its descendants and the shared-memory segments they map, every `SCAN_INTERVAL_S`. Once the stage is
 gone (a pidfd tells at once), its orphans get SIGTERM, then SIGKILL after `GRACE_S`; then the segments that
 no living process maps any more are removed, and so is the stage's own temporary directory. After a clean
-stop there is nothing else to do. Standard library only: it must start in milliseconds and cost nothing
-while it waits.
+stop there is nothing else to do. Light: it starts in milliseconds, and a scan reads /proc in a millisecond
+or two.
 """
 
 import contextlib
@@ -18,6 +19,7 @@ import sys
 import time
 
 from protos.lifetime import descendants, mapped_shared_memory, snapshot, still_running
+from protos.logs import configure_logging
 
 SCAN_INTERVAL_S = 0.5
 # After a clean stop, helpers such as multiprocessing's resource tracker take a moment to notice and exit.
@@ -99,7 +101,7 @@ def main() -> None:
     # Neither a terminal's Ctrl-C nor a SIGTERM meant for the stage may end the guard before the stage.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(json_lines="--log-json" in sys.argv[3:])  # as the stage logs
     stage, private_tmp = int(sys.argv[1]), sys.argv[2]
     try:
         guard(stage)

@@ -28,7 +28,7 @@ async def serve(config) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
-    start_orphan_guard()  # before any child process exists
+    start_orphan_guard(config.log_json)  # before any child process exists
     asyncio.run(serve(config))
 
 
