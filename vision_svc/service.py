@@ -80,7 +80,10 @@ class VisionService:
                              use_thumbnail=self.limits.default_thumbnail if thumbnail is None else thumbnail)
 
     async def encode(self, images: list[ImageSource], options: EncodeOptions) -> AsyncIterator[EncodedImage]:
-        keys = self._check(images, options)
+        self._check(images)
+        # Off the event loop: 16 images of 20 MB take about 200 ms to hash (hashlib lets go of the GIL).
+        digests = await asyncio.to_thread(_digests, images)
+        keys = self._cached_or_sent(images, digests, options)
         tasks = [asyncio.create_task(self._encode_one(i, image, key))
                  for i, (image, key) in enumerate(zip(images, keys))]
         try:
@@ -90,30 +93,30 @@ class VisionService:
             for task in tasks:
                 task.cancel()
 
-    def _check(self, images: list[ImageSource], options: EncodeOptions) -> list[CacheKey]:
+    def _check(self, images: list[ImageSource]) -> None:
         """Validates every image before any work starts, so a bad request costs nothing."""
         if not images:
             raise InvalidInput("no images in the request")
         if len(images) > self.limits.max_images_per_request:
             raise InvalidInput(f"{len(images)} images in one request; the limit is "
                                f"{self.limits.max_images_per_request}")
-        keys, missing = [], []
         for i, image in enumerate(images):
             if image.data is not None:
                 if len(image.data) > self.limits.max_image_bytes:
                     raise InvalidInput(f"image {i}: {len(image.data)} bytes, over the limit of "
                                        f"{self.limits.max_image_bytes}")
-                digest = content_hash(image.data)
             elif image.content_hash is not None:
                 if not _HASH.match(image.content_hash):
                     raise InvalidInput(f"image {i}: content_hash must be 64 lowercase hex digits (SHA-256)")
-                digest = image.content_hash
             else:
                 raise InvalidInput(f"image {i}: neither bytes nor a content hash")
-            key = CacheKey(digest, options.max_tiles, options.use_thumbnail)
-            if image.data is None and self._cache.get(key) is None and self._cache.in_flight(key) is None:
-                missing.append(i)
-            keys.append(key)
+
+    def _cached_or_sent(self, images: list[ImageSource], digests: list[str], options: EncodeOptions
+                        ) -> list[CacheKey]:
+        """The images' cache keys; NotFound names those sent by hash alone that this replica does not hold."""
+        keys = [CacheKey(digest, options.max_tiles, options.use_thumbnail) for digest in digests]
+        missing = [i for i, (image, key) in enumerate(zip(images, keys))
+                   if image.data is None and self._cache.get(key) is None and self._cache.in_flight(key) is None]
         if missing:
             metrics.CACHE_MISSES.inc(len(missing))
             raise NotFound(f"images {missing} named by content hash are not cached here; resend their bytes",
@@ -175,3 +178,7 @@ class VisionService:
         metrics.CACHE_HITS.inc()
         metrics.IMAGES.labels("cache").inc()
         return EncodedImage(index, key.content_hash, len(embeddings) // self.tokens_per_tile, embeddings, True)
+
+
+def _digests(images: list[ImageSource]) -> list[str]:
+    return [content_hash(image.data) if image.data is not None else image.content_hash for image in images]

@@ -4,6 +4,7 @@ import asyncio
 import dataclasses
 import io
 import pathlib
+import threading
 
 import grpc
 import pytest
@@ -180,3 +181,16 @@ def test_config_refuses_bad_limits():
         VisionConfig(model=pathlib.Path("."), max_batch_tiles=0)
     with pytest.raises(ValueError, match="--max-tiles"):
         dataclasses.replace(VisionConfig(model=pathlib.Path(".")), max_tiles=100)
+
+
+async def test_image_bytes_are_hashed_off_the_event_loop(vision, monkeypatch):
+    stub, _ = vision
+    hashed_on = []
+
+    def recording_hash(data: bytes) -> str:
+        hashed_on.append(threading.current_thread())
+        return content_hash(data)
+
+    monkeypatch.setattr("vision_svc.service.content_hash", recording_hash)
+    await encode(stub, [vision_pb2.ImageInput(data=png(40, 30, seed=77))])
+    assert hashed_on and threading.main_thread() not in hashed_on
