@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LanguageModel"].full_name
 ENGINE_WATCH_INTERVAL_S = 1.0
+# What an Encode request carries besides image bytes: request id, options, the framing of each image.
+ENCODE_OVERHEAD_BYTES = 64 << 10
 
 
 class IncompatibleVisionStage(RuntimeError):
@@ -49,10 +51,13 @@ class LlmServer:
             raise IncompatibleVisionStage(
                 f"vision_svc serves {info.model!r} with embeddings {info.llm_hidden} wide, but the language "
                 f"model {model_config.model!r} has hidden size {hidden}: they are not the same InternVL model")
+        # A request's images travel on to the vision stage, whose own message limit may be lower than ours.
+        vision_request_bytes = info.max_request_bytes or self.config.max_message_bytes
         shape = ModelShape(hidden_size=hidden, tokens_per_tile=info.tokens_per_tile,
                            max_model_len=model_config.max_model_len,
                            max_images_per_request=min(self.config.max_images_per_request,
                                                       info.max_images_per_request),
+                           max_image_bytes_per_request=vision_request_bytes - ENCODE_OVERHEAD_BYTES,
                            vision_timeout_s=self.config.vision_timeout_s)
         admission = AdmissionCheck(self.engine.renderer, self.engine.input_processor,
                                    await self.engine.get_supported_tasks(),
@@ -61,7 +66,8 @@ class LlmServer:
                                        shape)
         model_info = llm_pb2.GetModelInfoResponse(
             model=model_config.served_model_name, max_model_len=shape.max_model_len, hidden_size=hidden,
-            max_images_per_request=shape.max_images_per_request, vocab_size=model_config.get_vocab_size())
+            max_images_per_request=shape.max_images_per_request, vocab_size=model_config.get_vocab_size(),
+            max_request_bytes=min(self.config.max_message_bytes, vision_request_bytes))
         self.grpc = GrpcServer(self.config.host, self.config.port, self.config.max_message_bytes,
                                self.config.grace_s)
         self.grpc.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server,

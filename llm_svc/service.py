@@ -56,6 +56,8 @@ class ModelShape:
     tokens_per_tile: int
     max_model_len: int
     max_images_per_request: int
+    # The image bytes one Encode request may carry: the vision stage's message limit, less the framing.
+    max_image_bytes_per_request: int
     vision_timeout_s: float
 
 
@@ -83,6 +85,10 @@ class LanguageService:
         if len(request.images) > self.shape.max_images_per_request:
             raise InvalidInput(f"{len(request.images)} images in one request; the limit is "
                                f"{self.shape.max_images_per_request}")
+        image_bytes = sum(len(image.data) for image in request.images if image.data)
+        if image_bytes > self.shape.max_image_bytes_per_request:
+            raise InvalidInput(f"the images of this request are {image_bytes} bytes together; the vision stage "
+                               f"takes at most {self.shape.max_image_bytes_per_request} per request")
         started = time.perf_counter()
         self._running[request.request_id] = False
         try:

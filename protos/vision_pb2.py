@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x12internvl.vision.v1\">\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"X\n\x11PreprocessOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12\x30\n\tthumbnail\x18\x02 \x01(\x0e\x32\x1d.internvl.vision.v1.Thumbnail\"\x8b\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.internvl.vision.v1.ImageInput\x12\x36\n\x07options\x18\x03 \x01(\x0b\x32%.internvl.vision.v1.PreprocessOptions\"G\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"{\n\x0bImageHeader\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x30\n\x06tensor\x18\x03 \x01(\x0b\x32 .internvl.vision.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"r\n\x0e\x45ncodeResponse\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1f.internvl.vision.v1.ImageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\x9b\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nllm_hidden\x18\x02 \x01(\r\x12(\n\x05\x64type\x18\x03 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x12\n\nimage_size\x18\x05 \x01(\r\x12\x11\n\tmax_tiles\x18\x06 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x11\n\tmin_tiles\x18\x0b \x01(\r*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*K\n\tThumbnail\x12\x19\n\x15THUMBNAIL_UNSPECIFIED\x10\x00\x12\x10\n\x0cTHUMBNAIL_ON\x10\x01\x12\x11\n\rTHUMBNAIL_OFF\x10\x02\x32\xb6\x01\n\rVisionEncoder\x12Q\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse0\x01\x12R\n\x07GetInfo\x12\".internvl.vision.v1.GetInfoRequest\x1a#.internvl.vision.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x12internvl.vision.v1\">\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"X\n\x11PreprocessOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12\x30\n\tthumbnail\x18\x02 \x01(\x0e\x32\x1d.internvl.vision.v1.Thumbnail\"\x8b\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.internvl.vision.v1.ImageInput\x12\x36\n\x07options\x18\x03 \x01(\x0b\x32%.internvl.vision.v1.PreprocessOptions\"G\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"{\n\x0bImageHeader\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x30\n\x06tensor\x18\x03 \x01(\x0b\x32 .internvl.vision.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"r\n\x0e\x45ncodeResponse\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1f.internvl.vision.v1.ImageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xb6\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nllm_hidden\x18\x02 \x01(\r\x12(\n\x05\x64type\x18\x03 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x12\n\nimage_size\x18\x05 \x01(\r\x12\x11\n\tmax_tiles\x18\x06 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x11\n\tmin_tiles\x18\x0b \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0c \x01(\x04*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*K\n\tThumbnail\x12\x19\n\x15THUMBNAIL_UNSPECIFIED\x10\x00\x12\x10\n\x0cTHUMBNAIL_ON\x10\x01\x12\x11\n\rTHUMBNAIL_OFF\x10\x02\x32\xb6\x01\n\rVisionEncoder\x12Q\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse0\x01\x12R\n\x07GetInfo\x12\".internvl.vision.v1.GetInfoRequest\x1a#.internvl.vision.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=957
-  _globals['_DTYPE']._serialized_end=1045
-  _globals['_THUMBNAIL']._serialized_start=1047
-  _globals['_THUMBNAIL']._serialized_end=1122
+  _globals['_DTYPE']._serialized_start=984
+  _globals['_DTYPE']._serialized_end=1072
+  _globals['_THUMBNAIL']._serialized_start=1074
+  _globals['_THUMBNAIL']._serialized_end=1149
   _globals['_IMAGEINPUT']._serialized_start=43
   _globals['_IMAGEINPUT']._serialized_end=105
   _globals['_PREPROCESSOPTIONS']._serialized_start=107
@@ -50,7 +50,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=653
   _globals['_GETINFOREQUEST']._serialized_end=669
   _globals['_GETINFORESPONSE']._serialized_start=672
-  _globals['_GETINFORESPONSE']._serialized_end=955
-  _globals['_VISIONENCODER']._serialized_start=1125
-  _globals['_VISIONENCODER']._serialized_end=1307
+  _globals['_GETINFORESPONSE']._serialized_end=982
+  _globals['_VISIONENCODER']._serialized_start=1152
+  _globals['_VISIONENCODER']._serialized_end=1334
 # @@protoc_insertion_point(module_scope)

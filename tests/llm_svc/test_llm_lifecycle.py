@@ -65,6 +65,7 @@ def test_model_info(stack):
     _, _, client, _ = stack
     info = client.stub.GetModelInfo(llm_pb2.GetModelInfoRequest())
     assert info.max_model_len == 4096 and info.max_images_per_request == 3 and info.hidden_size > 0
+    assert info.max_request_bytes == 64 << 20  # both stages' default message limit
 
 
 def test_usage_and_timings_come_with_the_last_message(stack):

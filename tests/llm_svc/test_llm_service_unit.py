@@ -16,7 +16,7 @@ from protos import llm_pb2
 from protos.errors import InternalError, InvalidInput
 
 SHAPE = ModelShape(hidden_size=16, tokens_per_tile=4, max_model_len=128, max_images_per_request=2,
-                   vision_timeout_s=5)
+                   max_image_bytes_per_request=1000, vision_timeout_s=5)
 
 
 class FakeVision:
@@ -162,6 +162,16 @@ async def test_a_request_the_engine_would_refuse_never_reaches_the_vision_stage(
                               SHAPE)
     with pytest.raises(InvalidInput, match="length 200"):
         [d async for d in service.generate(request(images=1))]
+    assert vision.calls == 0 and engine.prompts == []
+
+
+async def test_images_over_the_vision_stages_message_limit_are_refused_before_any_work():
+    engine, vision = RecordingEngine(), FakeVision(torch.zeros(8, 16), 2)
+    service = LanguageService(engine, vision, FixedRenderer(), Admission(), SHAPE)
+    big = request(images=2)
+    big.images[:] = [ImageBlob("a" * 64, bytes(600)), ImageBlob("b" * 64, bytes(600))]
+    with pytest.raises(InvalidInput, match="1200 bytes together; the vision stage takes at most 1000"):
+        [d async for d in service.generate(big)]
     assert vision.calls == 0 and engine.prompts == []
 
 
