@@ -31,6 +31,7 @@ from gateway.responses import collect, completion_renderer, sse_events
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from protos import llm_pb2
 from protos.errors import Cancelled, InternalError, InvalidInput, NotFound, ServingError, Unavailable
+from protos.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,23 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, error: ServingError) -> JSONResponse:
         status, body = http_error(error)
+        # The whole error, peer and details, is logged here: a 5xx body names only its kind and the request id.
         log.log(logging.WARNING if status >= 500 else logging.INFO, "%s %s -> %d: %s", request.method,
-                request.url.path, status, error)
+                request.url.path, status, error.for_log())
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path, exc_info=error)
-        status, body = http_error(InternalError(f"internal error: {type(error).__name__}"))
-        return JSONResponse(body, status_code=status)
+        # Starlette runs this handler outside every middleware, after RequestContextMiddleware has reset the
+        # request id and without its response header: both are put back here, for the log line and the client.
+        request_id = getattr(request.state, "request_id", "-")
+        token = request_id_var.set(request_id)
+        try:
+            log.exception("%s %s failed", request.method, request.url.path, exc_info=error)
+            status, body = http_error(InternalError("unexpected error"))
+        finally:
+            request_id_var.reset(token)
+        return JSONResponse(body, status_code=status, headers={"x-request-id": request_id})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(request: Request):

@@ -2,13 +2,16 @@
 
 Errors raised in the gateway and errors received from llm_svc (turned back into types by
 `protos.errors.from_rpc_error`) both end here, so a status code means the same thing whoever raised it.
+A 5xx body says only what kind of failure it was and the request id: peer addresses and exception text are
+for the operator, in the log line carrying that id, not for whoever sent the request.
 """
 
 from collections.abc import AsyncIterator
 
 import grpc
 
-from protos.errors import InvalidInput, ServingError
+from protos.errors import FAILED_STAGE_KEY, InvalidInput, ServingError
+from protos.logs import request_id_var
 
 # gRPC status -> (HTTP status, OpenAI error type), following vLLM's server for the type names.
 HTTP_BY_GRPC_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -53,8 +56,23 @@ async def read_capped(chunks: AsyncIterator[bytes], declared_length: str | None,
 
 
 def http_error(error: ServingError, param: str | None = None) -> tuple[int, dict]:
-    """The HTTP status and the OpenAI error body for a typed error."""
+    """The HTTP status and the OpenAI error body for a typed error, raised while serving the request whose id
+    `request_id_var` holds."""
     status, error_type = HTTP_BY_GRPC_CODE.get(error.code, _FALLBACK)
     status = getattr(error, "http_status", status)
     error_type = getattr(error, "error_type", error_type)
-    return status, {"error": {"message": str(error), "type": error_type, "param": param, "code": status}}
+    message = client_message(error, status, request_id_var.get())
+    return status, {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
+def client_message(error: ServingError, status: int, request_id: str) -> str:
+    """What the client reads: a bad request's own message; for a server failure, its kind and the request id
+    under which the log has the rest."""
+    if status < 500:
+        return str(error)
+    if status == 503:
+        stage = dict(error.metadata).get(FAILED_STAGE_KEY, "llm_svc")
+        return f"Service unavailable ({stage} down), retry later; request id {request_id}"
+    if status == 504:
+        return f"Deadline exceeded: the request did not finish in time; request id {request_id}"
+    return f"Internal server error; the server's log has the details under request id {request_id}"

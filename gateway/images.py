@@ -3,7 +3,9 @@
 The gateway never decodes pixels: it only moves bytes, and the vision stage decides whether they are an
 image. Downloads are guarded against server-side request forgery: every hop's address is resolved and
 checked, and the connection goes to the checked address (the host name is kept for TLS and the Host
-header), so a name that resolves differently the second time cannot reach a refused address.
+header), so a name that resolves differently the second time cannot reach a refused address. An IPv6 address
+that carries an IPv4 address (NAT64, 6to4, Teredo, mapped, compatible) is judged as that IPv4 address.
+Bodies are read as sent (no Content-Encoding), so the byte limit counts what is held in memory.
 """
 
 import asyncio
@@ -12,8 +14,10 @@ import binascii
 import ipaddress
 import pathlib
 import socket
+import ssl
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -23,15 +27,30 @@ from protos.errors import InvalidInput
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 
+# (host, port) -> the host's addresses, socket.gaierror when it has none. The gateway uses the OS resolver;
+# tests point names at loopback servers.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """The host's addresses from getaddrinfo, which also reads numeric spellings (2130706433, 0x7f.1, 127.1) as
+    every other program on this machine would; the address it returns is the one checked and connected to."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
 
 class ImageLoader:
     """Owns the HTTP client used for image URLs; one per gateway process."""
 
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, resolver: Resolver = system_resolver,
+                 ssl_context: ssl.SSLContext | None = None):
+        """`ssl_context` replaces the system's certificate authorities (tests use one made for a test CA)."""
         self._config = config
+        self._resolve = resolver
         # trust_env=False: a proxy from the environment would connect to an address nobody checked.
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                       timeout=config.image_fetch_timeout_s)
+                                       timeout=config.image_fetch_timeout_s,
+                                       verify=ssl_context if ssl_context is not None else True)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -50,6 +69,14 @@ class ImageLoader:
             raise
 
     async def load(self, url: str, index: int = 0) -> bytes:
+        try:
+            return await self._load(url, index)
+        except (ValueError, httpx.InvalidURL) as error:
+            # A URL that its parser refuses: a broken IPv6 or octal IPv4 host, a host label over 63 characters,
+            # a NUL in a file path, non-ASCII base64. The client's input, not a server failure.
+            raise InvalidInput(f"image {index}: malformed URL ({error})") from None
+
+    async def _load(self, url: str, index: int) -> bytes:
         scheme = url.split(":", 1)[0].lower()
         if scheme == "data":
             return decode_data_url(url, self._config.max_image_bytes, index)
@@ -72,7 +99,8 @@ class ImageLoader:
                 raise InvalidInput(f"image {index}: cannot fetch '{url}'")
             address = await self._checked_address(parsed.host, parsed.port, index)
             request = self._http.build_request(
-                "GET", parsed.copy_with(host=address), headers={"Host": parsed.netloc.decode()},
+                "GET", parsed.copy_with(host=address),
+                headers={"Host": parsed.netloc.decode(), "Accept-Encoding": "identity"},
                 extensions={"sni_hostname": parsed.host} if parsed.scheme == "https" else {})
             try:
                 response = await self._http.send(request, stream=True)
@@ -84,8 +112,7 @@ class ImageLoader:
                     continue
                 if response.status_code != 200:
                     raise InvalidInput(f"image {index}: {url} answered HTTP {response.status_code}")
-                return await read_capped(response.aiter_bytes(), response.headers.get("content-length"),
-                                         self._config.max_image_bytes, f"image {index}")
+                return await read_unencoded(response, self._config.max_image_bytes, index)
             finally:
                 await response.aclose()
         raise InvalidInput(f"image {index}: more than {self._config.max_redirects} redirects")
@@ -93,10 +120,9 @@ class ImageLoader:
     async def _checked_address(self, host: str, port: int | None, index: int) -> str:
         """One resolved address of `host`, refused when any of its addresses is not public (unless allowed)."""
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+            addresses = await self._resolve(host, port or 443)
         except socket.gaierror:
             raise InvalidInput(f"image {index}: cannot resolve host '{host}'") from None
-        addresses = [info[4][0] for info in infos]
         if not self._config.allow_private_image_urls:
             for address in addresses:
                 if not is_public_address(address):
@@ -105,11 +131,56 @@ class ImageLoader:
         return addresses[0]
 
 
+async def read_unencoded(response: httpx.Response, limit: int, index: int) -> bytes:
+    """The body as sent, refused when it carries a Content-Encoding: decoding gzip or brotli would expand a small
+    transfer in memory before the limit could count it (a few KB of gzip can hold gigabytes of zeros), and image
+    formats are compressed already, so a server that honours our `Accept-Encoding: identity` sends none."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise InvalidInput(f"image {index}: the server sent the image with Content-Encoding '{encoding}'; "
+                           "only unencoded image bytes are accepted")
+    return await read_capped(response.aiter_raw(), response.headers.get("content-length"), limit, f"image {index}")
+
+
+# Blocks whose IPv6 addresses reach the IPv4 address in their last 32 bits (RFC 6052 well-known NAT64 prefix;
+# RFC 4291 IPv4-compatible). Mapped, 6to4 and Teredo addresses are read by the ipaddress module itself.
+_IPV4_IN_LAST_32_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+# RFC 8215 local-use NAT64: where the IPv4 address sits depends on the prefix length the operator chose
+# (RFC 6052, /48 to /96), so it cannot be read from the address alone; it is not globally reachable either.
+_LOCAL_USE_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (and so reaches, through a translator, relay or the host's own
+    IPv4 stack); [] when it carries none."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)  # (server, client); the client is the inverted last 32 bits
+    if any(ip in block for block in _IPV4_IN_LAST_32_BITS):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)]
+    return []
+
+
 def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone index
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_USE_NAT64:
+            return False
+        if embedded := embedded_ipv4(ip):
+            return all(_is_public_ip(v4) for v4 in embedded)
+    return _is_public_ip(ip)
+
+
+def _is_public_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # is_global alone is not enough: on Python 3.11 it is True for reserved ::/8 and for fec0::/10 (site-local).
+    if ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback or ip.is_link_local:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return False
+    return ip.is_global
 
 
 def decode_data_url(url: str, limit: int, index: int = 0) -> bytes:

@@ -16,10 +16,15 @@ class ServingError(Exception):
 
     code = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, metadata: tuple[tuple[str, str], ...] = ()):
+    def __init__(self, message: str, metadata: tuple[tuple[str, str], ...] = (), peer: str | None = None):
         super().__init__(message)
         # Sent as trailing metadata, for callers that act on details (e.g. which images to resend).
         self.metadata = metadata
+        # The stage that answered with this error, when it came from another one: for logs, never for clients.
+        self.peer = peer
+
+    def for_log(self) -> str:
+        return f"{self.peer}: {self}" if self.peer else str(self)
 
 
 class InvalidInput(ServingError):
@@ -58,13 +63,14 @@ _BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, Overloaded, Unavai
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, peer: str, stage: str | None = None) -> ServingError:
-    """The typed error for a status received from another stage; its message names that stage, and `stage`,
-    when given, travels on as FAILED_STAGE_KEY metadata to whoever receives this error next."""
+    """The typed error for a status received from another stage, `peer` (kept for logs: the message passes on to
+    clients as it came); `stage`, when given, travels on as FAILED_STAGE_KEY metadata to whoever receives this
+    error next."""
     cls = _BY_CODE.get(error.code(), InternalError)
     metadata = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if isinstance(v, str))
     if stage is not None:
         metadata += ((FAILED_STAGE_KEY, stage),)
-    return cls(f"{peer}: {error.details()}", metadata)
+    return cls(error.details(), metadata, peer=peer)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -90,7 +96,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str):
     if isinstance(error, ServingError):
-        log.info("%s -> %s: %s", method, error.code.name, error)
+        log.info("%s -> %s: %s", method, error.code.name, error.for_log())
         await context.abort(error.code, str(error), error.metadata)
     log.exception("%s failed with an unexpected error", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")

@@ -61,7 +61,7 @@ async def test_unknown_model_is_404_through_the_openai_client(gateway_url, fake)
 async def test_backend_statuses_map_to_http(gateway_url, fake):
     assert_error(await post(gateway_url, chat(max_tokens=5000)), 400, "exceeds the context length")
     assert_error(await post(gateway_url, chat("error:RESOURCE_EXHAUSTED")), 429, "scripted RESOURCE_EXHAUSTED")
-    assert_error(await post(gateway_url, chat("error:INTERNAL")), 500, "scripted INTERNAL")
+    assert_error(await post(gateway_url, chat("error:INTERNAL")), 500, "Internal server error")
     # A streaming request that fails before its first token still gets a real status.
     assert_error(await post(gateway_url, chat("error:RESOURCE_EXHAUSTED", stream=True)), 429, "RESOURCE_EXHAUSTED")
 
@@ -207,4 +207,4 @@ async def test_error_after_the_first_token_arrives_as_an_sse_error_event(gateway
     response = await post(gateway_url, chat("crash", stream=True))
     assert response.status_code == 200
     events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
-    assert '"error"' in events[-2] and "engine crashed" in events[-2] and events[-1] == "[DONE]"
+    assert '"error"' in events[-2] and "Internal server error" in events[-2] and events[-1] == "[DONE]"
