@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import translate
 from gateway.config import GatewayConfig
-from gateway.errors import Unauthenticated, http_error, read_capped
+from gateway.errors import PayloadTooLarge, Unauthenticated, http_error, read_capped
 from gateway.images import ImageLoader
 from gateway.llm_client import LlmClient, TokenStream
 from gateway.metrics import GatewayMetrics
@@ -232,6 +232,12 @@ def event_stream(events: AsyncIterator[str], stream: TokenStream) -> StreamingRe
 
 async def start_generation(request: Request, gateway: Gateway, generate: llm_pb2.GenerateRequest,
                            endpoint: str) -> TokenStream:
+    # A request the language service cannot receive would come back as RESOURCE_EXHAUSTED, a 429 that clients
+    # retry forever: it is too large, whenever it is sent.
+    limit = (await gateway.model_info()).max_request_bytes
+    if limit and (size := generate.ByteSize()) > limit:
+        raise PayloadTooLarge(f"the request is {size} bytes with its images; the language service takes at most "
+                              f"{limit}")
     stream = await until_disconnected(request, gateway.llm.generate(generate, gateway.config.request_timeout_s))
     gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
     return stream

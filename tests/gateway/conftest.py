@@ -20,6 +20,7 @@ from protos.server import GrpcServer
 
 MODEL = "tiny-internvl"
 REPLY = ["Hello", " from", " the", " fake", "."]
+MAX_REQUEST_BYTES = 6 << 20  # what the fake reports as the largest Generate request it takes
 
 
 class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
@@ -36,7 +37,8 @@ class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
 
     async def GetModelInfo(self, request, context):
         return llm_pb2.GetModelInfoResponse(model=MODEL, max_model_len=4096, hidden_size=64,
-                                            max_images_per_request=8, vocab_size=1000)
+                                            max_images_per_request=8, vocab_size=1000,
+                                            max_request_bytes=MAX_REQUEST_BYTES)
 
     async def Generate(self, request, context):
         self.requests.append(request)

@@ -127,6 +127,16 @@ async def test_images_that_cannot_be_loaded_are_400(gateway_url, image_server, f
     assert fake.requests == []
 
 
+async def test_a_request_over_the_language_services_limit_is_413_and_never_sent(start_gateway, fake):
+    # Each image is within the gateway's limits; together they are over what llm_svc receives (6 MiB).
+    image = "data:image/png;base64," + base64.b64encode(bytes(4 << 20)).decode()
+    two = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}] * 2}]}
+    async with start_gateway(max_image_bytes=5 << 20, max_images_per_request=2) as url:
+        assert_error(await post(url, two), 413, "the language service takes at most 6291456")
+        assert fake.requests == []
+        assert (await post(url, with_image(image))).status_code == 200
+
+
 async def test_image_and_body_size_limits_are_413(start_gateway, image_server, fake):
     base, _ = image_server
     async with start_gateway(max_image_bytes=1 << 20, max_request_bytes=2 << 20, max_images_per_request=2,
