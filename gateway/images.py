@@ -26,6 +26,8 @@ from gateway.errors import PayloadTooLarge, read_capped
 from protos.errors import InvalidInput
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+# Base64 characters decoded at a time: a multiple of 4, about 4 ms of holding the GIL.
+B64_CHUNK_CHARS = 1 << 20
 
 # (host, port) -> the host's addresses, socket.gaierror when it has none. The gateway uses the OS resolver;
 # tests point names at loopback servers.
@@ -79,7 +81,7 @@ class ImageLoader:
     async def _load(self, url: str, index: int) -> bytes:
         scheme = url.split(":", 1)[0].lower()
         if scheme == "data":
-            return decode_data_url(url, self._config.max_image_bytes, index)
+            return await asyncio.to_thread(decode_data_url, url, self._config.max_image_bytes, index)
         if scheme in ("http", "https"):
             try:
                 async with asyncio.timeout(self._config.image_fetch_timeout_s):
@@ -193,9 +195,18 @@ def decode_data_url(url: str, limit: int, index: int = 0) -> bytes:
     if decoded_size > limit:
         raise PayloadTooLarge(f"image {index}: {decoded_size} bytes is above the limit of {limit}")
     try:
-        return base64.b64decode(payload, validate=True)
+        return b64decode_in_chunks(payload)
     except binascii.Error as error:
         raise InvalidInput(f"image {index}: invalid base64 in data URL ({error})") from None
+
+
+def b64decode_in_chunks(payload: str) -> bytes:
+    """base64.b64decode(payload, validate=True), a chunk at a time: decoding holds the GIL (90 ms for 20 MB), so
+    from a worker thread it would still stall the event loop; between chunks the loop gets its turn."""
+    if "=" in payload[:-2]:
+        raise binascii.Error("padding before the end")
+    return b"".join(base64.b64decode(payload[start:start + B64_CHUNK_CHARS], validate=True)
+                    for start in range(0, len(payload), B64_CHUNK_CHARS))
 
 
 def read_local_file(url: str, allowed_dir: pathlib.Path | None, limit: int, index: int = 0) -> bytes:

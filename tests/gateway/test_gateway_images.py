@@ -1,11 +1,14 @@
 """Image URLs against server-side request forgery: which addresses count as public, numeric host spellings,
 compressed bodies against the byte limit, and HTTPS to a pinned address with the certificate checked for the name."""
 
+import base64
+import binascii
 import contextlib
 import functools
 import gzip
 import http.server
 import ipaddress
+import random
 import ssl
 import threading
 
@@ -14,7 +17,9 @@ import pytest
 import trustme
 
 from gateway import app as gateway_app
-from gateway.images import ImageLoader, embedded_ipv4, is_public_address, system_resolver
+from gateway.config import GatewayConfig
+from gateway.images import (B64_CHUNK_CHARS, ImageLoader, b64decode_in_chunks, embedded_ipv4, is_public_address,
+                            system_resolver)
 
 PUBLIC = [
     "8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "2001:4860:4860::8888",
@@ -214,3 +219,35 @@ async def test_https_connects_to_the_pinned_address_and_checks_the_certificate_f
         assert_400(await post_image(url, f"https://images.test:{port}/green.png"),
                    "host 'images.test' resolves to a non-public address")
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 100, B64_CHUNK_CHARS // 4 * 3 - 1, B64_CHUNK_CHARS // 4 * 3,
+                                  B64_CHUNK_CHARS // 4 * 3 + 1, 3 * B64_CHUNK_CHARS + 5])
+def test_base64_decoded_in_chunks_equals_one_decode(size):
+    data = random.Random(size).randbytes(size)
+    assert b64decode_in_chunks(base64.b64encode(data).decode()) == data
+
+
+@pytest.mark.parametrize("payload", ["QQ==QUFB", "QQ=", "QUF", "QU@B", "QUFB" * (B64_CHUNK_CHARS // 4) + "QQ=="[:3],
+                                     "QQ==" + "QUFB" * (B64_CHUNK_CHARS // 4)])
+def test_base64_decoded_in_chunks_refuses_what_one_decode_refuses(payload):
+    with pytest.raises(binascii.Error):
+        base64.b64decode(payload, validate=True)
+    with pytest.raises(binascii.Error):
+        b64decode_in_chunks(payload)
+
+
+async def test_data_urls_are_decoded_off_the_event_loop(monkeypatch):
+    decoded_on = []
+
+    def recording_decode(payload: str) -> bytes:
+        decoded_on.append(threading.current_thread())
+        return base64.b64decode(payload)
+
+    monkeypatch.setattr("gateway.images.b64decode_in_chunks", recording_decode)
+    loader = ImageLoader(GatewayConfig(llm_targets=("127.0.0.1:1",)))
+    try:
+        assert await loader.load("data:image/png;base64,aGk=") == b"hi"
+    finally:
+        await loader.close()
+    assert decoded_on and threading.main_thread() not in decoded_on
