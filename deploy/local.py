@@ -41,8 +41,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value the last `flag V` or `flag=V` in `args` gives, or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 class Stage:
     """One stage process; ready when its health check says so: gRPC health, or `GET /health` for HTTP servers.
+    A stage given `--health-port` is asked there, in plaintext, since its main port may speak TLS only.
 
     Each stage leads a process group of its own, so that a terminal's Ctrl-C reaches the launcher alone and
     the launcher stops the stages in order; and each gets SIGTERM from the kernel if the launcher dies
@@ -55,6 +67,8 @@ class Stage:
         self.name, self.port = name, port
         self.http_health = http_health
         self.address = f"127.0.0.1:{port}"
+        health_port = flag_value(module_args, "--health-port")
+        self.health_address = f"127.0.0.1:{health_port}" if health_port else self.address
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
@@ -96,7 +110,7 @@ class Stage:
                 return httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
-        with grpc.insecure_channel(self.address) as channel:
+        with grpc.insecure_channel(self.health_address) as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:
@@ -131,9 +145,17 @@ class StageFailed(RuntimeError):
     """A stage exited or did not become healthy; the message holds its last output."""
 
 
+def with_health_port(extra: list[str]) -> list[str]:
+    """A gRPC stage serving TLS answers plaintext health checks only on its --health-port: one is picked when the
+    flags give none."""
+    if flag_value(extra, "--tls-cert") is not None and flag_value(extra, "--health-port") is None:
+        return [*extra, "--health-port", str(free_port())]
+    return extra
+
+
 def vision_stage(model: pathlib.Path, port: int, extra: list[str], log_path=None) -> Stage:
     return Stage("vision_svc", ["vision_svc", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                *extra], port, log_path)
+                                *with_health_port(extra)], port, log_path)
 
 
 def llm_stage(model: pathlib.Path, vision: list[Stage], port: int, extra: list[str], log_path=None) -> Stage:
@@ -143,7 +165,8 @@ def llm_stage(model: pathlib.Path, vision: list[Stage], port: int, extra: list[s
         # The original OpenGVLab layout ships its config classes as code; vLLM runs them only when allowed.
         defaults.append("--trust-remote-code")
     return Stage("llm_svc", ["llm_svc", "--model", str(model), "--vision", ",".join(v.address for v in vision),
-                             "--host", "127.0.0.1", "--port", str(port), *defaults, *extra], port, log_path)
+                             "--host", "127.0.0.1", "--port", str(port), *defaults, *with_health_port(extra)], port,
+                 log_path)
 
 
 def gateway_stage(llm: list[Stage], host: str, port: int, extra: list[str], log_path=None) -> Stage:

@@ -45,7 +45,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig, metrics: GatewayMetrics):
         self.config = config
         self.metrics = metrics
-        self.llm = LlmClient(config.llm_targets, config.grpc_max_message_bytes, config.unavailable_cooldown_s)
+        self.llm = LlmClient(config.llm_targets, config.grpc_max_message_bytes, config.unavailable_cooldown_s,
+                             tls=config.tls, server_name=config.tls_server_name, token=config.llm_auth_token)
         self.images = ImageLoader(config)
         self._model_info: llm_pb2.GetModelInfoResponse | None = None
 

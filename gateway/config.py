@@ -5,7 +5,8 @@ import dataclasses
 import os
 import pathlib
 
-from protos.cli import HelpFormatter
+from protos.cli import HelpFormatter, add_security_flags, pop_security_args
+from protos.security import TlsFiles, check_client_settings
 
 MIB = 1 << 20
 # gRPC message lengths are signed 32-bit integers.
@@ -35,10 +36,15 @@ class GatewayConfig:
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
     log_json: bool = False
+    # The client side of the gRPC hop to llm_svc: TLS files, the name its certificate carries, the token sent.
+    tls: TlsFiles = TlsFiles()
+    tls_server_name: str | None = None
+    llm_auth_token: str | None = dataclasses.field(default=None, repr=False)  # a secret: kept out of logs
 
     def __post_init__(self):
         if not self.llm_targets or any(":" not in t for t in self.llm_targets):
             raise ValueError(f"--llm needs HOST:PORT[,HOST:PORT...], got {self.llm_targets}")
+        check_client_settings(self.tls, self.tls_server_name)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty, which would lock nobody out; use None for no key")
         for name in ("max_image_bytes", "max_images_per_request", "max_request_bytes", "max_tokens_limit"):
@@ -113,12 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, time in-flight requests get to finish before they are cut")
     parser.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-json", action="store_true", help="write logs as one JSON object per line")
+    add_security_flags(parser.add_argument_group("security of the gRPC hop to llm_svc"), serves_grpc=False,
+                       peer="llm")
     return parser
 
 
 def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        security = pop_security_args(args, peer="llm")
+    except ValueError as error:
+        parser.error(str(error))
     return GatewayConfig(
         llm_targets=tuple(t.strip() for t in args.llm.split(",") if t.strip()),
         host=args.host, port=args.port, api_key=api_key_from(args, parser), served_model_name=args.served_model_name,
@@ -128,7 +140,7 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         max_redirects=args.max_redirects, request_timeout_s=args.request_timeout_s,
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
         unavailable_cooldown_s=args.unavailable_cooldown_s, health_timeout_s=args.health_timeout_s,
-        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json)
+        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json, **security)
 
 
 def api_key_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:

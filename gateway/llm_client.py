@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import llm_pb2, llm_pb2_grpc
 from protos.errors import FAILED_STAGE_KEY, InternalError, ServingError, Unavailable, from_rpc_error
+from protos.security import TlsFiles, open_channel
 from protos.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,9 @@ LANGUAGE_SERVICE = "internvl.llm.v1.LanguageModel"
 
 
 class Replica:
-    def __init__(self, target: str, max_message_bytes: int):
+    def __init__(self, target: str, channel: grpc.aio.Channel):
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self.channel = channel
         self.stub = llm_pb2_grpc.LanguageModelStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         # monotonic time before which the balancer prefers other replicas.
@@ -62,8 +63,10 @@ def _failed_behind(error: grpc.aio.AioRpcError) -> bool:
 
 
 class LlmClient:
-    def __init__(self, targets: tuple[str, ...], max_message_bytes: int, unavailable_cooldown_s: float):
-        self._replicas = [Replica(t, max_message_bytes) for t in targets]
+    def __init__(self, targets: tuple[str, ...], max_message_bytes: int, unavailable_cooldown_s: float, *,
+                 tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None):
+        options = channel_options(max_message_bytes)
+        self._replicas = [Replica(t, open_channel(t, options, tls, server_name, token)) for t in targets]
         self._turn = itertools.count()
         self._cooldown_s = unavailable_cooldown_s
 

@@ -15,6 +15,8 @@ from vllm.platforms import current_platform
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from llm_svc.cpu_defaults import CpuDefaults, pick_cpu_defaults, read_cpu_machine
+from protos.cli import add_security_flags, pop_security_args
+from protos.security import TlsFiles, check_client_settings, check_server_settings
 
 MiB = 1 << 20
 NO_VISION_TOWER = {"image": 0, "video": 0}
@@ -34,6 +36,13 @@ class LlmConfig:
     grace_s: float = 30.0
     log_level: str = "INFO"
     log_json: bool = False
+    tls: TlsFiles = TlsFiles()
+    tls_server_name: str | None = None
+    health_port: int | None = None
+    reflection: bool = True
+    # Secrets, kept out of logs: the token callers must send, and the one sent to vision_svc.
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
+    vision_auth_token: str | None = dataclasses.field(default=None, repr=False)
     # What llm_svc picked for vLLM's CPU backend (None elsewhere); main applies its environment and logs it.
     cpu_defaults: CpuDefaults | None = None
 
@@ -48,10 +57,14 @@ class LlmConfig:
             raise ValueError("--max-images-per-request must be at least 1")
         if min(self.vision_timeout_s, self.vision_start_timeout_s, self.grace_s) < 0:
             raise ValueError("timeouts must be >= 0")
+        check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
+        check_client_settings(self.tls, self.tls_server_name)
 
 
-# --log-level is vLLM's own flag; llm_svc's logs follow it too.
-_OWN_FLAGS = [f.name for f in dataclasses.fields(LlmConfig) if f.name not in ("log_level", "cpu_defaults")]
+# --log-level is vLLM's own flag; llm_svc's logs follow it too. The security fields come from pop_security_args.
+_OWN_FLAGS = [f.name for f in dataclasses.fields(LlmConfig)
+              if f.name not in ("log_level", "cpu_defaults", "tls", "tls_server_name", "health_port", "reflection",
+                                "auth_token", "vision_auth_token")]
 
 
 def build_parser() -> FlexibleArgumentParser:
@@ -82,6 +95,7 @@ def build_parser() -> FlexibleArgumentParser:
     own.add_argument("--grace-s", type=float, default=d.grace_s,
                      help="on SIGTERM, seconds that in-flight streams get to finish before the engine stops")
     own.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    add_security_flags(parser.add_argument_group("llm_svc security"), serves_grpc=True, peer="vision")
     AsyncEngineArgs.add_cli_args(parser)
     return parser
 
@@ -103,7 +117,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[LlmConfig, AsyncEngineA
     own["log_level"] = (getattr(args, "log_level", None) or "INFO").upper()
     own["vision"] = tuple(t.strip() for t in own["vision"].split(",") if t.strip())
     try:
-        config = LlmConfig(**own)
+        config = LlmConfig(**own, **pop_security_args(args, peer="vision"))
     except ValueError as error:
         parser.error(str(error))
     engine_args = AsyncEngineArgs.from_cli_args(args)

@@ -35,7 +35,8 @@ class LlmServer:
     def __init__(self, config: LlmConfig, engine_args: AsyncEngineArgs):
         self.config = config
         self.engine_args = engine_args
-        self.vision = VisionClient(list(config.vision), config.max_message_bytes, config.max_embedding_bytes)
+        self.vision = VisionClient(list(config.vision), config.max_message_bytes, config.max_embedding_bytes,
+                                   tls=config.tls, server_name=config.tls_server_name, token=config.vision_auth_token)
         self.engine: AsyncLLM | None = None
         self.grpc: GrpcServer | None = None
         self._engine_watch: asyncio.Task | None = None
@@ -69,7 +70,8 @@ class LlmServer:
             max_images_per_request=shape.max_images_per_request, vocab_size=model_config.get_vocab_size(),
             max_request_bytes=min(self.config.max_message_bytes, vision_request_bytes))
         self.grpc = GrpcServer(self.config.host, self.config.port, self.config.max_message_bytes,
-                               self.config.grace_s)
+                               self.config.grace_s, tls=self.config.tls, auth_token=self.config.auth_token,
+                               reflection=self.config.reflection, health_port=self.config.health_port)
         self.grpc.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server,
                               LanguageModelServicer(self.service, model_info), SERVICE_NAME)
         port = await self.grpc.start()

@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from protos import errors, tensors, vision_pb2, vision_pb2_grpc
+from protos.security import TlsFiles, open_channel
 from protos.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,13 @@ class ImageEmbedding:
 
 
 class VisionClient:
-    def __init__(self, targets: list[str], max_message_bytes: int, max_embedding_bytes: int):
+    def __init__(self, targets: list[str], max_message_bytes: int, max_embedding_bytes: int, *,
+                 tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None):
         if not targets:
             raise ValueError("no vision_svc address given")
         self.targets = targets
-        self._channels = [grpc.aio.insecure_channel(t, options=channel_options(max_message_bytes)) for t in targets]
+        self._channels = [open_channel(t, channel_options(max_message_bytes), tls, server_name, token)
+                          for t in targets]
         self._stubs = [vision_pb2_grpc.VisionEncoderStub(c) for c in self._channels]
         self._max_embedding_bytes = max_embedding_bytes
         # (replica, content hash) pairs recently encoded there: those may travel as hash only.
@@ -56,6 +59,10 @@ class VisionClient:
             try:
                 return await stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=timeout_s, wait_for_ready=True)
             except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # Waiting for ready hides why no connection came up (a refused TLS handshake, a certificate
+                    # for another name): one call that fails at once says it.
+                    error = await _fail_fast(stub) or error
                 last_error = errors.from_rpc_error(error, f"vision_svc {target}")
         raise errors.Unavailable(f"no vision_svc replica answered GetInfo: {last_error}")
 
@@ -126,3 +133,11 @@ class VisionClient:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+
+
+async def _fail_fast(stub: vision_pb2_grpc.VisionEncoderStub) -> grpc.aio.AioRpcError | None:
+    try:
+        await stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        return error
+    return None

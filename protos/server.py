@@ -1,8 +1,8 @@
-"""The gRPC server bootstrap every stage uses: limits, health, reflection, error mapping, drain.
+"""The gRPC server bootstrap every stage uses: limits, health, reflection, error mapping, TLS, tokens, drain.
 
 Health starts NOT_SERVING and becomes SERVING only when the stage says it is warm; on SIGTERM or SIGINT it
 turns NOT_SERVING (load balancers stop sending), in-flight calls get `grace_s` to finish, then the server
-stops.
+stops. With TLS, probes that cannot speak it ask a second, plaintext server that serves health alone.
 """
 
 import asyncio
@@ -11,9 +11,10 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha.reflection import SERVICE_NAME as REFLECTION_SERVICE, enable_server_reflection
 
 from protos.errors import ErrorInterceptor
+from protos.security import TlsFiles, TokenAuthInterceptor, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,19 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
 
 
 class GrpcServer:
-    """A grpc.aio server with health, reflection and the error interceptor installed."""
+    """A grpc.aio server with health, reflection and the error interceptor installed; TLS (mutual with a CA)
+    when `tls` is enabled, a bearer token required when `auth_token` is set, and plaintext health alone on
+    `health_port` when that is set."""
 
-    def __init__(self, host: str, port: int, max_message_bytes: int, grace_s: float, announce_s: float = 1.0):
+    def __init__(self, host: str, port: int, max_message_bytes: int, grace_s: float, announce_s: float = 1.0, *,
+                 tls: TlsFiles = TlsFiles(), auth_token: str | None = None, reflection: bool = True,
+                 health_port: int | None = None):
         self.grace_s = grace_s
         # Time between turning NOT_SERVING and refusing new calls, so that probes and balancers notice.
         self.announce_s = announce_s
         self._address = f"{host}:{port}"
+        self._tls = tls
+        self._reflection = reflection
         # Connections are recycled every few minutes so that clients re-resolve DNS and find new replicas;
         # streams in flight on a recycled connection keep up to 10 minutes to finish.
         options = [*channel_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000),
@@ -48,10 +55,19 @@ class GrpcServer:
                    # Accept the clients' keepalive pings on idle connections (every 30 s); gRPC's default
                    # minimum of 5 minutes answers them with GOAWAY "too_many_pings".
                    ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
-        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        interceptors = [ErrorInterceptor()]
+        if auth_token is not None:
+            interceptors.insert(0, TokenAuthInterceptor(auth_token))
+        self._server = grpc.aio.server(interceptors=interceptors, options=options)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self._service_names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self._service_names = [health.SERVICE_NAME, *([REFLECTION_SERVICE] if reflection else [])]
+        self._health_server: grpc.aio.Server | None = None
+        if health_port is not None:
+            # The same servicer, so both ports always tell the same status.
+            self._health_server = grpc.aio.server(options=options)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self._health_address = f"{host}:{health_port}"
         self.port: int | None = None
 
     def add_service(self, add_to_server, servicer, full_name: str) -> None:
@@ -60,17 +76,19 @@ class GrpcServer:
         self._service_names.append(full_name)
 
     async def start(self) -> int:
-        reflection.enable_server_reflection(self._service_names, self._server)
-        try:
-            self.port = self._server.add_insecure_port(self._address)
-        except RuntimeError:  # grpc's "Failed to bind", with the cause only in its debug log
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC server to {self._address}: the port is taken, or the address is "
-                          "not one of this machine's")
+        if self._reflection:
+            enable_server_reflection(self._service_names, self._server)
+        credentials = server_credentials(self._tls) if self._tls.enabled else None
+        self.port = _bind(self._server, self._address, credentials)
+        if self._health_server is not None:
+            _bind(self._health_server, self._health_address, None)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
-        log.info("gRPC listening on %s (port %d), NOT_SERVING until warm", self._address, self.port)
+        if self._health_server is not None:
+            await self._health_server.start()
+            log.info("plaintext gRPC health alone on %s", self._health_address)
+        security = ("mutual TLS" if self._tls.ca is not None else "TLS") if self._tls.enabled else "plaintext"
+        log.info("gRPC listening on %s (port %d, %s), NOT_SERVING until warm", self._address, self.port, security)
         return self.port
 
     async def set_serving(self) -> None:
@@ -87,11 +105,25 @@ class GrpcServer:
         await asyncio.sleep(self.announce_s)
         log.info("draining: in-flight calls have %.1f s to finish", self.grace_s)
         await self._server.stop(self.grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         log.info("gRPC server stopped")
 
     async def _set_health(self, status) -> None:
         for name in ["", *self._service_names]:
             await self._health.set(name, status)
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials is not None else
+                server.add_insecure_port(address))
+    except RuntimeError:  # grpc's "Failed to bind", with the cause only in its debug log
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}: the port is taken, or the address is not one of "
+                      "this machine's")
+    return port
 
 
 async def wait_for_shutdown_signal() -> signal.Signals:

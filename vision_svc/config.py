@@ -4,7 +4,8 @@ import argparse
 import dataclasses
 import pathlib
 
-from protos.cli import HelpFormatter
+from protos.cli import HelpFormatter, add_security_flags, pop_security_args
+from protos.security import TlsFiles, check_server_settings
 
 MiB = 1 << 20
 
@@ -37,8 +38,13 @@ class VisionConfig:
     grace_s: float = 30.0
     log_level: str = "INFO"
     log_json: bool = False
+    tls: TlsFiles = TlsFiles()
+    health_port: int | None = None
+    reflection: bool = True
+    auth_token: str | None = dataclasses.field(default=None, repr=False)  # a secret: kept out of logs
 
     def __post_init__(self):
+        check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
         positive = ("max_batch_tiles", "max_queue_tiles", "max_pending_images", "max_images_per_request",
                     "max_image_bytes", "max_image_pixels", "chunk_bytes", "max_message_bytes")
         for name in positive:
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds that in-flight requests get to finish")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    add_security_flags(p.add_argument_group("security"), serves_grpc=True, peer=None)
     return p
 
 
@@ -130,6 +137,7 @@ def parse_config(argv: list[str] | None = None) -> VisionConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return VisionConfig(**vars(args))
+        security = pop_security_args(args, peer=None)
+        return VisionConfig(**vars(args), **security)
     except ValueError as error:
         parser.error(str(error))

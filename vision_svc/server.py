@@ -65,7 +65,9 @@ class VisionServer:
             max_images_per_request=config.max_images_per_request, max_image_bytes=config.max_image_bytes,
             max_image_pixels=config.max_image_pixels, use_thumbnail=self.spec.use_thumbnail,
             min_tiles=self.spec.min_dynamic_patch, max_request_bytes=config.max_message_bytes)
-        self.grpc = GrpcServer(config.host, config.port, config.max_message_bytes, config.grace_s)
+        self.grpc = GrpcServer(config.host, config.port, config.max_message_bytes, config.grace_s, tls=config.tls,
+                               auth_token=config.auth_token, reflection=config.reflection,
+                               health_port=config.health_port)
         self.grpc.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server,
                               VisionEncoderServicer(self.service, self.info, config.chunk_bytes), SERVICE_NAME)
 

@@ -3,10 +3,12 @@
 Every container command in the Kubernetes manifests and the Dockerfiles is parsed by the stage's real
 command-line parser, and the rendered overlays are checked for what would break a rollout without an error
 message: probes on the wrong port, grace periods shorter than the stage's drain, a --vision or --llm target that
-no Service answers, device counts that disagree with the parallelism, autoscalers on metrics nobody exports.
+no Service answers, device counts that disagree with the parallelism, autoscalers on metrics nobody exports, TLS
+files that no Secret provides, network policies that let the wrong pods in or keep the right ones out.
 Rendering the overlays needs kustomize (`kubectl kustomize`); without it those tests skip.
 """
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -18,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 
 import pytest
@@ -28,6 +31,7 @@ from gateway.app import create_app
 from gateway.config import config_from_args as gateway_config
 from llm_svc.config import parse_config as llm_config
 from vision_svc import metrics as vision_metrics
+from tests.certs import TestPki
 from vision_svc.config import parse_config as vision_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -43,6 +47,20 @@ DEVICE_RESOURCES = {"cuda": "nvidia.com/gpu", "npu": "huawei.com/Ascend910"}
 KUSTOMIZE = (["kubectl", "kustomize"] if shutil.which("kubectl") else
              ["kustomize", "build"] if shutil.which("kustomize") else None)
 needs_kustomize = pytest.mark.skipif(KUSTOMIZE is None, reason="kustomize (or kubectl) is not installed")
+# Where each stage's Secret (certificate, key, CA) is mounted; parsed here, it stands for local_tls_dir().
+TLS_DIR = "/etc/internvl/tls"
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+CALLERS = {"vision_svc": "llm_svc", "llm_svc": "gateway"}
+
+
+@functools.cache
+def local_tls_dir() -> pathlib.Path:
+    """Files of the names a stage's Secret holds (tls.crt, tls.key, ca.crt), made here, since the stages' parsers
+    read the files they are given."""
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="manifest-tls-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    TestPki(directory).issue("tls", "llm-headless")
+    return directory
 
 
 # ---- a stage's command line ----------------------------------------------------------------------------
@@ -51,6 +69,7 @@ def parse_stage(args: list[str]):
     """[stage, flags...] -> the stage's validated config; AssertionError with the parser's message if refused."""
     parsers = {"vision_svc": vision_config, "llm_svc": lambda argv: llm_config(argv)[0], "gateway": gateway_config}
     assert args and args[0] in parsers, f"{args[:1]} names no stage"
+    args = localized(args)
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -62,7 +81,14 @@ def parse_stage(args: list[str]):
 def llm_engine_args(args: list[str]):
     """vLLM's engine arguments from an llm_svc command line that parse_stage accepts."""
     parse_stage(args)
-    return llm_config(args[1:])[1]
+    return llm_config(localized(args[1:]))[1]
+
+
+def localized(args: list[str]) -> list[str]:
+    """`args` with the files of the mounted Secret taken from local_tls_dir()."""
+    if not any(TLS_DIR in a for a in args):
+        return args
+    return [a.replace(TLS_DIR + "/", f"{local_tls_dir()}/") for a in args]
 
 
 def expand_env(container: dict) -> list[str]:
@@ -183,8 +209,11 @@ class TestRendered:
                         assert container[probe]["httpGet"]["port"] == config.port
                         assert container[probe]["httpGet"]["path"] in routes
                 else:
+                    # The kubelet cannot speak TLS: with it, probes ask the plaintext health port.
+                    probe_port = config.health_port if config.tls.enabled else config.port
+                    assert probe_port in [p["containerPort"] for p in container["ports"]], stage
                     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                        assert container[probe]["grpc"]["port"] == config.port, f"{stage} {probe}"
+                        assert container[probe]["grpc"]["port"] == probe_port, f"{stage} {probe}"
 
     def test_grace_period_outlasts_the_stage_drain(self, kustomization):
         for stage in STAGES:
@@ -195,6 +224,47 @@ class TestRendered:
                 sleep_s = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
                 # The gRPC stages spend one more second announcing NOT_SERVING before they drain.
                 assert pod["spec"]["terminationGracePeriodSeconds"] > sleep_s + drain_s + 1, stage
+
+    def test_each_stage_reads_its_tls_files_from_its_own_secret(self, kustomization):
+        secrets = {}
+        for stage in STAGES:
+            for pod, container in stage_pods(render(kustomization), stage):
+                tls = parse_stage(expand_env(container)).tls
+                assert None not in (tls.cert, tls.key, tls.ca), f"{stage} runs without mutual TLS"
+                volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+                for local in (tls.cert, tls.key, tls.ca):
+                    path = pathlib.PurePosixPath(TLS_DIR) / local.relative_to(local_tls_dir())
+                    mounts = [m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+                    assert len(mounts) == 1 and mounts[0].get("readOnly"), f"{stage}: {path} is not mounted read-only"
+                    secret = volumes[mounts[0]["name"]].get("secret")
+                    assert secret, f"{stage}: {path} does not come from a Secret"
+                    assert str(path.relative_to(mounts[0]["mountPath"])) in [i["path"] for i in secret["items"]]
+                    secrets.setdefault(stage, set()).add(secret["secretName"])
+        assert all(len(names) == 1 for names in secrets.values()), secrets
+        assert len(set.union(*secrets.values())) == len(STAGES), f"one Secret per stage: {secrets}"
+
+    def test_network_policies_let_only_the_caller_reach_the_grpc_port(self, kustomization):
+        objects = render(kustomization)
+        for stage, caller in CALLERS.items():
+            for pod, container in stage_pods(objects, stage):
+                config = parse_stage(expand_env(container))
+                peers = ingress_peers(objects, pod, container, config.port)
+                assert peers is not None, f"no NetworkPolicy selects the {stage} pods: anyone reaches them"
+                assert all(set(peer) == {"podSelector"} for peer in peers), f"{stage}: {peers} reach beyond pods"
+                admitted = [(workload, other) for workload, pods in pod_groups(objects) for other, _ in pods
+                            if any(matches(p["podSelector"], other["metadata"]["labels"]) for p in peers)]
+                assert any(c["args"][0] == caller for _, other in admitted for c in stage_containers(other)), \
+                    f"{caller} cannot reach {stage}"
+                own_group = next(w for w, pods in pod_groups(objects) if any(p is pod for p, _ in pods))
+                for workload, other in admitted:
+                    # A multi-node group's pods talk Ray among themselves on every port.
+                    runs_caller = [c["args"][0] for c in stage_containers(other)] == [caller]
+                    assert runs_caller or workload is own_group, \
+                        f"{workload['metadata']['name']} reaches {stage}'s gRPC port"
+                # Probes come from the node, which no selector names; Prometheus from the monitoring namespace.
+                assert {} in ingress_peers(objects, pod, container, config.health_port), f"{stage} health port"
+                metrics = ingress_peers(objects, pod, container, config.metrics_port)
+                assert MONITORING in metrics and {} not in metrics, f"{stage} metrics port: {metrics}"
 
     def test_vision_and_llm_targets_reach_their_stage(self, kustomization):
         objects = render(kustomization)
@@ -230,7 +300,8 @@ class TestRendered:
                 assert engine.distributed_executor_backend == "ray", "several pods per engine need Ray"
 
     def test_multinode_groups_wait_for_every_node(self, kustomization):
-        for workload, pods in pod_groups(render(kustomization)):
+        objects = render(kustomization)
+        for workload, pods in pod_groups(objects):
             if workload["kind"] != "LeaderWorkerSet":
                 continue
             (leader, _), (worker, _) = pods
@@ -238,6 +309,13 @@ class TestRendered:
             assert env["RAY_CLUSTER_SIZE"] == str(workload["spec"]["leaderWorkerTemplate"]["size"])
             assert [c["args"] for c in containers_in(worker["spec"])] == [["ray-worker"]]
             assert leader["metadata"]["labels"] != worker["metadata"]["labels"], "workers serve no gRPC"
+            # Ray and NCCL use many ports both ways: whatever the policies, the group's pods reach each other.
+            for pod, other in ((leader, worker), (worker, leader)):
+                for container in containers_in(pod["spec"]):
+                    for port in [6379, 12345]:
+                        peers = ingress_peers(objects, pod, container, port)
+                        assert peers is None or any(matches(p.get("podSelector", {}), other["metadata"]["labels"])
+                                                    for p in peers if set(p) <= {"podSelector"}), port
 
     def test_autoscalers_scale_a_workload_on_a_metric_it_exports(self, kustomization):
         objects = render(kustomization)
@@ -255,6 +333,29 @@ class TestRendered:
                     series = adapter_series().get(metric["pods"]["metric"]["name"])
                     assert series is not None, f"no adapter rule publishes {metric['pods']['metric']['name']}"
                     assert series in exported_metrics(stages), f"{stages} do not export {series}"
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    tests = {"In": lambda e: labels.get(e["key"]) in e["values"],
+             "NotIn": lambda e: labels.get(e["key"]) not in e["values"],
+             "Exists": lambda e: e["key"] in labels, "DoesNotExist": lambda e: e["key"] not in labels}
+    return all(tests[e["operator"]](e) for e in selector.get("matchExpressions", []))
+
+
+def ingress_peers(objects, pod: dict, container: dict, port: int) -> list[dict] | None:
+    """The `from` peers that the NetworkPolicies selecting `pod` admit to `port` ({} for a rule open to every
+    source); None when no policy selects the pod, which then takes traffic from anywhere."""
+    names = {p["containerPort"]: p.get("name") for p in container.get("ports", [])}
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy" and "Ingress" in o["spec"]["policyTypes"]
+                and matches(o["spec"]["podSelector"], pod["metadata"]["labels"])]
+    if not policies:
+        return None
+    return [peer for policy in policies for rule in policy["spec"].get("ingress", [])
+            if "ports" not in rule or any(p.get("port", port) in (port, names.get(port)) for p in rule["ports"])
+            for peer in rule.get("from") or [{}]]
 
 
 @functools.cache

@@ -30,8 +30,9 @@ class ScriptedVision(vision_pb2_grpc.VisionEncoderServicer):
                 await asyncio.sleep(0.2)
 
 
-def make_server(port: int = 0, grace_s: float = 5.0) -> GrpcServer:
-    server = GrpcServer("127.0.0.1", port, max_message_bytes=8 << 20, grace_s=grace_s)
+def make_server(port: int = 0, grace_s: float = 5.0, **security) -> GrpcServer:
+    """`security`: GrpcServer's keyword arguments (tls, auth_token, reflection, health_port)."""
+    server = GrpcServer("127.0.0.1", port, max_message_bytes=8 << 20, grace_s=grace_s, **security)
     server.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server, ScriptedVision(), SERVICE)
     return server
 
