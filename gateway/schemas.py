@@ -2,13 +2,30 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do, except for features whose silent absence
 would change the answer (tools, response formats, logit bias, ...): those are refused with a 400.
+Every integer field is bounded by the range of the proto field that carries it (`proto_range`), so a number
+JSON allows but the wire cannot carry is a 400 naming the field, not a failure to build the gRPC request.
 """
 
 from typing import Annotated, Literal
 
+from google.protobuf.descriptor import FieldDescriptor
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-_INT64 = 1 << 63
+from protos import llm_pb2
+
+_CPP_RANGES = {FieldDescriptor.CPPTYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+               FieldDescriptor.CPPTYPE_UINT32: (0, (1 << 32) - 1),
+               FieldDescriptor.CPPTYPE_INT64: (-(1 << 63), (1 << 63) - 1),
+               FieldDescriptor.CPPTYPE_UINT64: (0, (1 << 64) - 1)}
+
+
+def proto_range(message: type, field: str, ge: int | None = None, le: int | None = None) -> dict:
+    """`ge`/`le` for a pydantic Field: the proto integer field's range, narrowed to [ge, le] where given."""
+    low, high = _CPP_RANGES[message.DESCRIPTOR.fields_by_name[field].cpp_type]
+    return {"ge": low if ge is None else max(ge, low), "le": high if le is None else min(le, high)}
+
+
+_SAMPLING = llm_pb2.SamplingParams
 
 
 # Fields of OpenAI's schema this server does not implement -> the values that mean "not used".
@@ -76,12 +93,12 @@ class _Sampling(_Base):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, **proto_range(_SAMPLING, "top_k", ge=-1))
     min_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, **proto_range(_SAMPLING, "max_tokens", ge=1))
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
+    stop_token_ids: list[Annotated[int, Field(**proto_range(_SAMPLING, "stop_token_ids"))]] | None = None
+    seed: int | None = Field(None, **proto_range(_SAMPLING, "seed"))
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
@@ -93,12 +110,12 @@ class _Sampling(_Base):
 
 class MmProcessorKwargs(BaseModel):
     # vLLM's name for InternVL's per-image tile limit.
-    max_dynamic_patch: int | None = Field(None, ge=1)
+    max_dynamic_patch: int | None = Field(None, **proto_range(llm_pb2.GenerateRequest, "max_tiles", ge=1))
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, **proto_range(_SAMPLING, "max_tokens", ge=1))
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     mm_processor_kwargs: MmProcessorKwargs | None = None

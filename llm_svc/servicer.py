@@ -5,6 +5,8 @@ import logging
 import re
 import uuid
 
+from vllm.exceptions import VLLMClientError
+
 from llm_svc import metrics
 from llm_svc.prompts import ImageRef, Message
 from llm_svc.sampling import to_sampling_params
@@ -108,14 +110,23 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
         code = "OK"
         metrics.RUNNING.inc()
         try:
-            generate_input = input_from_pb(request, self._info.max_model_len)
-            request_id_var.set(generate_input.request_id)
-            log.info("generate: %d images", len(generate_input.images))
-            async for delta in self._service.generate(generate_input):
-                yield delta_to_pb(generate_input.request_id, delta, request.sampling.logprobs)
+            async for response in self._generate(request):
+                yield response
         except BaseException as error:
             code = error.code.name if isinstance(error, ServingError) else type(error).__name__
             raise
         finally:
             metrics.RUNNING.dec()
             metrics.REQUESTS.labels(code).inc()
+
+    async def _generate(self, request: llm_pb2.GenerateRequest):
+        try:
+            generate_input = input_from_pb(request, self._info.max_model_len)
+            request_id_var.set(generate_input.request_id)
+            log.info("generate: %d images", len(generate_input.images))
+            async for delta in self._service.generate(generate_input):
+                yield delta_to_pb(generate_input.request_id, delta, request.sampling.logprobs)
+        except VLLMClientError as error:
+            # vLLM's verdict on the request, wherever vLLM gave it (sampling parameters, chat parsing, rendering,
+            # admission, the engine): the caller's input, so INVALID_ARGUMENT with vLLM's message.
+            raise InvalidInput(str(error)) from error

@@ -74,7 +74,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError, peer: str, stage: str | None = N
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions escaping a handler to a status: ServingError by its type, anything else INTERNAL."""
+    """Maps exceptions escaping a handler to a status: ServingError by its type, anything else INTERNAL; and
+    bytes that do not parse as the request message to INVALID_ARGUMENT (grpc itself would answer UNKNOWN)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -84,14 +85,38 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _guard_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return handler
+
+
+class _Undecodable:
+    """What `_lenient` passes on instead of raising, so that the guard can answer INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - whatever the parser says, the bytes were the client's
+            return _Undecodable(error)
+    return deserialize
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(f"the request does not parse as this method's message ({request.error})")
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str):
@@ -105,6 +130,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
 def _guard_unary(behavior, method):
     async def guarded(request, context):
         try:
+            _check_decoded(request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -116,6 +142,7 @@ def _guard_unary(behavior, method):
 def _guard_stream(behavior, method):
     async def guarded(request, context):
         try:
+            _check_decoded(request)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
