@@ -3,6 +3,7 @@ what must never reach the engine, and the tables of proto <-> domain conversions
 
 import asyncio
 import hashlib
+import threading
 import types
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from llm_svc.prompts import ImageRef, Message, to_openai_messages
 from llm_svc.service import GenerateInput, LanguageService, ModelShape
-from llm_svc.servicer import chat_from_pb, input_from_pb
+from llm_svc.servicer import LanguageModelServicer, chat_from_pb, input_from_pb
 from llm_svc.vision_client import ImageBlob, ImageEmbedding
 from protos import llm_pb2
 from protos.errors import InternalError, InvalidInput
@@ -234,3 +235,23 @@ def test_sampling_defaults_and_request_id():
 def test_images_only_in_user_messages():
     with pytest.raises(InvalidInput, match="user messages only"):
         to_openai_messages([Message("assistant", (ImageRef("a" * 64),))])
+
+
+class EmptyService:
+    async def generate(self, request):
+        return
+        yield
+
+
+async def test_requests_are_converted_and_their_images_hashed_off_the_event_loop(monkeypatch):
+    converted_on = []
+
+    def recording_input_from_pb(request, max_model_len):
+        converted_on.append(threading.current_thread())
+        return input_from_pb(request, max_model_len)
+
+    monkeypatch.setattr("llm_svc.servicer.input_from_pb", recording_input_from_pb)
+    servicer = LanguageModelServicer(EmptyService(), llm_pb2.GetModelInfoResponse(max_model_len=128))
+    request = llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(max_tokens=1))
+    assert [r async for r in servicer.Generate(request, None)] == []
+    assert converted_on and threading.main_thread() not in converted_on
