@@ -63,14 +63,14 @@ _BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, Overloaded, Unavai
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, peer: str, stage: str | None = None) -> ServingError:
-    """The typed error for a status received from another stage, `peer` (kept for logs: the message passes on to
-    clients as it came); `stage`, when given, travels on as FAILED_STAGE_KEY metadata to whoever receives this
-    error next."""
+    """The typed error for a status received from another stage, `peer` (kept for logs, out of the message that
+    clients read); `stage`, when given, names the stage in the message and travels on as FAILED_STAGE_KEY
+    metadata to whoever receives this error next."""
     cls = _BY_CODE.get(error.code(), InternalError)
     metadata = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if isinstance(v, str))
-    if stage is not None:
-        metadata += ((FAILED_STAGE_KEY, stage),)
-    return cls(error.details(), metadata, peer=peer)
+    if stage is None:
+        return cls(error.details(), metadata, peer=peer)
+    return cls(f"{stage}: {error.details()}", (*metadata, (FAILED_STAGE_KEY, stage)), peer=peer)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
