@@ -31,6 +31,9 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     max_request_bytes: int = 64 * MIB
     max_tokens_limit: int = 32768
+    # Work in flight: generation requests being served, and the bytes of bodies and images they hold meanwhile.
+    max_requests_in_flight: int = 1024
+    max_bytes_in_flight: int = 1024 * MIB
     unavailable_cooldown_s: float = 5.0
     health_timeout_s: float = 2.0
     shutdown_grace_s: float = 30.0
@@ -47,7 +50,8 @@ class GatewayConfig:
         check_client_settings(self.tls, self.tls_server_name)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty, which would lock nobody out; use None for no key")
-        for name in ("max_image_bytes", "max_images_per_request", "max_request_bytes", "max_tokens_limit"):
+        for name in ("max_image_bytes", "max_images_per_request", "max_request_bytes", "max_tokens_limit",
+                     "max_requests_in_flight", "max_bytes_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("image_fetch_timeout_s", "request_timeout_s", "unavailable_cooldown_s", "health_timeout_s"):
@@ -60,6 +64,11 @@ class GatewayConfig:
         if self.grpc_max_message_bytes > _GRPC_MESSAGE_LIMIT:
             raise ValueError("max_images_per_request * max_image_bytes + max_request_bytes exceeds gRPC's 2 GiB "
                              "message limit; lower one of them")
+        if self.max_bytes_in_flight < self.grpc_max_message_bytes:
+            # Else the largest allowed request could never be admitted, and would get 429s forever.
+            raise ValueError(f"max_bytes_in_flight ({self.max_bytes_in_flight}) is below what one request may hold "
+                             f"(max_request_bytes + max_images_per_request * max_image_bytes = "
+                             f"{self.grpc_max_message_bytes}); raise it or lower those")
 
     @property
     def grpc_max_message_bytes(self) -> int:
@@ -111,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                         help="largest max_tokens a request may ask for (400 above it); requests that do not set "
                              "it are bounded by the model's context length")
+    parser.add_argument("--max-requests-in-flight", type=int, default=d.max_requests_in_flight,
+                        help="most chat and completion requests served at once, streams included; beyond it a "
+                             "request gets 429 with Retry-After at once")
+    parser.add_argument("--max-bytes-in-flight", type=int, default=d.max_bytes_in_flight,
+                        help="most bytes of request bodies and images held at once by the requests being served "
+                             "(each holds them until its call to llm_svc is sent); a request that would pass it "
+                             "gets 429 with Retry-After. At least --max-request-bytes + --max-images-per-request x "
+                             "--max-image-bytes, what one request may hold")
     parser.add_argument("--unavailable-cooldown-s", type=float, default=d.unavailable_cooldown_s,
                         help="how long a replica that answered UNAVAILABLE is skipped by the balancer")
     parser.add_argument("--health-timeout-s", type=float, default=d.health_timeout_s,
@@ -139,6 +156,7 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         max_images_per_request=args.max_images_per_request, image_fetch_timeout_s=args.image_fetch_timeout_s,
         max_redirects=args.max_redirects, request_timeout_s=args.request_timeout_s,
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
+        max_requests_in_flight=args.max_requests_in_flight, max_bytes_in_flight=args.max_bytes_in_flight,
         unavailable_cooldown_s=args.unavailable_cooldown_s, health_timeout_s=args.health_timeout_s,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json, **security)
 

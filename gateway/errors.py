@@ -6,7 +6,7 @@ A 5xx body says only what kind of failure it was and the request id: peer addres
 for the operator, in the log line carrying that id, not for whoever sent the request.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -41,16 +41,27 @@ class PayloadTooLarge(InvalidInput):
     error_type = "PayloadTooLargeError"
 
 
-async def read_capped(chunks: AsyncIterator[bytes], declared_length: str | None, limit: int, what: str) -> bytes:
+def hold_any(nbytes: int) -> None:
+    """The `hold` of a read whose bytes count against no limit but its own."""
+
+
+async def read_capped(chunks: AsyncIterator[bytes], declared_length: str | None, limit: int, what: str,
+                      hold: Callable[[int], None] = hold_any) -> bytes:
     """The bytes of a body or download, refused as soon as it is known to exceed `limit`: from the declared
-    Content-Length before reading, else while reading, so an oversized payload is never held whole."""
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
-        raise PayloadTooLarge(f"{what} of {declared_length} bytes is above the limit of {limit}")
+    Content-Length before reading, else while reading, so an oversized payload is never held whole. `hold` is
+    told of the bytes kept (a declared length at once, before reading) and may refuse them by raising."""
+    declared = int(declared_length) if declared_length is not None and declared_length.isdigit() else None
+    if declared is not None:
+        if declared > limit:
+            raise PayloadTooLarge(f"{what} of {declared} bytes is above the limit of {limit}")
+        hold(declared)
     parts, size = [], 0
     async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"{what} is above the limit of {limit} bytes")
+        if declared is None:  # else held already: HTTP framing ends a body at its Content-Length
+            hold(len(chunk))
         parts.append(chunk)
     return b"".join(parts)
 

@@ -22,12 +22,15 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from gateway.config import GatewayConfig
-from gateway.errors import PayloadTooLarge, read_capped
+from gateway.errors import PayloadTooLarge, hold_any, read_capped
 from protos.errors import InvalidInput
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 # Base64 characters decoded at a time: a multiple of 4, about 4 ms of holding the GIL.
 B64_CHUNK_CHARS = 1 << 20
+
+# Told of the bytes an image will keep in memory, before they are kept; raises to refuse them (work limit).
+Hold = Callable[[int], None]
 
 # (host, port) -> the host's addresses, socket.gaierror when it has none. The gateway uses the OS resolver;
 # tests point names at loopback servers.
@@ -57,12 +60,12 @@ class ImageLoader:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def load_all(self, urls: list[str]) -> list[bytes]:
+    async def load_all(self, urls: list[str], hold: Hold = hold_any) -> list[bytes]:
         """The bytes of every URL, in order, fetched concurrently; the first failure cancels the others."""
         if len(urls) > self._config.max_images_per_request:
             raise InvalidInput(f"{len(urls)} images in one request; this server allows at most "
                                f"{self._config.max_images_per_request}")
-        tasks = [asyncio.ensure_future(self.load(url, i)) for i, url in enumerate(urls)]
+        tasks = [asyncio.ensure_future(self.load(url, i, hold)) for i, url in enumerate(urls)]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -70,31 +73,35 @@ class ImageLoader:
                 task.cancel()
             raise
 
-    async def load(self, url: str, index: int = 0) -> bytes:
+    async def load(self, url: str, index: int = 0, hold: Hold = hold_any) -> bytes:
         try:
-            return await self._load(url, index)
+            return await self._load(url, index, hold)
         except (ValueError, httpx.InvalidURL) as error:
             # A URL that its parser refuses: a broken IPv6 or octal IPv4 host, a host label over 63 characters,
             # a NUL in a file path, non-ASCII base64. The client's input, not a server failure.
             raise InvalidInput(f"image {index}: malformed URL ({error})") from None
 
-    async def _load(self, url: str, index: int) -> bytes:
+    async def _load(self, url: str, index: int, hold: Hold) -> bytes:
         scheme = url.split(":", 1)[0].lower()
         if scheme == "data":
-            return await asyncio.to_thread(decode_data_url, url, self._config.max_image_bytes, index)
+            data = await asyncio.to_thread(decode_data_url, url, self._config.max_image_bytes, index)
+            hold(len(data))
+            return data
         if scheme in ("http", "https"):
             try:
                 async with asyncio.timeout(self._config.image_fetch_timeout_s):
-                    return await self._download(url, index)
+                    return await self._download(url, index, hold)
             except TimeoutError:
                 raise InvalidInput(f"image {index}: download did not finish within "
                                    f"{self._config.image_fetch_timeout_s} s") from None
         if scheme == "file":
-            return await asyncio.to_thread(read_local_file, url, self._config.allowed_local_media_path,
+            data = await asyncio.to_thread(read_local_file, url, self._config.allowed_local_media_path,
                                            self._config.max_image_bytes, index)
+            hold(len(data))
+            return data
         raise InvalidInput(f"image {index}: unsupported URL scheme '{scheme}' (use data:, http(s):// or file://)")
 
-    async def _download(self, url: str, index: int) -> bytes:
+    async def _download(self, url: str, index: int, hold: Hold) -> bytes:
         for _ in range(self._config.max_redirects + 1):
             parsed = httpx.URL(url)
             if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -114,7 +121,7 @@ class ImageLoader:
                     continue
                 if response.status_code != 200:
                     raise InvalidInput(f"image {index}: {url} answered HTTP {response.status_code}")
-                return await read_unencoded(response, self._config.max_image_bytes, index)
+                return await read_unencoded(response, self._config.max_image_bytes, index, hold)
             finally:
                 await response.aclose()
         raise InvalidInput(f"image {index}: more than {self._config.max_redirects} redirects")
@@ -133,7 +140,7 @@ class ImageLoader:
         return addresses[0]
 
 
-async def read_unencoded(response: httpx.Response, limit: int, index: int) -> bytes:
+async def read_unencoded(response: httpx.Response, limit: int, index: int, hold: Hold) -> bytes:
     """The body as sent, refused when it carries a Content-Encoding: decoding gzip or brotli would expand a small
     transfer in memory before the limit could count it (a few KB of gzip can hold gigabytes of zeros), and image
     formats are compressed already, so a server that honours our `Accept-Encoding: identity` sends none."""
@@ -141,7 +148,8 @@ async def read_unencoded(response: httpx.Response, limit: int, index: int) -> by
     if encoding not in ("", "identity"):
         raise InvalidInput(f"image {index}: the server sent the image with Content-Encoding '{encoding}'; "
                            "only unencoded image bytes are accepted")
-    return await read_capped(response.aiter_raw(), response.headers.get("content-length"), limit, f"image {index}")
+    return await read_capped(response.aiter_raw(), response.headers.get("content-length"), limit, f"image {index}",
+                             hold)
 
 
 # Blocks whose IPv6 addresses reach the IPv4 address in their last 32 bits (RFC 6052 well-known NAT64 prefix;

@@ -1,7 +1,8 @@
 """The gateway's gRPC client of llm_svc: round-robin over replicas, one Generate call per request.
 
-A replica that answers UNAVAILABLE is skipped for a cooldown; a call that fails UNAVAILABLE before its first
-message is retried once on another replica (nothing reached the client yet, so the retry is invisible).
+A replica that answers UNAVAILABLE is skipped for a cooldown; a call that fails UNAVAILABLE (replica down) or
+RESOURCE_EXHAUSTED (replica full) before its first message is retried once on another replica (nothing reached
+the client yet, so the retry is invisible).
 Errors leave this module as the typed errors of `protos.errors`.
 """
 
@@ -22,6 +23,8 @@ from protos.server import channel_options
 log = logging.getLogger(__name__)
 
 LANGUAGE_SERVICE = "internvl.llm.v1.LanguageModel"
+# Failures of one replica, not of the request: another replica may serve it.
+_RETRIED_ELSEWHERE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class Replica:
@@ -81,14 +84,15 @@ class LlmClient:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:
-                # A stage behind llm_svc being unavailable says nothing about this replica, and every
-                # replica shares that stage: no cooldown, no retry.
-                if error.code() != grpc.StatusCode.UNAVAILABLE or _failed_behind(error):
+                # A stage behind llm_svc failing says nothing about this replica, and every replica shares that
+                # stage: no cooldown, no retry.
+                if error.code() not in _RETRIED_ELSEWHERE or _failed_behind(error):
                     raise from_rpc_error(error, replica.target) from None
-                replica.down_until = time.monotonic() + self._cooldown_s
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    replica.down_until = time.monotonic() + self._cooldown_s
                 if attempt == 0 and len(candidates) > 1:
-                    log.warning("%s unavailable (%s); retrying on %s", replica.target, error.details(),
-                                candidates[1].target)
+                    log.warning("%s answered %s (%s); retrying on %s", replica.target, error.code().name,
+                                error.details(), candidates[1].target)
                     continue
                 raise from_rpc_error(error, replica.target) from None
             except BaseException:

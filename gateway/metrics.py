@@ -2,6 +2,8 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from protos.work_limits import WorkLimit
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
@@ -22,3 +24,9 @@ class GatewayMetrics:
         self.completion_tokens = Counter("gateway_completion_tokens", "Generated tokens of finished requests",
                                          registry=r)
         self.image_bytes = Counter("gateway_image_bytes", "Encoded image bytes forwarded to llm_svc", registry=r)
+
+    def watch_work_limit(self, limit: WorkLimit) -> None:
+        Gauge("gateway_admitted_requests", "Generation requests admitted and not yet finished",
+              registry=self.registry).set_function(lambda: limit.requests)
+        Gauge("gateway_admitted_bytes", "Bytes of request bodies and images held by admitted requests",
+              registry=self.registry).set_function(lambda: limit.bytes)

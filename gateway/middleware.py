@@ -1,11 +1,18 @@
-"""Per-request context around every HTTP request: the request id (logs, response header) and the metrics."""
+"""ASGI middleware: the per-request context (request id for logs and the response header, metrics) around every
+request, and the work limit around each generation request."""
 
+import logging
 import re
 import time
 import uuid
 
+from gateway.error_handlers import error_response
 from gateway.metrics import GatewayMetrics
+from protos.errors import Overloaded
 from protos.logs import request_id_var
+from protos.work_limits import WorkLimit
+
+log = logging.getLogger(__name__)
 
 # Client ids are echoed in headers and logs: keep them short and plain.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -54,3 +61,26 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
             request_id_var.reset(token)
+
+
+class WorkLimitMiddleware:
+    """Admits each request to `endpoints` against the gateway's work limit for its whole life, streamed answer
+    included, and answers 429 with Retry-After past it. The admitted work is `request.state.work`, against which
+    the route holds the request's bytes."""
+
+    def __init__(self, app, limit: WorkLimit, endpoints: set[str]):
+        self.app = app
+        self.limit = limit
+        self.endpoints = endpoints
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.endpoints:
+            return await self.app(scope, receive, send)
+        try:
+            work = self.limit.admit()
+        except Overloaded as error:
+            log.info("%s refused: %s", scope["path"], error)
+            return await error_response(error)(scope, receive, send)
+        scope.setdefault("state", {})["work"] = work
+        with work:
+            await self.app(scope, receive, send)

@@ -35,8 +35,26 @@ class NotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+# Trailing-metadata key of an Overloaded error: whole seconds after which a retry may find room.
+RETRY_AFTER_KEY = "retry-after-s"
+DEFAULT_RETRY_AFTER_S = 1
+
+
 class Overloaded(ServingError):
+    """Too much work in flight now: the same request may succeed later, after `retry_after_s`."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, metadata: tuple[tuple[str, str], ...] = (), peer: str | None = None,
+                 retry_after_s: int = DEFAULT_RETRY_AFTER_S):
+        if not any(key == RETRY_AFTER_KEY for key, _ in metadata):
+            metadata = (*metadata, (RETRY_AFTER_KEY, str(retry_after_s)))
+        super().__init__(message, metadata, peer)
+
+    @property
+    def retry_after_s(self) -> int:
+        value = dict(self.metadata).get(RETRY_AFTER_KEY, "")
+        return int(value) if value.isdigit() else DEFAULT_RETRY_AFTER_S
 
 
 class Unavailable(ServingError):

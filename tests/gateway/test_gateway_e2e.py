@@ -2,6 +2,7 @@
 parity with vLLM's own (monolithic) OpenAI server on the same checkpoint."""
 
 import base64
+import concurrent.futures
 import time
 
 import httpx
@@ -175,3 +176,23 @@ def test_request_id_appears_in_every_stage_log(client, stack):
     time.sleep(0.5)
     for name in ("gateway", "llm", "vision"):
         assert "trace-me-4242" in stack[name].log_path.read_text(errors="replace"), f"{name} log lacks the id"
+
+
+def test_a_flood_of_image_requests_gets_answers_or_429s_never_an_error(stack, tmp_path):
+    picture = data_url(image(1600, 1200, seed=5))
+    # The byte budget fits about one such request at a time while its image is on its way to llm_svc.
+    one_request = 2 * len(picture) + len(picture)
+    gateway = start_gateway([stack["llm"]], tmp_path, "--max-request-bytes", str(2 * len(picture)),
+                            "--max-image-bytes", str(len(picture)), "--max-images-per-request", "1",
+                            "--max-bytes-in-flight", str(one_request + len(picture))).wait_ready()
+    body = {"model": MODEL, "messages": [user(picture, "Describe the image.")], **GREEDY}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"http://{gateway.address}/v1/chat/completions",
+                                                           json=body, timeout=120), range(8)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 429} and 200 in statuses, statuses
+        assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 429)
+        assert httpx.post(f"http://{gateway.address}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    finally:
+        gateway.stop()

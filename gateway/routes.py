@@ -1,0 +1,228 @@
+"""The HTTP routes: OpenAI chat and text completions, models, health and metrics.
+
+A generation route parses the request, loads its images, makes one Generate call and renders the messages it
+gets back. The call starts before the HTTP status is chosen: an error before the first token becomes a real
+HTTP error (429, 503, ...); an error after it arrives as an SSE `error` event, as vLLM's server sends it.
+The request's bytes (body, images) count against the gateway's work limit until the call has been sent.
+"""
+
+import asyncio
+import dataclasses
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+import pydantic
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
+
+from gateway import translate
+from gateway.errors import PayloadTooLarge, Unauthenticated, http_error, read_capped
+from gateway.llm_client import TokenStream
+from gateway.responses import collect, completion_renderer, sse_events
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from protos import llm_pb2
+from protos.errors import Cancelled, InvalidInput, ServingError, Unavailable
+from protos.work_limits import AdmittedWork
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+T = TypeVar("T")
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+
+
+def gateway_of(request: Request) -> "Gateway":
+    return request.app.state.gateway
+
+
+async def require_api_key(request: Request) -> None:
+    api_key = gateway_of(request).config.api_key
+    if api_key is None:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), api_key.encode()):
+        raise Unauthenticated("missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+
+router = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerOptions:
+    """What rendering the answer needs from the request: kept apart so the request itself can be let go."""
+
+    meta: translate.ResponseMeta
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def answer_options(request: Request, body: ChatCompletionRequest | CompletionRequest, id_prefix: str,
+                   model: str, logprobs: bool) -> AnswerOptions:
+    meta = translate.ResponseMeta(f"{id_prefix}-{request.state.request_id}", int(time.time()), model)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return AnswerOptions(meta, body.stream, include_usage, logprobs)
+
+
+@api.post(CHAT_ENDPOINT)
+async def chat_completions(request: Request):
+    stream, options = await start_chat(request)
+    metrics = gateway_of(request).metrics
+    if options.stream:
+        chunks = sse_events(stream, lambda m: translate.chat_chunk(m, options.meta, options.logprobs),
+                            [translate.chat_role_chunk(options.meta)], options.meta, "chat.completion.chunk",
+                            options.include_usage, metrics)
+        return event_stream(chunks, stream)
+    messages = await collect_unless_disconnected(request, stream)
+    return JSONResponse(translate.chat_completion(messages, options.meta, options.logprobs))
+
+
+async def start_chat(request: Request) -> tuple[TokenStream, AnswerOptions]:
+    gateway = gateway_of(request)
+    work: AdmittedWork = request.state.work
+    body = await parse_body(request, ChatCompletionRequest)
+    options = answer_options(request, body, "chatcmpl", await gateway.check_model(body.model), body.logprobs)
+    images = await until_disconnected(request, gateway.images.load_all(translate.image_urls(body), work.hold))
+    gateway.metrics.image_bytes.inc(sum(len(i) for i in images))
+    generate = translate.chat_generate_request(body, images, backend_request_id(request),
+                                               gateway.config.max_tokens_limit)
+    return await start_generation(request, generate, CHAT_ENDPOINT), options
+
+
+@api.post(COMPLETIONS_ENDPOINT)
+async def completions(request: Request):
+    stream, options = await start_completion(request)
+    if options.stream:
+        chunks = sse_events(stream, completion_renderer(options.meta, options.logprobs), [], options.meta,
+                            "text_completion", options.include_usage, gateway_of(request).metrics)
+        return event_stream(chunks, stream)
+    messages = await collect_unless_disconnected(request, stream)
+    return JSONResponse(translate.completion(messages, options.meta, options.logprobs))
+
+
+async def start_completion(request: Request) -> tuple[TokenStream, AnswerOptions]:
+    gateway = gateway_of(request)
+    body = await parse_body(request, CompletionRequest)
+    options = answer_options(request, body, "cmpl", await gateway.check_model(body.model), body.logprobs is not None)
+    generate = translate.completion_generate_request(body, backend_request_id(request),
+                                                     gateway.config.max_tokens_limit)
+    return await start_generation(request, generate, COMPLETIONS_ENDPOINT), options
+
+
+@api.get("/v1/models")
+async def models(request: Request):
+    gateway = gateway_of(request)
+    card = {"id": await gateway.model_name(), "object": "model", "created": int(time.time()),
+            "owned_by": "internvl-dvd"}
+    try:
+        info = await gateway.model_info()
+    except ServingError:
+        pass  # the card without the model's details: listing models should not fail with the backend
+    else:
+        card.update(root=info.model, max_model_len=info.max_model_len)
+    return {"object": "list", "data": [card]}
+
+
+@router.get("/health")
+async def health(request: Request):
+    gateway = gateway_of(request)
+    healthy = await gateway.llm.healthy_replicas(gateway.config.health_timeout_s)
+    if not healthy:
+        status, body = http_error(Unavailable("no healthy language service replica"))
+        return JSONResponse(body, status_code=status)
+    return {"status": "ok", "healthy_replicas": healthy}
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request):
+    return Response(generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(api)
+
+
+async def parse_body(request: Request, model: type[Model]) -> Model:
+    limit = gateway_of(request).config.max_request_bytes
+    body = await read_capped(request.stream(), request.headers.get("content-length"), limit, "request body",
+                             request.state.work.hold)
+    try:
+        return model.model_validate_json(body)
+    except pydantic.ValidationError as error:
+        raise InvalidInput(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: pydantic.ValidationError) -> str:
+    problems = []
+    for e in error.errors(include_url=False):
+        if e["type"] == "json_invalid":
+            return f"request body is not valid JSON: {e['msg']}"
+        where = ".".join(str(part) for part in e["loc"])
+        problems.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(problems)
+
+
+def backend_request_id(request: Request) -> str:
+    """The id llm_svc runs the request under. A client's x-request-id may repeat (SDK retries, proxies) while
+    llm_svc's ids must be unique, so a client id gets a suffix; it still prefixes every stage's log lines."""
+    request_id = request.state.request_id
+    if request.headers.get("x-request-id") == request_id:
+        return f"{request_id}-{uuid.uuid4().hex[:8]}"
+    return request_id
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it if the client disconnects first (nobody would read the answer)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():  # the client left first; the task only now begins to cancel
+        task.cancel()
+        raise Cancelled("client disconnected")
+    return task.result()
+
+
+async def collect_unless_disconnected(request: Request, stream: TokenStream) -> list[llm_pb2.GenerateResponse]:
+    try:
+        return await until_disconnected(request, collect(stream, gateway_of(request).metrics))
+    finally:
+        await stream.close()
+
+
+def event_stream(events: AsyncIterator[str], stream: TokenStream) -> StreamingResponse:
+    # The close also covers a client gone before the first event, when the generator never ran.
+    return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(stream.close))
+
+
+async def start_generation(request: Request, generate: llm_pb2.GenerateRequest, endpoint: str) -> TokenStream:
+    gateway = gateway_of(request)
+    # A request the language service cannot receive would come back as RESOURCE_EXHAUSTED, a 429 that clients
+    # retry forever: it is too large, whenever it is sent.
+    limit = (await gateway.model_info()).max_request_bytes
+    if limit and (size := generate.ByteSize()) > limit:
+        raise PayloadTooLarge(f"the request is {size} bytes with its images; the language service takes at most "
+                              f"{limit}")
+    stream = await until_disconnected(request, gateway.llm.generate(generate, gateway.config.request_timeout_s))
+    # Sent: the body, images and message die with the caller's frame; only the request's slot stays held.
+    request.state.work.release_bytes()
+    gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
+    return stream
