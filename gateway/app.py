@@ -65,7 +65,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app = FastAPI(title="InternVL gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     # The last middleware added runs first: the request id is set before the work limit may refuse.
     app.add_middleware(WorkLimitMiddleware, limit=work_limit, endpoints={CHAT_ENDPOINT, COMPLETIONS_ENDPOINT})
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, endpoints={route.path for route in router.routes})
     install_error_handlers(app)
     app.include_router(router)
     return app

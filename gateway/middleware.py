@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 # Client ids are echoed in headers and logs: keep them short and plain.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
@@ -31,9 +30,11 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 class RequestContextMiddleware:
     """Plain ASGI (not BaseHTTPMiddleware), so streamed responses and client disconnects pass through untouched."""
 
-    def __init__(self, app, metrics: GatewayMetrics):
+    def __init__(self, app, metrics: GatewayMetrics, endpoints: set[str]):
         self.app = app
         self.metrics = metrics
+        # Metrics are labelled by these paths; any other path is "other", so clients cannot mint labels.
+        self.endpoints = endpoints
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -42,7 +43,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         # Starlette exposes scope["state"] as request.state.
         scope.setdefault("state", {}).update(request_id=request_id, started=started)
-        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
         status = 500
 
         async def send_with_request_id(message):
