@@ -28,7 +28,8 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.llm = LlmClient(config.llm_targets, config.grpc_max_message_bytes, config.unavailable_cooldown_s,
-                             tls=config.tls, server_name=config.tls_server_name, token=config.llm_auth_token)
+                             tls=config.tls, server_name=config.tls_server_name, token=config.llm_auth_token,
+                             retire_s=config.request_timeout_s)
         self.images = ImageLoader(config)
         self._model_info: llm_pb2.GetModelInfoResponse | None = None
 
@@ -59,6 +60,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         # Created here so the gRPC channels belong to the server's event loop.
         app.state.gateway = Gateway(config, metrics)
+        await app.state.gateway.llm.start()
         yield
         await app.state.gateway.close()
 

@@ -6,6 +6,7 @@ import os
 import pathlib
 
 from protos.cli import HelpFormatter, add_security_flags, pop_security_args
+from protos.endpoints import check_targets
 from protos.security import TlsFiles, check_client_settings
 
 MIB = 1 << 20
@@ -45,8 +46,9 @@ class GatewayConfig:
     llm_auth_token: str | None = dataclasses.field(default=None, repr=False)  # a secret: kept out of logs
 
     def __post_init__(self):
-        if not self.llm_targets or any(":" not in t for t in self.llm_targets):
-            raise ValueError(f"--llm needs HOST:PORT[,HOST:PORT...], got {self.llm_targets}")
+        if not self.llm_targets:
+            raise ValueError("--llm needs at least one llm_svc target")
+        check_targets(self.llm_targets)
         check_client_settings(self.tls, self.tls_server_name)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty, which would lock nobody out; use None for no key")
@@ -85,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     d = GatewayConfig
     parser.add_argument("--llm", required=True,
-                        help="llm_svc replicas as HOST:PORT[,HOST:PORT...]; requests are balanced round-robin")
+                        help="llm_svc replicas, comma-separated: HOST:PORT, dns:///HOST:PORT or ipv4:IP:PORT. Every "
+                             "address a name resolves to (a headless Service: one per ready pod) is a replica; "
+                             "names are resolved again every 30 s and after a failure. Requests are balanced "
+                             "round-robin and retried once on another replica when one is down or full")
     parser.add_argument("--host", default=d.host, help="HTTP listen address")
     parser.add_argument("--port", type=int, default=d.port, help="HTTP listen port")
     api_key = parser.add_mutually_exclusive_group()

@@ -1,4 +1,6 @@
-"""The gateway's gRPC client of llm_svc: round-robin over replicas, one Generate call per request.
+"""The gateway's gRPC client of llm_svc: round-robin over the replicas, one Generate call per request.
+
+Every address the targets resolve to is a replica of its own (`protos.endpoints`), re-resolved as DNS changes.
 
 A replica that answers UNAVAILABLE is skipped for a cooldown; a call that fails UNAVAILABLE (replica down) or
 RESOURCE_EXHAUSTED (replica full) before its first message is retried once on another replica (nothing reached
@@ -7,6 +9,7 @@ Errors leave this module as the typed errors of `protos.errors`.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -16,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import llm_pb2, llm_pb2_grpc
+from protos.endpoints import DEFAULT_REFRESH_S, DEFAULT_RETIRE_S, Address, Endpoint, EndpointSet, certificate_name
 from protos.errors import FAILED_STAGE_KEY, InternalError, ServingError, Unavailable, from_rpc_error
 from protos.security import TlsFiles, open_channel
 from protos.server import channel_options
@@ -27,14 +31,13 @@ LANGUAGE_SERVICE = "internvl.llm.v1.LanguageModel"
 _RETRIED_ELSEWHERE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+@dataclasses.dataclass(frozen=True)
 class Replica:
-    def __init__(self, target: str, channel: grpc.aio.Channel):
-        self.target = target
-        self.channel = channel
-        self.stub = llm_pb2_grpc.LanguageModelStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        # monotonic time before which the balancer prefers other replicas.
-        self.down_until = 0.0
+    """The connection to one llm_svc replica."""
+
+    channel: grpc.aio.Channel
+    stub: llm_pb2_grpc.LanguageModelStub
+    health: health_pb2_grpc.HealthStub
 
 
 class TokenStream:
@@ -66,55 +69,72 @@ def _failed_behind(error: grpc.aio.AioRpcError) -> bool:
 
 
 class LlmClient:
+    """Generate, GetModelInfo and health over every llm_svc replica the targets name (see `protos.endpoints`);
+    `start` must be awaited before the first call."""
+
     def __init__(self, targets: tuple[str, ...], max_message_bytes: int, unavailable_cooldown_s: float, *,
-                 tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None):
+                 tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None,
+                 refresh_s: float = DEFAULT_REFRESH_S, retire_s: float = DEFAULT_RETIRE_S):
         options = channel_options(max_message_bytes)
-        self._replicas = [Replica(t, open_channel(t, options, tls, server_name, token)) for t in targets]
+
+        def connect(address: Address) -> Replica:
+            channel = open_channel(address.target, options, tls, server_name or certificate_name(address), token)
+            return Replica(channel, llm_pb2_grpc.LanguageModelStub(channel), health_pb2_grpc.HealthStub(channel))
+
+        async def close(replica: Replica) -> None:
+            await replica.channel.close()
+
+        self._endpoints = EndpointSet(list(targets), connect, close, refresh_s=refresh_s, retire_s=retire_s)
         self._turn = itertools.count()
         self._cooldown_s = unavailable_cooldown_s
 
+    async def start(self) -> None:
+        await self._endpoints.start()
+
     async def close(self) -> None:
-        await asyncio.gather(*(r.channel.close() for r in self._replicas))
+        await self._endpoints.close()
 
     async def generate(self, request: llm_pb2.GenerateRequest, timeout_s: float) -> TokenStream:
         """Starts Generate and waits for its first message, so that errors before any token raise here."""
-        candidates = self._pick()
-        for attempt, replica in enumerate(candidates[:2]):
-            call = replica.stub.Generate(request, timeout=timeout_s)
+        candidates = await self._pick()
+        for attempt, endpoint in enumerate(candidates[:2]):
+            target = endpoint.address.target
+            call = endpoint.connection.stub.Generate(request, timeout=timeout_s)
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:
                 # A stage behind llm_svc failing says nothing about this replica, and every replica shares that
                 # stage: no cooldown, no retry.
                 if error.code() not in _RETRIED_ELSEWHERE or _failed_behind(error):
-                    raise from_rpc_error(error, replica.target) from None
+                    raise from_rpc_error(error, target) from None
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    replica.down_until = time.monotonic() + self._cooldown_s
+                    endpoint.down_until = time.monotonic() + self._cooldown_s
+                    self._endpoints.refresh_soon()
                 if attempt == 0 and len(candidates) > 1:
-                    log.warning("%s answered %s (%s); retrying on %s", replica.target, error.code().name,
-                                error.details(), candidates[1].target)
+                    log.warning("%s answered %s (%s); retrying on %s", target, error.code().name,
+                                error.details(), candidates[1].address.target)
                     continue
-                raise from_rpc_error(error, replica.target) from None
+                raise from_rpc_error(error, target) from None
             except BaseException:
                 call.cancel()
                 raise
             if first is grpc.aio.EOF:
-                raise InternalError(f"{replica.target}: Generate ended without a message")
-            replica.down_until = 0.0
-            return TokenStream(call, first, replica.target)
+                raise InternalError(f"{target}: Generate ended without a message")
+            endpoint.down_until = 0.0
+            return TokenStream(call, first, target)
         raise Unavailable("no language service replica")
 
     async def model_info(self, timeout_s: float) -> llm_pb2.GetModelInfoResponse:
         last_error: ServingError = Unavailable("no language service replica answered GetModelInfo")
-        for replica in self._pick():
+        for endpoint in await self._pick():
             try:
-                return await replica.stub.GetModelInfo(llm_pb2.GetModelInfoRequest(), timeout=timeout_s)
+                return await endpoint.connection.stub.GetModelInfo(llm_pb2.GetModelInfoRequest(), timeout=timeout_s)
             except grpc.aio.AioRpcError as error:
-                last_error = from_rpc_error(error, replica.target)
+                last_error = from_rpc_error(error, endpoint.address.target)
         raise last_error
 
     async def healthy_replicas(self, timeout_s: float) -> list[str]:
-        """The targets whose gRPC health check says SERVING for the language service."""
+        """The addresses whose gRPC health check says SERVING for the language service."""
         async def serving(replica: Replica) -> bool:
             try:
                 answer = await replica.health.Check(health_pb2.HealthCheckRequest(service=LANGUAGE_SERVICE),
@@ -123,12 +143,16 @@ class LlmClient:
                 return False
             return answer.status == health_pb2.HealthCheckResponse.SERVING
 
-        states = await asyncio.gather(*(serving(r) for r in self._replicas))
-        return [r.target for r, ok in zip(self._replicas, states) if ok]
+        endpoints = await self._endpoints.ensure_some()
+        states = await asyncio.gather(*(serving(e.connection) for e in endpoints))
+        return [e.address.target for e, ok in zip(endpoints, states) if ok]
 
-    def _pick(self) -> list[Replica]:
+    async def _pick(self) -> list[Endpoint[Replica]]:
         """Every replica, starting at the next in turn; those cooling down after UNAVAILABLE go last."""
-        start = next(self._turn) % len(self._replicas)
-        ordered = self._replicas[start:] + self._replicas[:start]
+        endpoints = await self._endpoints.ensure_some()
+        if not endpoints:
+            return []
+        start = next(self._turn) % len(endpoints)
+        ordered = endpoints[start:] + endpoints[:start]
         now = time.monotonic()
-        return sorted(ordered, key=lambda r: r.down_until > now)
+        return sorted(ordered, key=lambda e: e.down_until > now)
