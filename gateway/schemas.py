@@ -1,17 +1,24 @@
 """Pydantic models of the OpenAI requests the gateway accepts (chat and text completions).
 
-Unknown fields are ignored, as OpenAI-compatible servers do, except for features whose silent absence
-would change the answer (tools, response formats, logit bias, ...): those are refused with a 400.
+No field is dropped silently: every request field of vLLM's own request models (and of OpenAI's) is a field of
+these models, carried to llm_svc, or a row of `UNIMPLEMENTED_FIELDS`, which refuses it with a 400 naming it
+unless its value leaves the answer as if it were absent (tests/gateway/test_gateway_surface.py holds the list
+to vLLM's). Fields that neither vLLM nor OpenAI define are ignored, as vLLM's server ignores them.
 Every integer field is bounded by the range of the proto field that carries it (`proto_range`), so a number
 JSON allows but the wire cannot carry is a 400 naming the field, not a failure to build the gRPC request.
 """
 
-from typing import Annotated, Literal
+import dataclasses
+import json
+import logging
+from typing import Annotated, Any, ClassVar, Literal
 
 from google.protobuf.descriptor import FieldDescriptor
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protos import llm_pb2
+
+log = logging.getLogger(__name__)
 
 _CPP_RANGES = {FieldDescriptor.CPPTYPE_INT32: (-(1 << 31), (1 << 31) - 1),
                FieldDescriptor.CPPTYPE_UINT32: (0, (1 << 32) - 1),
@@ -20,30 +27,134 @@ _CPP_RANGES = {FieldDescriptor.CPPTYPE_INT32: (-(1 << 31), (1 << 31) - 1),
 
 
 def proto_range(message: type, field: str, ge: int | None = None, le: int | None = None) -> dict:
-    """`ge`/`le` for a pydantic Field: the proto integer field's range, narrowed to [ge, le] where given."""
-    low, high = _CPP_RANGES[message.DESCRIPTOR.fields_by_name[field].cpp_type]
+    """`ge`/`le` for a pydantic Field: the proto integer field's range (a map's key range), narrowed to [ge, le]."""
+    descriptor = message.DESCRIPTOR.fields_by_name[field]
+    if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+        descriptor = descriptor.message_type.fields_by_name["key"]
+    low, high = _CPP_RANGES[descriptor.cpp_type]
     return {"ge": low if ge is None else max(ge, low), "le": high if le is None else min(le, high)}
 
 
 _SAMPLING = llm_pb2.SamplingParams
+CHAT, COMPLETION = "chat", "completion"
 
 
-# Fields of OpenAI's schema this server does not implement -> the values that mean "not used".
-_UNSUPPORTED = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-                "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-                "logit_bias": (None, {}), "audio": (None,), "prediction": (None,), "best_of": (None, 1),
-                "suffix": (None, ""), "echo": (None, False), "use_beam_search": (None, False)}
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """Not implemented: a 400 naming the field, unless its value is one of `unchanged`, the values that leave the
+    answer as vLLM's server gives it without the field. `completion_unchanged` where /v1/completions differs."""
+
+    unchanged: tuple = (None,)
+    completion_unchanged: tuple | None = None
+
+    def unchanged_on(self, endpoint: str) -> tuple:
+        return self.completion_unchanged if endpoint == COMPLETION and self.completion_unchanged else self.unchanged
+
+    def refusal(self, name: str, value, endpoint: str) -> str | None:
+        """The 400's message, or None where `value` leaves the answer unchanged."""
+        unchanged = self.unchanged_on(endpoint)
+        if value in unchanged:
+            return None
+        shown = " or ".join(json.dumps(v) for v in unchanged)
+        return f"'{name}' is not supported by this server (accepted only as {shown}, or left out)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ignored:
+    """Accepted whatever its value, because it does not change the answer: `why` says why."""
+
+    why: str
+
+
+_PLANNED = Refused()  # refused until implemented: vLLM's default is to leave it out
+_OFF = Refused((None, False))
+_EMPTY = Refused((None, [], {}))
+
+# Every request field of vLLM's ChatCompletionRequest and CompletionRequest (and OpenAI's) that these models do
+# not implement, with the decision taken on it. A field implemented end to end is a field of the models below.
+UNIMPLEMENTED_FIELDS: dict[str, Refused | Ignored] = {
+    # Several completions (`n` is a field of the models, bounded to 1), beam search, and what only they use.
+    "best_of": Refused((None, 1)),
+    "use_beam_search": _OFF,
+    "length_penalty": Ignored("used by beam search only, which is refused"),
+    # Tools and structured output (OpenAI's older names for tools included).
+    "tools": _EMPTY,
+    "tool_choice": Refused((None, "none", "auto")),
+    "parallel_tool_calls": Ignored("has an effect only with tools, which are refused"),
+    "functions": _EMPTY,
+    "function_call": Refused((None, "none", "auto")),
+    "response_format": Refused((None, {"type": "text"})),
+    "structured_outputs": _PLANNED,
+    # vLLM's removed guided-decoding fields: its server ignores them with a warning, and the output is not
+    # constrained. A silent drop that changes the answer: refused here.
+    **{name: _PLANNED for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                   "guided_decoding_backend", "guided_whitespace_pattern")},
+    # Reasoning.
+    "reasoning_effort": _PLANNED,
+    "thinking_token_budget": Refused((None, -1)),
+    "include_reasoning": Refused((None, True)),
+    # Prompt forms and prompt-side outputs.
+    "echo": _OFF,
+    "suffix": Refused((None, "")),
+    "prompt_logprobs": _PLANNED,
+    "prompt_embeds": _PLANNED,
+    "truncate_prompt_tokens": _PLANNED,
+    "truncation_side": Ignored("has an effect only with truncate_prompt_tokens, which is refused"),
+    "add_special_tokens": Refused((None, False), completion_unchanged=(None, True)),
+    "documents": _PLANNED,
+    "chat_template": _PLANNED,
+    "media_io_kwargs": _EMPTY,
+    # Output extras.
+    "logprob_token_ids": _EMPTY,
+    "return_tokens_as_token_ids": _OFF,
+    "return_token_ids": _OFF,
+    "return_prompt_text": _OFF,
+    "routed_experts_prompt_start": Refused((None, 0)),
+    "return_token_offsets": Ignored("vLLM honours it on its render endpoints only"),
+    "mm_payload": Ignored("vLLM honours it on its render endpoints only"),
+    "return_mm_kwargs": Ignored("vLLM's deprecated alias of mm_payload"),
+    # Sampling and scheduling extras.
+    "watermarking": _OFF,
+    "repetition_detection": _PLANNED,
+    "vllm_xargs": _EMPTY,
+    "priority": Refused((None, 0)),
+    # It changes no answer, but it isolates users' prefix caches: a protection that must not vanish unnoticed.
+    "cache_salt": _PLANNED,
+    "kv_transfer_params": _PLANNED,
+    "ec_transfer_params": _PLANNED,
+    "stream_interval": Ignored("groups streamed tokens into fewer chunks; the text is the same"),
+    # OpenAI's output modalities and hosted features.
+    "audio": _PLANNED,
+    "modalities": Refused((None, ["text"])),
+    "prediction": _PLANNED,
+    "web_search_options": _PLANNED,
+    # Metadata: they name, route or record the request, and change nothing in the answer.
+    "user": Ignored("names the end user, as vLLM's server ignores it"),
+    "request_id": Ignored("the response id comes from the x-request-id header"),
+    "session_id": Ignored("routing metadata"),
+    "service_tier": Ignored("one tier here"),
+    "store": Ignored("nothing is stored"),
+    "metadata": Ignored("nothing is stored"),
+    "prompt_cache_key": Ignored("prefix caching is automatic"),
+    "safety_identifier": Ignored("names the end user"),
+}
 
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="allow")
+    endpoint: ClassVar[str] = CHAT
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self):
+    def _refuse_unimplemented(self):
         extra = self.model_extra or {}
-        for name, unused in _UNSUPPORTED.items():
-            if extra.get(name) not in unused:
-                raise ValueError(f"'{name}' is not supported by this server")
+        for name, value in extra.items():
+            rule = UNIMPLEMENTED_FIELDS.get(name)
+            if isinstance(rule, Refused) and (message := rule.refusal(name, value, self.endpoint)):
+                raise ValueError(message)
+        unknown = extra.keys() - UNIMPLEMENTED_FIELDS.keys()
+        if unknown:
+            # As vLLM's server does with fields it does not know.
+            log.debug("ignored request fields: %s", sorted(unknown))
         return self
 
 
@@ -87,6 +198,19 @@ Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discri
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's usage on every chunk: not implemented yet.
+    continuous_usage_stats: bool = False
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _refuse_continuous_usage(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("'continuous_usage_stats' is not supported by this server (accepted only as false)")
+        return value
+
+
+TokenId = Annotated[int, Field(**proto_range(_SAMPLING, "allowed_token_ids"))]
+LogitBiasKey = Annotated[int, Field(**proto_range(_SAMPLING, "logit_bias"))]
 
 
 class _Sampling(_Base):
@@ -96,19 +220,31 @@ class _Sampling(_Base):
     top_k: int | None = Field(None, **proto_range(_SAMPLING, "top_k", ge=-1))
     min_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, **proto_range(_SAMPLING, "max_tokens", ge=1))
+    min_tokens: int = Field(0, **proto_range(_SAMPLING, "min_tokens"))
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(**proto_range(_SAMPLING, "stop_token_ids"))]] | None = None
+    include_stop_str_in_output: bool = False
+    bad_words: list[str] = []
+    # vLLM refuses an empty list, which would allow no token at all.
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    # Keys are token ids written as strings (JSON's object keys are strings); vLLM clamps values to [-100, 100].
+    logit_bias: dict[LogitBiasKey, Annotated[float, Field(allow_inf_nan=False)]] | None = None
     seed: int | None = Field(None, **proto_range(_SAMPLING, "seed"))
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
-    n: int = Field(1, ge=1, le=1, description="only one completion per request is supported")
     ignore_eos: bool = False
+    # Unset: vLLM's default, true.
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    n: int = Field(1, ge=1, le=1, description="only one completion per request is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
 
 class MmProcessorKwargs(BaseModel):
+    # Other keys of InternVL's processor are refused by name until they are carried.
+    model_config = ConfigDict(extra="forbid")
     # vLLM's name for InternVL's per-image tile limit.
     max_dynamic_patch: int | None = Field(None, **proto_range(llm_pb2.GenerateRequest, "max_tiles", ge=1))
 
@@ -119,6 +255,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     mm_processor_kwargs: MmProcessorKwargs | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -126,10 +265,23 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
+# vLLM's default when a completion request does not say (its CompletionRequest's); chat runs to the context's end.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
 class CompletionRequest(_Sampling):
+    endpoint: ClassVar[str] = COMPLETION
     # A list is accepted only with one prompt: one request is one generation.
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(COMPLETION_DEFAULT_MAX_TOKENS, **proto_range(_SAMPLING, "max_tokens", ge=1))
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _refuse_token_ids(cls, prompt):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+            raise ValueError("'prompt' as token ids is not supported by this server (send the text)")
+        return prompt
 
     @property
     def prompt_text(self) -> str:

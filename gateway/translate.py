@@ -4,6 +4,7 @@ Nothing here does I/O: image bytes arrive already loaded, in the order `image_ur
 """
 
 import dataclasses
+import json
 
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
 from protos import llm_pb2
@@ -34,11 +35,16 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, max_toke
     fields = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                   min_p=request.min_p, max_tokens=max_tokens, seed=request.seed,
                   presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-                  repetition_penalty=request.repetition_penalty, logprobs=top_logprobs, n=request.n)
+                  repetition_penalty=request.repetition_penalty, logprobs=top_logprobs, n=request.n,
+                  skip_special_tokens=request.skip_special_tokens,
+                  spaces_between_special_tokens=request.spaces_between_special_tokens)
     # Unset fields stay unset on the wire, so llm_svc applies vLLM's defaults.
-    return llm_pb2.SamplingParams(stop=stop, stop_token_ids=request.stop_token_ids or [],
-                                  ignore_eos=request.ignore_eos,
-                                  **{k: v for k, v in fields.items() if v is not None})
+    return llm_pb2.SamplingParams(
+        stop=stop, stop_token_ids=request.stop_token_ids or [], ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens, bad_words=request.bad_words,
+        allowed_token_ids=request.allowed_token_ids or [], logit_bias=request.logit_bias or {},
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        **{k: v for k, v in fields.items() if v is not None})
 
 
 def image_urls(request: ChatCompletionRequest) -> list[str]:
@@ -60,7 +66,10 @@ def chat_to_proto(request: ChatCompletionRequest, images: list[bytes]) -> llm_pb
                      for part in content]
         messages.append(llm_pb2.ChatMessage(role=_ROLES[message.role], content=parts))
     assert next(remaining, None) is None, "more images than image parts"
-    return llm_pb2.Chat(messages=messages)
+    template_kwargs = json.dumps(request.chat_template_kwargs) if request.chat_template_kwargs else ""
+    return llm_pb2.Chat(messages=messages, add_generation_prompt=request.add_generation_prompt,
+                        continue_final_message=request.continue_final_message,
+                        chat_template_kwargs_json=template_kwargs)
 
 
 def chat_generate_request(request: ChatCompletionRequest, images: list[bytes], request_id: str,

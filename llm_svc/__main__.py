@@ -5,6 +5,7 @@ import logging
 import sys
 
 from llm_svc.config import parse_config
+from llm_svc.limits import WorkLimitTooSmall
 from llm_svc.server import IncompatibleVisionStage, LlmServer
 from protos.errors import Unavailable
 from protos.lifetime import start_orphan_guard
@@ -18,7 +19,7 @@ async def serve(config, engine_args) -> None:
     server = LlmServer(config, engine_args)
     try:
         port = await server.start()
-    except (IncompatibleVisionStage, Unavailable, OSError) as error:
+    except (IncompatibleVisionStage, WorkLimitTooSmall, Unavailable, OSError) as error:
         await server.stop()
         sys.exit(f"llm_svc: cannot start: {error}")
     log.info("llm_svc ready on %s:%d, vision stage at %s", config.host, port, ",".join(config.vision))

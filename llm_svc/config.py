@@ -14,11 +14,11 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from llm_svc.cpu_defaults import CpuDefaults, pick_cpu_defaults, read_cpu_machine
+from llm_svc.cpu_defaults import CpuDefaults, GiB, MiB, pick_cpu_defaults, read_cpu_machine
 from protos.cli import add_security_flags, pop_security_args
+from protos.endpoints import check_targets
 from protos.security import TlsFiles, check_client_settings, check_server_settings
 
-MiB = 1 << 20
 NO_VISION_TOWER = {"image": 0, "video": 0}
 
 
@@ -33,6 +33,9 @@ class LlmConfig:
     vision_start_timeout_s: float = 300.0
     max_message_bytes: int = 64 * MiB
     max_embedding_bytes: int = 512 * MiB
+    # Work held at once: Generate requests being served, and the bytes they hold (messages, embeddings received).
+    max_requests_in_flight: int = 1024
+    max_bytes_in_flight: int = 2 * GiB
     grace_s: float = 30.0
     log_level: str = "INFO"
     log_json: bool = False
@@ -49,14 +52,19 @@ class LlmConfig:
     def __post_init__(self):
         if not self.vision:
             raise ValueError("--vision needs at least one HOST:PORT")
-        for target in self.vision:
-            host, _, port = target.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"--vision: {target!r} is not HOST:PORT")
+        check_targets(self.vision)
         if self.max_images_per_request < 1:
             raise ValueError("--max-images-per-request must be at least 1")
         if min(self.vision_timeout_s, self.vision_start_timeout_s, self.grace_s) < 0:
             raise ValueError("timeouts must be >= 0")
+        for name in ("max_message_bytes", "max_embedding_bytes", "max_requests_in_flight", "max_bytes_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_bytes_in_flight < self.max_message_bytes + self.max_embedding_bytes:
+            # Else the largest request could never be admitted, and would get RESOURCE_EXHAUSTED forever.
+            raise ValueError(f"--max-bytes-in-flight ({self.max_bytes_in_flight}) is below what one request may hold, "
+                             f"--max-message-bytes + --max-embedding-bytes ({self.max_message_bytes} + "
+                             f"{self.max_embedding_bytes}); raise it or lower those")
         check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
         check_client_settings(self.tls, self.tls_server_name)
 
@@ -76,8 +84,11 @@ def build_parser() -> FlexibleArgumentParser:
     d = LlmConfig(vision=("x:1",))
     own = parser.add_argument_group("llm_svc")
     own.add_argument("--vision", required=True,
-                     help="vision_svc replicas, HOST:PORT[,HOST:PORT...]; balanced by image content, "
-                          "retried once on another replica when one is unavailable")
+                     help="vision_svc replicas, comma-separated: HOST:PORT, dns:///HOST:PORT or ipv4:IP:PORT. Every "
+                          "address a name resolves to (a headless Service: one per ready pod) is a replica; names "
+                          "are resolved again every 30 s and after a failure. Images go to the replica their "
+                          "content hash ranks first (rendezvous hashing: its cache holds them), and are retried "
+                          "once on the next when it is down or full")
     own.add_argument("--host", default=d.host, help="address to listen on")
     own.add_argument("--port", type=int, default=d.port, help="gRPC port (0 picks a free one)")
     own.add_argument("--metrics-port", type=int, default=None,
@@ -92,6 +103,16 @@ def build_parser() -> FlexibleArgumentParser:
                      help="gRPC message limit; a Generate request carries all its images, so it bounds their sum")
     own.add_argument("--max-embedding-bytes", type=int, default=d.max_embedding_bytes,
                      help="largest embedding tensor accepted from vision_svc for one image")
+    own.add_argument("--max-requests-in-flight", type=int, default=d.max_requests_in_flight,
+                     help="most Generate requests served at once, streams included; beyond it a request gets "
+                          "RESOURCE_EXHAUSTED at once, with a retry-after-s hint (the gateway tries another replica, "
+                          "then answers 429)")
+    own.add_argument("--max-bytes-in-flight", type=int, default=d.max_bytes_in_flight,
+                     help="most bytes held at once by the requests being served: their messages (images included) "
+                          "and the embeddings received for them, each counted when its header arrives; a request "
+                          "that would pass it gets RESOURCE_EXHAUSTED with a retry-after-s hint. At least "
+                          "--max-message-bytes + --max-embedding-bytes, and at start at least what a request of the "
+                          "most images may hold with the vision stage's tiling")
     own.add_argument("--grace-s", type=float, default=d.grace_s,
                      help="on SIGTERM, seconds that in-flight streams get to finish before the engine stops")
     own.add_argument("--log-json", action="store_true", help="log one JSON object per line")

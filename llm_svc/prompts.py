@@ -8,12 +8,17 @@ travel separately, as `multi_modal_data`.
 """
 
 import dataclasses
+import json
 
 from vllm.renderers.params import ChatParams
 
+from protos import llm_pb2
 from protos.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant")
+# vLLM's server refuses a template sent with the request unless started with --trust-request-chat-template, which
+# this stage never is. (vLLM's renderer refuses the other variable a request may not set, `tokenize`, itself.)
+REQUEST_TEMPLATE_KWARG = "chat_template"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +47,58 @@ def to_openai_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatOptions:
+    """How the template renders a chat: vLLM's `add_generation_prompt`, `continue_final_message` and
+    `chat_template_kwargs`, with vLLM's defaults."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidInput("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        if self.template_kwargs.get(REQUEST_TEMPLATE_KWARG) is not None:
+            raise InvalidInput("chat_template_kwargs.chat_template: a chat template sent with the request is refused; "
+                               "this server renders with the checkpoint's own")
+
+    def chat_params(self) -> ChatParams:
+        # As vLLM's server merges them: the two named options win over the same names in the free-form kwargs.
+        return ChatParams(chat_template_kwargs={**self.template_kwargs,
+                                                "add_generation_prompt": self.add_generation_prompt,
+                                                "continue_final_message": self.continue_final_message})
+
+
+def template_kwargs_from_json(text: str) -> dict:
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise InvalidInput(f"chat_template_kwargs is not valid JSON: {error}") from None
+    if not isinstance(kwargs, dict):
+        raise InvalidInput("chat_template_kwargs must be a JSON object")
+    return kwargs
+
+
+def chat_options_from_pb(chat: llm_pb2.Chat) -> ChatOptions:
+    return ChatOptions(
+        add_generation_prompt=chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True,
+        continue_final_message=chat.continue_final_message,
+        template_kwargs=template_kwargs_from_json(chat.chat_template_kwargs_json))
+
+
 class PromptRenderer:
     def __init__(self, renderer):
         """`renderer` is the engine's (`AsyncLLM.renderer`): same template, same tokenizer as the engine."""
         self._renderer = renderer
-        self._params = ChatParams(chat_template_kwargs={"add_generation_prompt": True,
-                                                        "continue_final_message": False})
 
-    def render(self, messages: list[Message]) -> str:
+    def render(self, messages: list[Message], options: ChatOptions = ChatOptions()) -> str:
         if not messages:
             raise InvalidInput("the chat has no messages")
         try:
-            _, prompt = self._renderer.render_messages(to_openai_messages(messages), self._params)
+            _, prompt = self._renderer.render_messages(to_openai_messages(messages), options.chat_params())
         except (ValueError, TypeError) as error:
             raise InvalidInput(f"cannot render the chat: {error}") from error
         if "prompt" in prompt:

@@ -1,4 +1,11 @@
-"""Proto sampling parameters -> vLLM `SamplingParams`, with every limit checked and named in the error."""
+"""Proto sampling parameters -> vLLM `SamplingParams`, with every limit checked and named in the error.
+
+Token ids (stop_token_ids, allowed_token_ids, logit_bias keys) are checked against the vocabulary by vLLM's own
+`SamplingParams.verify` when a request is admitted (before its images are encoded), with vLLM's message; the bad
+words, by vLLM's tokenization of them. What is checked here is what bounds the work a request can ask for.
+"""
+
+import math
 
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
@@ -8,6 +15,14 @@ from protos.errors import InvalidInput
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+# vLLM's own limit on bad words (VLLM_MAX_NUM_BAD_WORDS counts their tokenizations; this, the words).
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_CHARS = 256
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# Above the largest InternVL vocabulary (Qwen3's, 151k): a longer list can only repeat ids.
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
+# vLLM clamps each bias into this range rather than refusing it.
+LOGIT_BIAS_BOUND = 100.0
 
 
 def _check(ok: bool, message: str) -> None:
@@ -15,8 +30,7 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidInput(message)
 
 
-def to_sampling_params(p: llm_pb2.SamplingParams, max_model_len: int) -> SamplingParams:
-    """Unset max_tokens means "up to the end of the context", which the engine works out per prompt."""
+def _check_ranges(p: llm_pb2.SamplingParams, max_model_len: int) -> None:
     _check(not p.HasField("n") or p.n == 1, f"n={p.n}: only n=1 is supported")
     if p.HasField("temperature"):
         _check(0.0 <= p.temperature <= 2.0, f"temperature={p.temperature:g} must be in [0, 2]")
@@ -34,26 +48,61 @@ def to_sampling_params(p: llm_pb2.SamplingParams, max_model_len: int) -> Samplin
     if p.HasField("max_tokens"):
         _check(1 <= p.max_tokens <= max_model_len,
                f"max_tokens={p.max_tokens} must be in [1, {max_model_len}] (the context length)")
+    _check(p.min_tokens <= (p.max_tokens if p.HasField("max_tokens") else max_model_len),
+           f"min_tokens={p.min_tokens} must be at most max_tokens (or the context length, {max_model_len})")
     if p.HasField("logprobs"):
         _check(p.logprobs <= MAX_LOGPROBS, f"logprobs={p.logprobs}: at most {MAX_LOGPROBS} alternatives")
+
+
+def _check_lists(p: llm_pb2.SamplingParams) -> None:
     _check(len(p.stop) <= MAX_STOP_STRINGS, f"{len(p.stop)} stop strings; the limit is {MAX_STOP_STRINGS}")
     _check(all(s for s in p.stop), "stop strings must not be empty")
+    _check(len(p.bad_words) <= MAX_BAD_WORDS, f"{len(p.bad_words)} bad_words; the limit is {MAX_BAD_WORDS}")
+    _check(all(0 < len(w) <= MAX_BAD_WORD_CHARS for w in p.bad_words),
+           f"bad_words must be non-empty and at most {MAX_BAD_WORD_CHARS} characters each")
+    _check(len(p.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS,
+           f"{len(p.allowed_token_ids)} allowed_token_ids; the limit is {MAX_ALLOWED_TOKEN_IDS}")
+    _check(len(p.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+           f"{len(p.logit_bias)} logit_bias entries; the limit is {MAX_LOGIT_BIAS_ENTRIES}")
+    # An infinite bias is clamped like any other (a JSON number beyond float32 arrives as one); NaN is no number.
+    _check(not any(math.isnan(bias) for bias in p.logit_bias.values()), "logit_bias values must be numbers, not NaN")
 
+
+def _clamped_logit_bias(p: llm_pb2.SamplingParams) -> dict[int, float] | None:
+    return {token: min(LOGIT_BIAS_BOUND, max(-LOGIT_BIAS_BOUND, bias))
+            for token, bias in p.logit_bias.items()} or None
+
+
+def _optional(p: llm_pb2.SamplingParams, name: str, default):
+    return getattr(p, name) if p.HasField(name) else default
+
+
+def to_sampling_params(p: llm_pb2.SamplingParams, max_model_len: int) -> SamplingParams:
+    """Unset max_tokens means "up to the end of the context", which the engine works out per prompt."""
+    _check_ranges(p, max_model_len)
+    _check_lists(p)
     return SamplingParams(
         n=1,
-        temperature=p.temperature if p.HasField("temperature") else 1.0,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k if p.HasField("top_k") else 0,
-        min_p=p.min_p if p.HasField("min_p") else 0.0,
+        temperature=_optional(p, "temperature", 1.0),
+        top_p=_optional(p, "top_p", 1.0),
+        top_k=_optional(p, "top_k", 0),
+        min_p=_optional(p, "min_p", 0.0),
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
-        seed=p.seed if p.HasField("seed") else None,
+        repetition_penalty=_optional(p, "repetition_penalty", 1.0),
+        seed=_optional(p, "seed", None),
         stop=list(p.stop) or None,
         stop_token_ids=list(p.stop_token_ids) or None,
         ignore_eos=p.ignore_eos,
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
-        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        max_tokens=_optional(p, "max_tokens", None),
+        min_tokens=p.min_tokens,
+        logprobs=_optional(p, "logprobs", None),
+        bad_words=list(p.bad_words) or None,
+        allowed_token_ids=list(p.allowed_token_ids) or None,
+        logit_bias=_clamped_logit_bias(p),
+        include_stop_str_in_output=p.include_stop_str_in_output,
+        skip_special_tokens=_optional(p, "skip_special_tokens", True),
+        spaces_between_special_tokens=_optional(p, "spaces_between_special_tokens", True),
         # Deltas, not the cumulative text: each stream message carries only what is new.
         output_kind=RequestOutputKind.DELTA,
     )

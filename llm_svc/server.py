@@ -12,8 +12,9 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from llm_svc.admission import AdmissionCheck
 from llm_svc.config import LlmConfig
 from llm_svc.image_tokens import ImageTokenCounter, TilingPolicy
+from llm_svc.limits import ModelDimensions, RequestLimits, check_work_limit
 from llm_svc.prompts import ImageRef, Message, PromptRenderer
-from llm_svc.service import LanguageService, ModelShape
+from llm_svc.service import LanguageService
 from llm_svc.servicer import LanguageModelServicer
 from llm_svc.vision_client import VisionClient
 from protos import llm_pb2, llm_pb2_grpc
@@ -23,8 +24,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LanguageModel"].full_name
 ENGINE_WATCH_INTERVAL_S = 1.0
-# What an Encode request carries besides image bytes: request id, options, the framing of each image.
-ENCODE_OVERHEAD_BYTES = 64 << 10
 
 
 class IncompatibleVisionStage(RuntimeError):
@@ -36,13 +35,15 @@ class LlmServer:
         self.config = config
         self.engine_args = engine_args
         self.vision = VisionClient(list(config.vision), config.max_message_bytes, config.max_embedding_bytes,
-                                   tls=config.tls, server_name=config.tls_server_name, token=config.vision_auth_token)
+                                   tls=config.tls, server_name=config.tls_server_name, token=config.vision_auth_token,
+                                   retire_s=config.vision_timeout_s)
         self.engine: AsyncLLM | None = None
         self.grpc: GrpcServer | None = None
         self._engine_watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Checks the vision stage, starts the engine, warms it, then serves; returns the bound port."""
+        await self.vision.start()
         info = await self.vision.get_info(self.config.vision_start_timeout_s)
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
         model_config = self.engine.model_config
@@ -52,23 +53,19 @@ class LlmServer:
             raise IncompatibleVisionStage(
                 f"vision_svc serves {info.model!r} with embeddings {info.llm_hidden} wide, but the language "
                 f"model {model_config.model!r} has hidden size {hidden}: they are not the same InternVL model")
-        # A request's images travel on to the vision stage, whose own message limit may be lower than ours.
-        vision_request_bytes = info.max_request_bytes or self.config.max_message_bytes
-        shape = ModelShape(hidden_size=hidden, tokens_per_tile=info.tokens_per_tile,
-                           max_model_len=model_config.max_model_len,
-                           max_images_per_request=min(self.config.max_images_per_request,
-                                                      info.max_images_per_request),
-                           max_image_bytes_per_request=vision_request_bytes - ENCODE_OVERHEAD_BYTES,
-                           vision_timeout_s=self.config.vision_timeout_s)
+        dims = ModelDimensions(hidden_size=hidden, tokens_per_tile=info.tokens_per_tile,
+                               max_model_len=model_config.max_model_len)
+        check_work_limit(self.config, info, dims)
+        limits = RequestLimits.agreed(self.config, info)
         admission = AdmissionCheck(self.engine.renderer, self.engine.input_processor,
                                    await self.engine.get_supported_tasks(),
                                    ImageTokenCounter(TilingPolicy.from_info(info)), hidden)
         self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), admission,
-                                       shape)
+                                       dims, limits)
         model_info = llm_pb2.GetModelInfoResponse(
-            model=model_config.served_model_name, max_model_len=shape.max_model_len, hidden_size=hidden,
-            max_images_per_request=shape.max_images_per_request, vocab_size=model_config.get_vocab_size(),
-            max_request_bytes=min(self.config.max_message_bytes, vision_request_bytes))
+            model=model_config.served_model_name, max_model_len=dims.max_model_len, hidden_size=hidden,
+            max_images_per_request=limits.max_images_per_request, vocab_size=model_config.get_vocab_size(),
+            max_request_bytes=limits.max_request_bytes)
         self.grpc = GrpcServer(self.config.host, self.config.port, self.config.max_message_bytes,
                                self.config.grace_s, tls=self.config.tls, auth_token=self.config.auth_token,
                                reflection=self.config.reflection, health_port=self.config.health_port)
@@ -94,8 +91,8 @@ class LlmServer:
         image = ImageRef("0" * 64)
         prompts = [{"prompt": "warm up"}, {
             "prompt": self.service.renderer.render([Message("user", (image, "warm up"))]),
-            "multi_modal_data": {"image": [torch.zeros(self.service.shape.tokens_per_tile,
-                                                       self.service.shape.hidden_size)]},
+            "multi_modal_data": {"image": [torch.zeros(self.service.dims.tokens_per_tile,
+                                                       self.service.dims.hidden_size)]},
             "multi_modal_uuids": {"image": [image.content_hash]}}]
         for n, prompt in enumerate(prompts):
             engine_input = await self.service.renderer.engine_input(prompt)

@@ -5,6 +5,9 @@ header (`admission`), so that a request the engine would refuse never reaches th
 vision call; embeddings are checked against the model before they reach the engine (vLLM may crash on a
 wrong width). The engine request is aborted when the caller goes away: vLLM's `generate` aborts on
 cancellation, and `Abort` aborts by id.
+
+Every request is admitted against the stage's work limit before any work (`admit`) and holds its message's
+bytes, then each embedding's bytes as its header arrives; all of it returns when the request ends, however it ends.
 """
 
 import dataclasses
@@ -20,9 +23,11 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from llm_svc import metrics
 from llm_svc.admission import AdmissionCheck
-from llm_svc.prompts import Message, PromptRenderer
+from llm_svc.limits import ModelDimensions, RequestLimits
+from llm_svc.prompts import ChatOptions, Message, PromptRenderer
 from llm_svc.vision_client import ImageBlob, VisionClient
 from protos.errors import InternalError, InvalidInput, Overloaded, ServingError, Unavailable
+from protos.work_limits import AdmittedWork, WorkLimit
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class GenerateInput:
     images: list[ImageBlob]  # in the order their placeholders appear
     sampling: object  # vllm.SamplingParams
     max_tiles: int
+    chat_options: ChatOptions = dataclasses.field(default_factory=ChatOptions)  # how a chat is rendered
 
 
 @dataclasses.dataclass
@@ -50,27 +56,29 @@ class Delta:
     timings: dict[str, float] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    hidden_size: int
-    tokens_per_tile: int
-    max_model_len: int
-    max_images_per_request: int
-    # The image bytes one Encode request may carry: the vision stage's message limit, less the framing.
-    max_image_bytes_per_request: int
-    vision_timeout_s: float
-
-
 class LanguageService:
     def __init__(self, engine, vision: VisionClient, renderer: PromptRenderer, admission: AdmissionCheck,
-                 shape: ModelShape):
+                 dims: ModelDimensions, limits: RequestLimits):
         self._engine = engine
         self._vision = vision
         self.renderer = renderer
         self._admission = admission
-        self.shape = shape
+        self.dims = dims
+        self.limits = limits
+        self.work_limit = WorkLimit("llm_svc", limits.max_requests_in_flight, limits.max_bytes_in_flight)
+        metrics.watch_work_limit(self.work_limit)
         # Running request ids -> whether Abort asked to stop them (it may come before the engine knows them).
         self._running: dict[str, bool] = {}
+
+    def admit(self, request_bytes: int) -> AdmittedWork:
+        """A slot for one request holding its message's bytes, or Overloaded (holding nothing) past the limits."""
+        work = self.work_limit.admit()
+        try:
+            work.hold(request_bytes)
+        except Overloaded:
+            work.release()
+            raise
+        return work
 
     async def abort(self, request_id: str) -> bool:
         if request_id not in self._running:
@@ -79,21 +87,23 @@ class LanguageService:
         await self._engine.abort(request_id)
         return True
 
-    async def generate(self, request: GenerateInput) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerateInput, work: AdmittedWork) -> AsyncIterator[Delta]:
+        """The request's deltas; `work` (from `admit`, released by the caller) holds its embeddings' bytes too."""
         if request.request_id in self._running:
             raise InvalidInput(f"request id {request.request_id!r} is already running")
-        if len(request.images) > self.shape.max_images_per_request:
+        if len(request.images) > self.limits.max_images_per_request:
             raise InvalidInput(f"{len(request.images)} images in one request; the limit is "
-                               f"{self.shape.max_images_per_request}")
+                               f"{self.limits.max_images_per_request}")
         image_bytes = sum(len(image.data) for image in request.images if image.data)
-        if image_bytes > self.shape.max_image_bytes_per_request:
+        if image_bytes > self.limits.max_image_bytes_per_request:
             raise InvalidInput(f"the images of this request are {image_bytes} bytes together; the vision stage "
-                               f"takes at most {self.shape.max_image_bytes_per_request} per request")
+                               f"takes at most {self.limits.max_image_bytes_per_request} per request")
         started = time.perf_counter()
         self._running[request.request_id] = False
         try:
-            text = self.renderer.render(request.messages) if request.messages is not None else request.prompt
-            embeddings = await self._embeddings(request, text) if request.images else []
+            text = (self.renderer.render(request.messages, request.chat_options) if request.messages is not None
+                    else request.prompt)
+            embeddings = await self._embeddings(request, text, work) if request.images else []
             vision_s = time.perf_counter() - started
             if self._running[request.request_id]:  # aborted while its images were being encoded
                 yield _aborted_before_the_engine(vision_s)
@@ -108,18 +118,18 @@ class LanguageService:
         finally:
             self._running.pop(request.request_id, None)
 
-    async def _embeddings(self, request: GenerateInput, text: str) -> list[torch.Tensor]:
+    async def _embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[torch.Tensor]:
         # Before the vision call: a request that the engine would refuse costs the vision stage nothing.
         await self._admission.check(request.request_id, text, request.images, request.max_tiles, request.sampling)
         results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
-                                            self.shape.vision_timeout_s)
+                                            self.limits.vision_timeout_s, hold_bytes=work.hold)
         for i, result in enumerate(results):
             rows, width = result.embeddings.shape if result.embeddings.dim() == 2 else (-1, -1)
-            expected = result.num_tiles * self.shape.tokens_per_tile
-            if result.num_tiles < 1 or rows != expected or width != self.shape.hidden_size:
+            expected = result.num_tiles * self.dims.tokens_per_tile
+            if result.num_tiles < 1 or rows != expected or width != self.dims.hidden_size:
                 raise InternalError(f"image {i}: the vision stage sent embeddings of shape "
                                     f"{tuple(result.embeddings.shape)} for {result.num_tiles} tiles; the language "
-                                    f"model needs [{expected}, {self.shape.hidden_size}]")
+                                    f"model needs [{expected}, {self.dims.hidden_size}]")
         return [r.embeddings for r in results]
 
     async def _stream(self, request: GenerateInput, prompt: dict, started: float,

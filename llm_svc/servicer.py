@@ -9,13 +9,14 @@ import uuid
 from vllm.exceptions import VLLMClientError
 
 from llm_svc import metrics
-from llm_svc.prompts import ImageRef, Message
+from llm_svc.prompts import ImageRef, Message, chat_options_from_pb
 from llm_svc.sampling import to_sampling_params
 from llm_svc.service import Delta, GenerateInput, LanguageService
 from llm_svc.vision_client import ImageBlob
 from protos import llm_pb2, llm_pb2_grpc
 from protos.errors import InvalidInput, ServingError
 from protos.logs import request_id_var
+from protos.work_limits import AdmittedWork
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int) -> Gener
     kind = request.WhichOneof("input")
     if kind == "chat":
         messages, images = chat_from_pb(request.chat)
-        return GenerateInput(request_id, messages, None, images, sampling, request.max_tiles)
+        return GenerateInput(request_id, messages, None, images, sampling, request.max_tiles,
+                             chat_options_from_pb(request.chat))
     if kind == "prompt":
         if not request.prompt:
             raise InvalidInput("the prompt is empty")
@@ -111,8 +113,10 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
         code = "OK"
         metrics.RUNNING.inc()
         try:
-            async for response in self._generate(request):
-                yield response
+            # Admitted before any work (its images are not even hashed yet); whatever it holds returns however it ends.
+            with self._service.admit(request.ByteSize()) as work:
+                async for response in self._generate(request, work):
+                    yield response
         except BaseException as error:
             code = error.code.name if isinstance(error, ServingError) else type(error).__name__
             raise
@@ -120,13 +124,13 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
             metrics.RUNNING.dec()
             metrics.REQUESTS.labels(code).inc()
 
-    async def _generate(self, request: llm_pb2.GenerateRequest):
+    async def _generate(self, request: llm_pb2.GenerateRequest, work: AdmittedWork):
         try:
             # Off the event loop: hashing the images' bytes (16 x 20 MB take ~200 ms; hashlib lets go of the GIL).
             generate_input = await asyncio.to_thread(input_from_pb, request, self._info.max_model_len)
             request_id_var.set(generate_input.request_id)
             log.info("generate: %d images", len(generate_input.images))
-            async for delta in self._service.generate(generate_input):
+            async for delta in self._service.generate(generate_input, work):
                 yield delta_to_pb(generate_input.request_id, delta, request.sampling.logprobs)
         except VLLMClientError as error:
             # vLLM's verdict on the request, wherever vLLM gave it (sampling parameters, chat parsing, rendering,

@@ -1,27 +1,42 @@
 """The language stage's client of vision_svc: balanced over replicas, retried, cache-aware.
 
-- Affinity: a request goes to the replica chosen by its first image's content hash, so the images of a
-  multi-turn chat (resent every turn) land on the replica whose cache already holds them.
+- Replicas: every address the targets resolve to is one (`protos.endpoints`), re-resolved as DNS changes.
+- Affinity: a request goes to the replica that its first image's content hash ranks first (rendezvous
+  hashing), so the images of a multi-turn chat (resent every turn) land on the replica whose cache already
+  holds them, and a replica joining or leaving moves only its own share of images.
 - Hash first: images this client sent recently go as their hash only; on NOT_FOUND (evicted, or another
   replica) the request is resent with bytes.
 - On UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED (replica full) the request is retried once on the
-  next replica.
+  hash's second replica; UNAVAILABLE also asks for a new resolution of the names.
+- Bytes held: each embedding's size is counted against the caller's budget (`hold_bytes`) when its header
+  arrives, before anything is allocated for it; past the budget the call ends with Overloaded.
 """
 
+import asyncio
 import collections
 import dataclasses
 import logging
+import math
+import time
+from collections.abc import Callable
 
 import grpc
 import torch
 
 from protos import errors, tensors, vision_pb2, vision_pb2_grpc
+from protos.endpoints import (DEFAULT_RETIRE_S, MIN_REFRESH_GAP_S, Address, Endpoint, EndpointSet, certificate_name,
+                              rendezvous_order)
 from protos.security import TlsFiles, open_channel
 from protos.server import channel_options
 
 log = logging.getLogger(__name__)
 
 RECENT_HASHES = 4096
+MISSING_IMAGES_KEY = "missing-image-indices"  # vision_svc's NotFound names the images to resend under this key
+
+
+def hold_nothing(nbytes: int) -> None:
+    """The `hold_bytes` of a caller that keeps no budget."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,100 +54,143 @@ class ImageEmbedding:
     cache_hit: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class VisionReplica:
+    channel: grpc.aio.Channel
+    stub: vision_pb2_grpc.VisionEncoderStub
+
+
 class VisionClient:
     def __init__(self, targets: list[str], max_message_bytes: int, max_embedding_bytes: int, *,
-                 tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None):
+                 tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None,
+                 retire_s: float = DEFAULT_RETIRE_S):
         if not targets:
             raise ValueError("no vision_svc address given")
-        self.targets = targets
-        self._channels = [open_channel(t, channel_options(max_message_bytes), tls, server_name, token)
-                          for t in targets]
-        self._stubs = [vision_pb2_grpc.VisionEncoderStub(c) for c in self._channels]
+        options = channel_options(max_message_bytes)
+
+        def connect(address: Address) -> VisionReplica:
+            channel = open_channel(address.target, options, tls, server_name or certificate_name(address), token)
+            return VisionReplica(channel, vision_pb2_grpc.VisionEncoderStub(channel))
+
+        async def close(replica: VisionReplica) -> None:
+            await replica.channel.close()
+
+        self._endpoints = EndpointSet(targets, connect, close, retire_s=retire_s)
         self._max_embedding_bytes = max_embedding_bytes
-        # (replica, content hash) pairs recently encoded there: those may travel as hash only.
-        self._recent: collections.OrderedDict[tuple[int, str], None] = collections.OrderedDict()
+        # (replica address, content hash) pairs recently encoded there: those may travel as hash only.
+        self._recent: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+
+    async def start(self) -> None:
+        """Resolves the targets and keeps them current (without it, they are resolved on the first call only)."""
+        await self._endpoints.start()
 
     async def get_info(self, timeout_s: float) -> vision_pb2.GetInfoResponse:
-        """GetInfo from the first replica that answers."""
+        """GetInfo from the first replica that answers, waiting up to `timeout_s` for one to exist and be ready."""
+        deadline = time.monotonic() + timeout_s
         last_error = None
-        for target, stub in zip(self.targets, self._stubs):
+        while not (replicas := await self._endpoints.ensure_some()) and time.monotonic() < deadline:
+            await asyncio.sleep(MIN_REFRESH_GAP_S)  # a name with no address yet: its replicas are starting
+        for endpoint in replicas:
+            stub = endpoint.connection.stub
             try:
-                return await stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=timeout_s, wait_for_ready=True)
+                return await stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=max(deadline - time.monotonic(), 1),
+                                          wait_for_ready=True)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     # Waiting for ready hides why no connection came up (a refused TLS handshake, a certificate
                     # for another name): one call that fails at once says it.
                     error = await _fail_fast(stub) or error
-                last_error = errors.from_rpc_error(error, f"vision_svc {target}")
-        raise errors.Unavailable(f"no vision_svc replica answered GetInfo: {last_error}")
+                last_error = errors.from_rpc_error(error, f"vision_svc {endpoint.address.target}")
+        raise errors.Unavailable(f"no vision_svc replica answered GetInfo: {last_error or 'none resolved'}")
 
-    async def encode(self, request_id: str, images: list[ImageBlob], max_tiles: int,
-                     timeout_s: float) -> list[ImageEmbedding]:
-        """Embeddings of `images`, in order."""
-        first = int(images[0].content_hash[:8], 16) % len(self._stubs)
-        replicas = [first, (first + 1) % len(self._stubs)] if len(self._stubs) > 1 else [first]
+    async def encode(self, request_id: str, images: list[ImageBlob], max_tiles: int, timeout_s: float,
+                     hold_bytes: Callable[[int], None] = hold_nothing) -> list[ImageEmbedding]:
+        """Embeddings of `images`, in order; `hold_bytes(n)` is called before each embedding of n bytes is
+        received, and may refuse it by raising (Overloaded). Embeddings of an attempt that failed stay counted:
+        the budget errs on the side of holding too much, until the caller releases it all."""
+        replicas = rendezvous_order(images[0].content_hash, await self._endpoints.ensure_some())[:2]
+        if not replicas:
+            raise errors.Unavailable("vision_svc: no replica resolved",
+                                     metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
         for attempt, replica in enumerate(replicas):
             try:
-                return await self._encode_on(replica, request_id, images, max_tiles, timeout_s)
+                return await self._encode_on(replica, request_id, images, max_tiles, timeout_s, hold_bytes)
             except (errors.Unavailable, errors.Overloaded) as error:
+                # Without a peer the error is the caller's own budget, which another replica would not change.
+                if error.peer is None:
+                    raise
+                if isinstance(error, errors.Unavailable):
+                    self._endpoints.refresh_soon()
                 if attempt == len(replicas) - 1:
                     raise
-                log.warning("vision_svc %s: %s; retrying on %s", self.targets[replica], error,
-                            self.targets[replicas[attempt + 1]])
+                log.warning("vision_svc %s: %s; retrying on %s", replica.address.target, error,
+                            replicas[attempt + 1].address.target)
         raise AssertionError("unreachable")
 
-    async def _encode_on(self, replica: int, request_id: str, images: list[ImageBlob], max_tiles: int,
-                         timeout_s: float) -> list[ImageEmbedding]:
-        send_bytes = [img.data is not None and (replica, img.content_hash) not in self._recent for img in images]
+    async def _encode_on(self, replica: Endpoint[VisionReplica], request_id: str, images: list[ImageBlob],
+                         max_tiles: int, timeout_s: float, hold_bytes: Callable[[int], None]) -> list[ImageEmbedding]:
+        recent = [(replica.address.target, img.content_hash) in self._recent for img in images]
+        send_bytes = [img.data is not None and not was_sent for img, was_sent in zip(images, recent)]
         try:
-            return await self._call(replica, request_id, images, send_bytes, max_tiles, timeout_s)
+            return await self._call(replica, request_id, images, send_bytes, max_tiles, timeout_s, hold_bytes)
         except errors.NotFound as miss:
-            missing = {int(i) for k, v in miss.metadata if k == "missing-image-indices" for i in v.split(",")}
+            missing = {int(i) for k, v in miss.metadata if k == MISSING_IMAGES_KEY for i in v.split(",")}
             if any(images[i].data is None for i in missing):
                 raise errors.InvalidInput(f"images {sorted(i for i in missing if images[i].data is None)} are "
                                           "named by content hash but the vision stage does not hold them; "
                                           "send their bytes") from miss
             return await self._call(replica, request_id, images, [img.data is not None for img in images],
-                                    max_tiles, timeout_s)
+                                    max_tiles, timeout_s, hold_bytes)
 
-    async def _call(self, replica: int, request_id: str, images: list[ImageBlob], send_bytes: list[bool],
-                    max_tiles: int, timeout_s: float) -> list[ImageEmbedding]:
+    async def _call(self, replica: Endpoint[VisionReplica], request_id: str, images: list[ImageBlob],
+                    send_bytes: list[bool], max_tiles: int, timeout_s: float,
+                    hold_bytes: Callable[[int], None]) -> list[ImageEmbedding]:
         request = vision_pb2.EncodeRequest(
             request_id=request_id, options=vision_pb2.PreprocessOptions(max_tiles=max_tiles),
             images=[vision_pb2.ImageInput(data=img.data) if send else vision_pb2.ImageInput(content_hash=img.content_hash)
                     for img, send in zip(images, send_bytes)])
         results: list[ImageEmbedding | None] = [None] * len(images)
         assembling: dict[int, tuple[vision_pb2.ImageHeader, tensors.TensorAssembler]] = {}
-        target = self.targets[replica]
+        target = replica.address.target
+        call = replica.connection.stub.Encode(request, timeout=timeout_s)
         try:
-            async for message in self._stubs[replica].Encode(request, timeout=timeout_s):
+            async for message in call:
                 index = message.image_index
                 if message.HasField("header"):
-                    assembling[index] = (message.header, tensors.TensorAssembler(message.header.tensor,
-                                                                                 self._max_embedding_bytes))
+                    assembling[index] = (message.header, self._assembler(message.header.tensor, hold_bytes))
                 header, assembler = assembling[index]
                 assembler.add(message.data)
                 if message.last:
                     results[index] = ImageEmbedding(header.content_hash, header.num_tiles, assembler.finish(),
                                                     header.cache_hit)
-                    self._remember(replica, header.content_hash)
+                    self._remember(target, header.content_hash)
         except grpc.aio.AioRpcError as error:
             raise errors.from_rpc_error(error, f"vision_svc {target}", stage="vision_svc") from error
         except (KeyError, IndexError, tensors.TensorFormatError) as error:
             raise errors.InternalError(f"vision_svc {target} sent a malformed stream: {error}") from error
+        finally:
+            call.cancel()  # the replica drops the work of a stream left early (a no-op once it has ended)
         if any(r is None for r in results):
             raise errors.InternalError(f"vision_svc {target} ended the stream before sending every image")
         return results
 
-    def _remember(self, replica: int, content_hash: str) -> None:
-        self._recent[(replica, content_hash)] = None
-        self._recent.move_to_end((replica, content_hash))
+    def _assembler(self, header: vision_pb2.TensorHeader,
+                   hold_bytes: Callable[[int], None]) -> tensors.TensorAssembler:
+        """Holds the bytes a header announces before the assembler allocates them; a header over the limit or
+        malformed holds nothing, and the assembler refuses it."""
+        nbytes = math.prod(header.shape) * tensors.dtype_from_proto(header.dtype).itemsize
+        if min(header.shape, default=0) >= 0 and nbytes <= self._max_embedding_bytes:
+            hold_bytes(nbytes)
+        return tensors.TensorAssembler(header, self._max_embedding_bytes)
+
+    def _remember(self, target: str, content_hash: str) -> None:
+        self._recent[(target, content_hash)] = None
+        self._recent.move_to_end((target, content_hash))
         while len(self._recent) > RECENT_HASHES:
             self._recent.popitem(last=False)
 
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+        await self._endpoints.close()
 
 
 async def _fail_fast(stub: vision_pb2_grpc.VisionEncoderStub) -> grpc.aio.AioRpcError | None:

@@ -6,8 +6,11 @@ import pathlib
 
 from protos.cli import HelpFormatter, add_security_flags, pop_security_args
 from protos.security import TlsFiles, check_server_settings
+from vision_svc.image_decode import MIB, ImageLimits
 
-MiB = 1 << 20
+GIB = 1 << 30
+# What an EncodeResponse carries besides its chunk of embedding bytes: the image index, its header, flags.
+RESPONSE_HEADER_ROOM_BYTES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,15 +29,18 @@ class VisionConfig:
     max_pending_images: int = 256
     max_tiles: int | None = None
     max_images_per_request: int = 16
-    max_image_bytes: int = 20 * MiB
-    max_image_pixels: int = 40_000_000
-    cache_bytes: int = 2048 * MiB
+    max_image_bytes: int = ImageLimits.max_image_bytes
+    max_image_pixels: int = ImageLimits.max_image_pixels
+    cache_bytes: int = 2 * GIB
     preprocess_workers: int = 2
     preprocess_on: str = "host"
     decode_on: str = "host"
     compile: bool = False
-    chunk_bytes: int = 1 * MiB
-    max_message_bytes: int = 64 * MiB
+    chunk_bytes: int = 1 * MIB
+    max_message_bytes: int = 64 * MIB
+    # Work held at once: Encode requests being served, and the bytes of their messages.
+    max_requests_in_flight: int = 1024
+    max_bytes_in_flight: int = 2 * GIB
     grace_s: float = 30.0
     log_level: str = "INFO"
     log_json: bool = False
@@ -46,7 +52,8 @@ class VisionConfig:
     def __post_init__(self):
         check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
         positive = ("max_batch_tiles", "max_queue_tiles", "max_pending_images", "max_images_per_request",
-                    "max_image_bytes", "max_image_pixels", "chunk_bytes", "max_message_bytes")
+                    "max_image_bytes", "max_image_pixels", "chunk_bytes", "max_message_bytes",
+                    "max_requests_in_flight", "max_bytes_in_flight")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -54,7 +61,11 @@ class VisionConfig:
             raise ValueError(f"--max-tiles must be in [1, 64], got {self.max_tiles}")
         if self.max_queue_tiles < self.max_batch_tiles:
             raise ValueError("--max-queue-tiles must be at least --max-batch-tiles")
-        if self.chunk_bytes + 4096 > self.max_message_bytes:
+        if self.max_bytes_in_flight < self.max_message_bytes:
+            # Else the largest request could never be admitted, and would get RESOURCE_EXHAUSTED forever.
+            raise ValueError(f"--max-bytes-in-flight ({self.max_bytes_in_flight}) is below what one request may "
+                             f"hold, --max-message-bytes ({self.max_message_bytes}); raise it or lower that")
+        if self.chunk_bytes + RESPONSE_HEADER_ROOM_BYTES > self.max_message_bytes:
             raise ValueError("--chunk-bytes must leave room for headers under --max-message-bytes")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
@@ -125,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes, help="embedding bytes per streamed message")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="gRPC message limit; an Encode request carries all its images, so it bounds their sum")
+    p.add_argument("--max-requests-in-flight", type=int, default=d.max_requests_in_flight,
+                   help="most Encode requests served at once; beyond it a request gets RESOURCE_EXHAUSTED at once, "
+                        "with a retry-after-s hint (llm_svc tries another replica)")
+    p.add_argument("--max-bytes-in-flight", type=int, default=d.max_bytes_in_flight,
+                   help="most bytes of Encode requests (their images) held at once by the requests being served; "
+                        "a request that would pass it gets RESOURCE_EXHAUSTED with a retry-after-s hint. At least "
+                        "--max-message-bytes, what one request may hold")
     p.add_argument("--grace-s", type=float, default=d.grace_s,
                    help="on SIGTERM, seconds that in-flight requests get to finish")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")

@@ -14,9 +14,9 @@ from vision_svc.device_preprocess import DevicePreprocessPool
 from vision_svc.encoder import load_encoder
 from vision_svc.encoder_compile import BucketedEncoder, batch_buckets
 from vision_svc.encoder_runner import EncoderRunner
-from vision_svc.image_decode import ImageLimits
+from vision_svc.limits import RequestLimits
 from vision_svc.preprocess import PreprocessPool
-from vision_svc.service import Limits, VisionService
+from vision_svc.service import TileSettings, VisionService
 from vision_svc.servicer import VisionEncoderServicer
 
 log = logging.getLogger(__name__)
@@ -46,26 +46,25 @@ class VisionServer:
             self.warm_up_batches = encoder.buckets
         self.runner = EncoderRunner(encoder, self.device, self.dtype, config.max_batch_tiles,
                                     config.batch_wait_ms / 1000, config.max_queue_tiles)
-        image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels)
+        limits = RequestLimits.from_config(config)
         if config.preprocess_on == "device":
-            self.pool = DevicePreprocessPool(config.preprocess_workers, image_limits, self.device, self.dtype,
+            self.pool = DevicePreprocessPool(config.preprocess_workers, limits.image, self.device, self.dtype,
                                              decode_on_device=config.decode_on == "device")
         else:
-            self.pool = PreprocessPool(config.preprocess_workers, image_limits)
+            self.pool = PreprocessPool(config.preprocess_workers, limits.image)
         self.cache = EmbeddingCache(config.cache_bytes)
-        limits = Limits(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch, max_tiles=max_tiles,
-                        max_images_per_request=config.max_images_per_request,
-                        max_image_bytes=config.max_image_bytes, default_thumbnail=self.spec.use_thumbnail,
-                        max_pending_images=config.max_pending_images)
-        self.service = VisionService(limits, self.spec.tokens_per_tile, self.runner, self.pool, self.cache)
+        tiling = TileSettings(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch,
+                              max_tiles=max_tiles, default_thumbnail=self.spec.use_thumbnail,
+                              tokens_per_tile=self.spec.tokens_per_tile)
+        self.service = VisionService(tiling, limits, self.runner, self.pool, self.cache)
         self.info = vision_pb2.GetInfoResponse(
             model=config.served_model_name or config.model.resolve().name, llm_hidden=self.spec.llm_hidden,
-            dtype=tensors.dtype_to_proto(self.dtype), tokens_per_tile=self.spec.tokens_per_tile,
-            image_size=self.spec.image_size, max_tiles=max_tiles,
-            max_images_per_request=config.max_images_per_request, max_image_bytes=config.max_image_bytes,
-            max_image_pixels=config.max_image_pixels, use_thumbnail=self.spec.use_thumbnail,
-            min_tiles=self.spec.min_dynamic_patch, max_request_bytes=config.max_message_bytes)
-        self.grpc = GrpcServer(config.host, config.port, config.max_message_bytes, config.grace_s, tls=config.tls,
+            dtype=tensors.dtype_to_proto(self.dtype), tokens_per_tile=tiling.tokens_per_tile,
+            image_size=tiling.image_size, max_tiles=tiling.max_tiles,
+            max_images_per_request=limits.max_images_per_request, max_image_bytes=limits.image.max_image_bytes,
+            max_image_pixels=limits.image.max_image_pixels, use_thumbnail=tiling.default_thumbnail,
+            min_tiles=tiling.min_tiles, max_request_bytes=limits.max_request_bytes)
+        self.grpc = GrpcServer(config.host, config.port, limits.max_request_bytes, config.grace_s, tls=config.tls,
                                auth_token=config.auth_token, reflection=config.reflection,
                                health_port=config.health_port)
         self.grpc.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server,

@@ -1,7 +1,8 @@
 """Encode requests end to end, below the wire: limits, cache, preprocessing, the encoder, in that order.
 
 It knows nothing of protobuf: the servicer converts requests into `ImageSource`s and `EncodeOptions`, and
-streams the `EncodedImage`s it yields, in the order they finish.
+streams the `EncodedImage`s it yields, in the order they finish. Each request is first admitted against the
+stage's work limit (`admit`), holding its message's bytes until it ends.
 """
 
 import asyncio
@@ -14,10 +15,12 @@ from collections.abc import AsyncIterator
 import torch
 
 from protos.errors import InvalidInput, NotFound, Overloaded
+from protos.work_limits import AdmittedWork, WorkLimit
 from vision_svc import metrics
 from vision_svc.cache import CacheKey, EmbeddingCache, content_hash
 from vision_svc.encoder_runner import EncoderRunner
 from vision_svc.image_decode import ImageError
+from vision_svc.limits import RequestLimits
 from vision_svc.preprocess import PreprocessPool
 from vision_svc.tiling import TileOptions
 
@@ -50,34 +53,44 @@ class EncodedImage:
 
 
 @dataclasses.dataclass(frozen=True)
-class Limits:
-    image_size: int
+class TileSettings:
+    """How the model cuts images into tiles: its geometry, and the defaults a request may narrow."""
+    image_size: int  # side of a square tile, in pixels
     min_tiles: int
-    max_tiles: int
-    max_images_per_request: int
-    max_image_bytes: int
+    max_tiles: int  # the default and the most a request may ask for
     default_thumbnail: bool
-    # Images being preprocessed or encoded at once; each holds its bytes and later its pixels.
-    max_pending_images: int
+    tokens_per_tile: int  # embedding rows per tile
 
 
 class VisionService:
-    def __init__(self, limits: Limits, tokens_per_tile: int, runner: EncoderRunner, pool: PreprocessPool,
+    def __init__(self, tiling: TileSettings, limits: RequestLimits, runner: EncoderRunner, pool: PreprocessPool,
                  cache: EmbeddingCache):
+        self.tiling = tiling
         self.limits = limits
-        self.tokens_per_tile = tokens_per_tile
+        self.work_limit = WorkLimit("vision_svc", limits.max_requests_in_flight, limits.max_bytes_in_flight)
+        metrics.watch_work_limit(self.work_limit)
         self._runner = runner
         self._pool = pool
         self._cache = cache
         self._pending = 0
         self._waiters: dict[CacheKey, int] = {}
 
+    def admit(self, request_bytes: int) -> AdmittedWork:
+        """A slot for one request holding its message's bytes, or Overloaded (holding nothing) past the limits."""
+        work = self.work_limit.admit()
+        try:
+            work.hold(request_bytes)
+        except Overloaded:
+            work.release()
+            raise
+        return work
+
     def options(self, max_tiles: int, thumbnail: bool | None) -> EncodeOptions:
         """Per-request options within the server's limits; 0 / None take the defaults."""
-        if max_tiles > self.limits.max_tiles:
-            raise InvalidInput(f"max_tiles {max_tiles} is over this server's limit of {self.limits.max_tiles}")
-        return EncodeOptions(max_tiles=max_tiles or self.limits.max_tiles,
-                             use_thumbnail=self.limits.default_thumbnail if thumbnail is None else thumbnail)
+        if max_tiles > self.tiling.max_tiles:
+            raise InvalidInput(f"max_tiles {max_tiles} is over this server's limit of {self.tiling.max_tiles}")
+        return EncodeOptions(max_tiles=max_tiles or self.tiling.max_tiles,
+                             use_thumbnail=self.tiling.default_thumbnail if thumbnail is None else thumbnail)
 
     async def encode(self, images: list[ImageSource], options: EncodeOptions) -> AsyncIterator[EncodedImage]:
         self._check(images)
@@ -102,9 +115,9 @@ class VisionService:
                                f"{self.limits.max_images_per_request}")
         for i, image in enumerate(images):
             if image.data is not None:
-                if len(image.data) > self.limits.max_image_bytes:
+                if len(image.data) > self.limits.image.max_image_bytes:
                     raise InvalidInput(f"image {i}: {len(image.data)} bytes, over the limit of "
-                                       f"{self.limits.max_image_bytes}")
+                                       f"{self.limits.image.max_image_bytes}")
             elif image.content_hash is not None:
                 if not _HASH.match(image.content_hash):
                     raise InvalidInput(f"image {i}: content_hash must be 64 lowercase hex digits (SHA-256)")
@@ -142,7 +155,7 @@ class VisionService:
         work.add_done_callback(self._release)
         self._cache.track(key, work)
         embeddings = await self._wait(key, work)
-        return EncodedImage(index, key.content_hash, len(embeddings) // self.tokens_per_tile, embeddings, False)
+        return EncodedImage(index, key.content_hash, len(embeddings) // self.tiling.tokens_per_tile, embeddings, False)
 
     async def _wait(self, key: CacheKey, work: asyncio.Future) -> torch.Tensor:
         """Awaits shared work; when its last waiter goes away (clients cancelled), the work is cancelled too."""
@@ -163,8 +176,8 @@ class VisionService:
         started = time.perf_counter()
         try:
             tiles = await self._pool.tiles(data, TileOptions(
-                max_tiles=key.max_tiles, use_thumbnail=key.use_thumbnail, image_size=self.limits.image_size,
-                min_tiles=min(self.limits.min_tiles, key.max_tiles)))
+                max_tiles=key.max_tiles, use_thumbnail=key.use_thumbnail, image_size=self.tiling.image_size,
+                min_tiles=min(self.tiling.min_tiles, key.max_tiles)))
         except ImageError as error:
             raise InvalidInput(f"image {index}: {error}") from error
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
@@ -177,7 +190,7 @@ class VisionService:
     def _hit(self, index: int, key: CacheKey, embeddings: torch.Tensor) -> EncodedImage:
         metrics.CACHE_HITS.inc()
         metrics.IMAGES.labels("cache").inc()
-        return EncodedImage(index, key.content_hash, len(embeddings) // self.tokens_per_tile, embeddings, True)
+        return EncodedImage(index, key.content_hash, len(embeddings) // self.tiling.tokens_per_tile, embeddings, True)
 
 
 def _digests(images: list[ImageSource]) -> list[str]:

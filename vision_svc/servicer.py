@@ -49,10 +49,12 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             options = self._service.options(request.options.max_tiles, _THUMBNAIL[request.options.thumbnail])
             images = images_from_pb(request)
             log.info("encode: %d images, max_tiles=%d", len(images), options.max_tiles)
-            async for image in self._service.encode(images, options):
-                for message in image_to_pb(image, self._chunk_bytes):
-                    metrics.BYTES_STREAMED.inc(len(message.data))
-                    yield message
+            # Whatever the request holds returns however it ends (finished, refused, failed, cancelled).
+            with self._service.admit(request.ByteSize()):
+                async for image in self._service.encode(images, options):
+                    for message in image_to_pb(image, self._chunk_bytes):
+                        metrics.BYTES_STREAMED.inc(len(message.data))
+                        yield message
         except BaseException as error:
             code = error.code.name if isinstance(error, ServingError) else type(error).__name__
             raise

@@ -17,7 +17,8 @@ CARRIED_BY = {"top_k": (llm_pb2.SamplingParams, "top_k"), "max_tokens": (llm_pb2
               "max_completion_tokens": (llm_pb2.SamplingParams, "max_tokens"),
               "stop_token_ids": (llm_pb2.SamplingParams, "stop_token_ids"), "seed": (llm_pb2.SamplingParams, "seed"),
               "n": (llm_pb2.SamplingParams, "n"), "top_logprobs": (llm_pb2.SamplingParams, "logprobs"),
-              "logprobs": (llm_pb2.SamplingParams, "logprobs"),
+              "logprobs": (llm_pb2.SamplingParams, "logprobs"), "min_tokens": (llm_pb2.SamplingParams, "min_tokens"),
+              "allowed_token_ids": (llm_pb2.SamplingParams, "allowed_token_ids"),
               "max_dynamic_patch": (llm_pb2.GenerateRequest, "max_tiles")}
 
 
@@ -41,7 +42,7 @@ def integer_fields(schema: dict) -> dict[str, tuple[int | None, int | None]]:
 
 def body_with(path: str, field: str, value: int) -> dict:
     body = {"messages": [{"role": "user", "content": "hi"}]} if path == CHAT else {"prompt": "hi"}
-    if field == "stop_token_ids":
+    if field in ("stop_token_ids", "allowed_token_ids"):
         return {**body, field: [value]}
     if field == "max_dynamic_patch":
         return {**body, "mm_processor_kwargs": {field: value}}

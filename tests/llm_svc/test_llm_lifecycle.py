@@ -1,6 +1,8 @@
 """llm_svc's lifecycle and its answers to hostile input, against real stages (the destructive tests run last)."""
 
+import concurrent.futures
 import hashlib
+import io
 import os
 import pathlib
 import subprocess
@@ -11,9 +13,12 @@ import time
 import grpc
 import psutil
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from protos import llm_pb2
+from protos.errors import RETRY_AFTER_KEY
 from tests.stack import free_port, start_llm, start_vision
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -21,6 +26,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes
 
 LONG = llm_pb2.SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+MiB = 1 << 20
+# Room for 4 requests, or for 3 holding a 5 MiB image; at least what one request may hold (8 MiB of message, and
+# embeddings of 3 images within the 4096-token context: 4 MiB in fp32).
+SMALL_WORK_LIMIT = ["--max-message-bytes", str(8 * MiB), "--max-embedding-bytes", str(4 * MiB),
+                    "--max-requests-in-flight", "4", "--max-bytes-in-flight", str(16 * MiB)]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +43,7 @@ def stack(tiny_checkpoint, tmp_path_factory):
         v.wait_ready()
     metrics_port = free_port()
     llm = start_llm(model, visions, logs, "--metrics-port", str(metrics_port), "--max-images-per-request", "3",
-                    "--max-model-len", "4096").wait_ready()
+                    "--max-model-len", "4096", *SMALL_WORK_LIMIT).wait_ready()
     client = LlmClient(llm.address)
     yield llm, visions, client, metrics_port
     client.close()
@@ -65,7 +75,7 @@ def test_model_info(stack):
     _, _, client, _ = stack
     info = client.stub.GetModelInfo(llm_pb2.GetModelInfoRequest())
     assert info.max_model_len == 4096 and info.max_images_per_request == 3 and info.hidden_size > 0
-    assert info.max_request_bytes == 64 << 20  # both stages' default message limit
+    assert info.max_request_bytes == 8 * MiB  # the lower of llm_svc's limit and vision_svc's default (64 MiB)
 
 
 def test_usage_and_timings_come_with_the_last_message(stack):
@@ -105,6 +115,42 @@ def test_abort_rpc_ends_the_stream_with_abort(stack):
     assert [r for r in call][-1].finish_reason == llm_pb2.FINISH_REASON_ABORT
     assert not client.stub.Abort(llm_pb2.AbortRequest(request_id="to-abort")).aborted
     assert wait_until_idle(metrics_port) == 0
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    """Incompressible pixels: the PNG is about side^2 * 3 bytes."""
+    pixels = torch.randint(0, 256, (side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+def answer(client: LlmClient, request: llm_pb2.GenerateRequest) -> tuple[grpc.StatusCode, tuple, int]:
+    """Status code, trailing metadata and tokens of one call."""
+    try:
+        return grpc.StatusCode.OK, (), len(client.tokens(request))
+    except grpc.RpcError as error:
+        return error.code(), tuple(error.trailing_metadata() or ()), 0
+
+
+def test_a_flood_of_large_requests_gets_answers_or_retry_hints_and_everything_held_returns(stack):
+    llm, _, client, metrics_port = stack
+    image_parts = [llm_pb2.ContentPart(image=llm_pb2.ImagePart(data=noise_png(1340, seed))) for seed in range(12)]
+    assert all(len(part.image.data) > 5 * MiB for part in image_parts)
+    large = [llm_pb2.GenerateRequest(max_tiles=1, sampling=greedy(3), chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
+        role=llm_pb2.ROLE_USER, content=[part, llm_pb2.ContentPart(text="What is it?")])])) for part in image_parts]
+    text = [llm_pb2.GenerateRequest(prompt="story", sampling=llm_pb2.SamplingParams(
+        temperature=0, max_tokens=30, ignore_eos=True)) for _ in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(len(large) + len(text)) as pool:
+        answers = list(pool.map(lambda request: answer(client, request), [*large, *text]))
+    codes = [code for code, _, _ in answers]
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert all(tokens > 0 for code, _, tokens in answers if code == grpc.StatusCode.OK)
+    assert all((RETRY_AFTER_KEY, "1") in metadata for code, metadata, _ in answers if code != grpc.StatusCode.OK)
+    assert wait_until_idle(metrics_port) == 0
+    assert metric(metrics_port, "llm_svc_admitted_requests") == 0 and metric(metrics_port, "llm_svc_held_bytes") == 0
+    assert_still_serving(llm, client)
+    assert answer(client, large[0])[0] == grpc.StatusCode.OK
 
 
 def image_part_by_hash(content_hash: str) -> llm_pb2.ContentPart:

@@ -2,6 +2,7 @@
 what must never reach the engine, and the tables of proto <-> domain conversions."""
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import types
@@ -9,15 +10,17 @@ import types
 import pytest
 import torch
 
+from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.prompts import ImageRef, Message, to_openai_messages
-from llm_svc.service import GenerateInput, LanguageService, ModelShape
+from llm_svc.service import GenerateInput, LanguageService
 from llm_svc.servicer import LanguageModelServicer, chat_from_pb, input_from_pb
 from llm_svc.vision_client import ImageBlob, ImageEmbedding
 from protos import llm_pb2
 from protos.errors import InternalError, InvalidInput
 
-SHAPE = ModelShape(hidden_size=16, tokens_per_tile=4, max_model_len=128, max_images_per_request=2,
-                   max_image_bytes_per_request=1000, vision_timeout_s=5)
+DIMS = ModelDimensions(hidden_size=16, tokens_per_tile=4, max_model_len=128)
+LIMITS = RequestLimits(max_images_per_request=2, max_request_bytes=2000, max_image_bytes_per_request=1000,
+                       max_embedding_bytes=1000, vision_timeout_s=5, max_requests_in_flight=4, max_bytes_in_flight=4000)
 
 
 class FakeVision:
@@ -25,7 +28,7 @@ class FakeVision:
         self.result = ImageEmbedding("h" * 64, num_tiles, embeddings, False)
         self.calls = 0
 
-    async def encode(self, request_id, images, max_tiles, timeout_s):
+    async def encode(self, request_id, images, max_tiles, timeout_s, hold_bytes):
         self.calls += 1
         return [self.result for _ in images]
 
@@ -53,7 +56,7 @@ class RecordingEngine:
 
 
 class FixedRenderer:
-    def render(self, messages):
+    def render(self, messages, options=None):
         return "<image>\nhi"
 
     async def engine_input(self, prompt):
@@ -74,31 +77,31 @@ def request(images: int) -> GenerateInput:
 ])
 async def test_embeddings_of_the_wrong_shape_never_reach_the_engine(embeddings, num_tiles):
     engine = RecordingEngine()
-    service = LanguageService(engine, FakeVision(embeddings, num_tiles), FixedRenderer(), Admission(), SHAPE)
+    service = LanguageService(engine, FakeVision(embeddings, num_tiles), FixedRenderer(), Admission(), DIMS, LIMITS)
     with pytest.raises(InternalError, match="the language model needs"):
-        [d async for d in service.generate(request(images=1))]
+        [d async for d in service.generate(request(images=1), service.admit(0))]
     assert engine.prompts == []
 
 
 async def test_embeddings_of_the_right_shape_reach_the_engine_with_their_hashes():
     engine = RecordingEngine()
-    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), SHAPE)
-    [d async for d in service.generate(request(images=1))]
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), DIMS, LIMITS)
+    [d async for d in service.generate(request(images=1), service.admit(0))]
     assert engine.prompts[0]["multi_modal_uuids"] == {"image": ["a" * 64]}
     assert engine.prompts[0]["multi_modal_data"]["image"][0].shape == (8, 16)
 
 
 class SlowVision(FakeVision):
-    async def encode(self, request_id, images, max_tiles, timeout_s):
+    async def encode(self, request_id, images, max_tiles, timeout_s, hold_bytes):
         await asyncio.sleep(0.3)
-        return await super().encode(request_id, images, max_tiles, timeout_s)
+        return await super().encode(request_id, images, max_tiles, timeout_s, hold_bytes)
 
 
 async def test_abort_while_images_are_encoded_ends_the_request_before_the_engine():
     engine = RecordingEngine()
     engine.abort = lambda request_id: asyncio.sleep(0)
-    service = LanguageService(engine, SlowVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), SHAPE)
-    stream = service.generate(request(images=1))
+    service = LanguageService(engine, SlowVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), DIMS, LIMITS)
+    stream = service.generate(request(images=1), service.admit(0))
     first = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0.1)
     assert await service.abort("r1")
@@ -143,8 +146,8 @@ class LateKnowingEngine(RecordingEngine):
                          ids=["while rendering", "while the engine admits it"])
 async def test_abort_between_the_vision_phase_and_the_engine_is_honoured(renderer, reaches_engine):
     engine = LateKnowingEngine()
-    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), renderer, Admission(), SHAPE)
-    stream = service.generate(request(images=1))
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), renderer, Admission(), DIMS, LIMITS)
+    stream = service.generate(request(images=1), service.admit(0))
     collected = asyncio.ensure_future(asyncio.wait_for(_all(stream), 10))
     await asyncio.sleep(0.1)
     assert await service.abort("r1")
@@ -160,27 +163,27 @@ async def _all(stream) -> list:
 async def test_a_request_the_engine_would_refuse_never_reaches_the_vision_stage():
     engine, vision = RecordingEngine(), FakeVision(torch.zeros(8, 16), 2)
     service = LanguageService(engine, vision, FixedRenderer(), Admission("The decoder prompt (length 200) is longer"),
-                              SHAPE)
+                              DIMS, LIMITS)
     with pytest.raises(InvalidInput, match="length 200"):
-        [d async for d in service.generate(request(images=1))]
+        [d async for d in service.generate(request(images=1), service.admit(0))]
     assert vision.calls == 0 and engine.prompts == []
 
 
 async def test_images_over_the_vision_stages_message_limit_are_refused_before_any_work():
     engine, vision = RecordingEngine(), FakeVision(torch.zeros(8, 16), 2)
-    service = LanguageService(engine, vision, FixedRenderer(), Admission(), SHAPE)
+    service = LanguageService(engine, vision, FixedRenderer(), Admission(), DIMS, LIMITS)
     big = request(images=2)
     big.images[:] = [ImageBlob("a" * 64, bytes(600)), ImageBlob("b" * 64, bytes(600))]
     with pytest.raises(InvalidInput, match="1200 bytes together; the vision stage takes at most 1000"):
-        [d async for d in service.generate(big)]
+        [d async for d in service.generate(big, service.admit(0))]
     assert vision.calls == 0 and engine.prompts == []
 
 
 async def test_too_many_images_are_refused_before_any_work():
     engine = RecordingEngine()
-    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), SHAPE)
+    service = LanguageService(engine, FakeVision(torch.zeros(8, 16), 2), FixedRenderer(), Admission(), DIMS, LIMITS)
     with pytest.raises(InvalidInput, match="3 images in one request; the limit is 2"):
-        [d async for d in service.generate(request(images=3))]
+        [d async for d in service.generate(request(images=3), service.admit(0))]
 
 
 def part(**kwargs) -> llm_pb2.ContentPart:
@@ -238,7 +241,10 @@ def test_images_only_in_user_messages():
 
 
 class EmptyService:
-    async def generate(self, request):
+    def admit(self, request_bytes):
+        return contextlib.nullcontext()
+
+    async def generate(self, request, work):
         return
         yield
 

@@ -7,6 +7,7 @@ import torch
 
 from llm_svc.vision_client import ImageBlob, VisionClient
 from protos import errors, vision_pb2, vision_pb2_grpc
+from protos.endpoints import Address, Endpoint, rendezvous_order
 from protos.server import GrpcServer
 from vision_svc.service import MISSING_IMAGES_KEY, EncodedImage
 from vision_svc.servicer import image_to_pb
@@ -41,19 +42,29 @@ class ScriptedReplica(vision_pb2_grpc.VisionEncoderServicer):
                 yield message
 
 
+HOSTS = ("127.0.0.1", "127.0.0.2")  # two replicas at addresses of their own, as pods have
+
+
 @pytest.fixture
 async def replicas():
     servers, scripts = [], [ScriptedReplica(), ScriptedReplica()]
-    for script in scripts:
-        server = GrpcServer("127.0.0.1", 0, 8 << 20, grace_s=0, announce_s=0)
+    for host, script in zip(HOSTS, scripts):
+        server = GrpcServer(host, 0, 8 << 20, grace_s=0, announce_s=0)
         server.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server, script, SERVICE)
         await server.start()
         servers.append(server)
-    client = VisionClient([f"127.0.0.1:{s.port}" for s in servers], 8 << 20, 1 << 30)
+    addresses = [Address(host, server.port, host) for host, server in zip(HOSTS, servers)]
+    client = VisionClient([f"{a.host}:{a.port}" for a in addresses], 8 << 20, 1 << 30)
+    routes.clear()
+    routes.extend(addresses)
     yield client, scripts
     await client.close()
     for server in servers:
         await server.drain()
+
+
+# The replicas' addresses in the running test, for `home_of`.
+routes: list[Address] = []
 
 
 def blob(seed: int) -> ImageBlob:
@@ -61,9 +72,15 @@ def blob(seed: int) -> ImageBlob:
     return ImageBlob(hashlib.sha256(data).hexdigest(), data)
 
 
+def home_of(image: ImageBlob) -> int:
+    """The replica whose cache an image's content hash picks (rendezvous hashing over both)."""
+    first = rendezvous_order(image.content_hash, [Endpoint(a, None) for a in routes])[0]
+    return routes.index(first.address)
+
+
 def routed_to(replica: int) -> ImageBlob:
     """An image whose content hash routes it to `replica` first (of two)."""
-    return next(b for b in map(blob, range(100)) if int(b.content_hash[:8], 16) % 2 == replica)
+    return next(b for b in map(blob, range(100)) if home_of(b) == replica)
 
 
 async def test_a_full_replica_is_retried_on_the_other(replicas):
@@ -90,3 +107,42 @@ async def test_an_image_named_only_by_an_unknown_hash_is_invalid_input(replicas)
     client, _ = replicas
     with pytest.raises(errors.InvalidInput, match="send their bytes"):
         await client.encode("r", [ImageBlob("ab" * 32, None)], max_tiles=0, timeout_s=5)
+
+
+async def test_each_embedding_is_held_when_its_header_arrives(replicas):
+    client, _ = replicas
+    held = []
+    await client.encode("r", [blob(1), blob(2)], max_tiles=0, timeout_s=5, hold_bytes=held.append)
+    assert held == [ROWS * WIDTH * 4, ROWS * WIDTH * 4]  # float32 tensors, as announced
+
+
+async def test_an_embedding_past_the_callers_budget_is_overloaded_and_not_retried_elsewhere(replicas):
+    client, scripts = replicas
+
+    def full(nbytes: int) -> None:
+        raise errors.Overloaded("llm_svc holds too much")
+
+    with pytest.raises(errors.Overloaded, match="llm_svc holds too much"):
+        await client.encode("r", [routed_to(0)], max_tiles=0, timeout_s=5, hold_bytes=full)
+    assert len(scripts[0].requests) == 1 and scripts[1].requests == []
+
+
+async def test_each_image_goes_to_the_replica_its_hash_picks_and_both_get_their_share(replicas):
+    client, scripts = replicas
+    images = [blob(n) for n in range(20)]
+    for image in images:
+        await client.encode("r", [image], max_tiles=0, timeout_s=5)
+    for n, script in enumerate(scripts):
+        assert {r.images[0].data for r in script.requests} == {i.data for i in images if home_of(i) == n}
+    assert all(script.requests for script in scripts)
+
+
+async def test_an_address_list_target_is_one_replica_per_address(replicas):
+    _, scripts = replicas
+    client = VisionClient([f"ipv4:{routes[0].target},{routes[1].target}"], 8 << 20, 1 << 30)
+    try:
+        for n in range(8):
+            await client.encode("r", [blob(n)], max_tiles=0, timeout_s=5)
+    finally:
+        await client.close()
+    assert len(scripts[0].requests) + len(scripts[1].requests) == 8 and all(s.requests for s in scripts)

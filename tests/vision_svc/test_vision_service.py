@@ -9,10 +9,12 @@ import threading
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from protos import vision_pb2
+from protos.errors import RETRY_AFTER_KEY
 from tests.vision_svc.vision_helpers import encode, running_vision
 from vision_svc.cache import content_hash
 from vision_svc.config import VisionConfig
@@ -179,6 +181,8 @@ async def test_work_of_a_cancelled_request_is_dropped(slow_vision):
 def test_config_refuses_bad_limits():
     with pytest.raises(ValueError, match="--max-batch-tiles must be positive"):
         VisionConfig(model=pathlib.Path("."), max_batch_tiles=0)
+    with pytest.raises(ValueError, match="--max-bytes-in-flight .* below what one request may hold"):
+        VisionConfig(model=pathlib.Path("."), max_message_bytes=64 << 20, max_bytes_in_flight=32 << 20)
     with pytest.raises(ValueError, match="--max-tiles"):
         dataclasses.replace(VisionConfig(model=pathlib.Path(".")), max_tiles=100)
 
@@ -194,3 +198,32 @@ async def test_image_bytes_are_hashed_off_the_event_loop(vision, monkeypatch):
     monkeypatch.setattr("vision_svc.service.content_hash", recording_hash)
     await encode(stub, [vision_pb2.ImageInput(data=png(40, 30, seed=77))])
     assert hashed_on and threading.main_thread() not in hashed_on
+
+
+async def outcome(stub, images: list[bytes]) -> tuple[grpc.StatusCode, tuple]:
+    try:
+        await encode(stub, [vision_pb2.ImageInput(data=d) for d in images], max_tiles=1)
+    except grpc.aio.AioRpcError as error:
+        return error.code(), tuple(error.trailing_metadata() or ())
+    return grpc.StatusCode.OK, ()
+
+
+async def test_a_flood_of_large_requests_gets_answers_or_retry_hints_and_everything_held_returns(tiny_checkpoint):
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    # Room for 3 requests, or for 2 of the 3 MB below; work waits 0.5 s for a batch, so the flood overlaps.
+    async with running_vision(model, max_requests_in_flight=3, max_bytes_in_flight=7 << 20, max_message_bytes=4 << 20,
+                              batch_wait_ms=500) as (stub, server):
+        flood = [[png(600, 600, seed=1000 + 2 * n), png(600, 600, seed=1001 + 2 * n)] for n in range(16)]
+        assert len(flood[0][0]) > 1 << 20
+        outcomes = await asyncio.gather(*(outcome(stub, images) for images in flood))
+        codes = [code for code, _ in outcomes]
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert all((RETRY_AFTER_KEY, "1") in metadata for code, metadata in outcomes if code != grpc.StatusCode.OK)
+        limit = server.service.work_limit
+        assert (limit.requests, limit.bytes) == (0, 0)
+        assert REGISTRY.get_sample_value("vision_admitted_requests") == 0
+        assert REGISTRY.get_sample_value("vision_held_bytes") == 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc.port}") as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert (await encode(stub, [vision_pb2.ImageInput(data=flood[0][0])], max_tiles=1))[0][0].num_tiles == 1
