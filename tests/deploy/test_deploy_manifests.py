@@ -5,7 +5,7 @@ command-line parser, and the rendered overlays are checked for what would break 
 message: probes on the wrong port, grace periods shorter than the stage's drain, a --vision or --llm target that
 no Service answers, device counts that disagree with the parallelism, autoscalers on metrics nobody exports, TLS
 files that no Secret provides, network policies that let the wrong pods in or keep the right ones out.
-Rendering the overlays needs kustomize (`kubectl kustomize`); without it those tests skip.
+The overlays are rendered as rendering.py says; test_deploy_schemas.py checks the same objects against the API.
 """
 
 import atexit
@@ -32,21 +32,16 @@ from gateway.config import config_from_args as gateway_config
 from llm_svc.config import parse_config as llm_config
 from vision_svc import metrics as vision_metrics
 from tests.certs import TestPki
+from tests.deploy.rendering import K8S, KUSTOMIZATIONS, ROOT, render
 from vision_svc.config import parse_config as vision_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
 DOCKER = ROOT / "deploy" / "docker"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 ADAPTER_VALUES = K8S / "monitoring" / "prometheus-adapter-values.yaml"
-KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
 MANIFESTS = sorted(K8S.rglob("*.yaml"))
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 STAGES = ("vision_svc", "llm_svc", "gateway")
 DEVICE_RESOURCES = {"cuda": "nvidia.com/gpu", "npu": "huawei.com/Ascend910"}
-KUSTOMIZE = (["kubectl", "kustomize"] if shutil.which("kubectl") else
-             ["kustomize", "build"] if shutil.which("kustomize") else None)
-needs_kustomize = pytest.mark.skipif(KUSTOMIZE is None, reason="kustomize (or kubectl) is not installed")
 # Where each stage's Secret (certificate, key, CA) is mounted; parsed here, it stands for local_tls_dir().
 TLS_DIR = "/etc/internvl/tls"
 MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
@@ -119,13 +114,6 @@ def stage_containers(node) -> list[dict]:
     return [c for c in containers_in(node) if c.get("args") and c["args"][0] in STAGES]
 
 
-@functools.cache
-def render(kustomization: pathlib.Path) -> tuple[dict, ...]:
-    out = subprocess.run([*KUSTOMIZE, str(kustomization)], capture_output=True, text=True)
-    assert out.returncode == 0, f"kustomize {kustomization.relative_to(ROOT)}:\n{out.stderr}"
-    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
-
-
 def pod_groups(objects) -> list[tuple[dict, list[tuple[dict, int]]]]:
     """(workload, [(pod template, pods of this template per replica), ...]) for Deployments and LWS."""
     groups = []
@@ -188,7 +176,6 @@ def test_every_overlay_kustomization_is_found():
 
 # ---- rendered overlays ---------------------------------------------------------------------------------
 
-@needs_kustomize
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.relative_to(K8S).as_posix())
 class TestRendered:
     def test_each_stage_runs_once_per_replica_with_accepted_args(self, kustomization):
