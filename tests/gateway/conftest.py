@@ -1,5 +1,6 @@
 """Real servers on loopback ports for the gateway tests: a scripted LanguageModel (standing in for llm_svc),
-the gateway itself under uvicorn, and a plain HTTP server that hosts images."""
+the gateway itself under uvicorn, a plain HTTP server that hosts images; and, for the end-to-end modules, the
+real stages and vLLM's own OpenAI server."""
 
 import asyncio
 import contextlib
@@ -9,10 +10,13 @@ import io
 import threading
 import time
 
+import openai
 import pytest
 import uvicorn
 from PIL import Image
 
+import tests.stack as real_stages
+from deploy.local import Stage, free_port
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from protos import errors, llm_pb2, llm_pb2_grpc
@@ -201,3 +205,43 @@ def start_gateway(backend):
 @pytest.fixture
 def png():
     return png_bytes
+
+
+# ---- the real stages, shared by the end-to-end modules of this package (starting engines is the slow part) --
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="package")
+def stack(tiny_checkpoint, tmp_path_factory):
+    model = tiny_checkpoint(layout="original", llm="dense")
+    logs = tmp_path_factory.mktemp("logs")
+    vision = real_stages.start_vision(model, logs).wait_ready()
+    llm_metrics = free_port()
+    llm = real_stages.start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port",
+                                str(llm_metrics)).wait_ready()
+    gateway = real_stages.start_gateway([llm], logs, "--api-key", API_KEY, "--allow-private-image-urls").wait_ready()
+    yield {"vision": vision, "llm": llm, "gateway": gateway, "llm_metrics": llm_metrics}
+    for stage in (gateway, llm, vision):
+        stage.stop()
+
+
+@pytest.fixture(scope="package")
+def client(stack):
+    return openai.OpenAI(base_url=f"http://{stack['gateway'].address}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="package")
+def vllm_server(tiny_checkpoint, tmp_path_factory):
+    """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype."""
+    model = tiny_checkpoint(layout="original", llm="dense")
+    port = free_port()
+    argv = ["vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port), "--host", "127.0.0.1",
+            "--served-model-name", MODEL, "--trust-remote-code", "--enforce-eager", "--dtype", "float32",
+            "--max-model-len", "8192", "--kv-cache-memory-bytes", str(256 << 20), "--limit-mm-per-prompt",
+            '{"image": 3}']
+    server = Stage("vllm-openai-server", argv, port, tmp_path_factory.mktemp("vllm") / "vllm.log",
+                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, http_health=True)
+    server.wait_ready()
+    yield openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
+    server.stop()

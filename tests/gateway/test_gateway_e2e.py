@@ -11,12 +11,10 @@ import pytest
 from PIL import Image
 
 from deploy.local import Stage, free_port
-from tests.stack import start_gateway, start_llm, start_vision
-
+from tests.gateway.conftest import API_KEY, MODEL
 from tests.llm_svc.llm_helpers import image, metric, png_bytes
+from tests.stack import start_gateway
 
-MODEL = "tiny-internvl"
-API_KEY = "test-key"
 GREEDY = {"temperature": 0, "max_tokens": 10}
 
 
@@ -29,40 +27,6 @@ def user(*parts) -> dict:
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": p}}
                                         if p.startswith(("data:", "http:")) else {"type": "text", "text": p}
                                         for p in parts]}
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory):
-    model = tiny_checkpoint(layout="original", llm="dense")
-    logs = tmp_path_factory.mktemp("logs")
-    vision = start_vision(model, logs).wait_ready()
-    llm_metrics = free_port()
-    llm = start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port", str(llm_metrics)).wait_ready()
-    gateway = start_gateway([llm], logs, "--api-key", API_KEY, "--allow-private-image-urls").wait_ready()
-    yield {"vision": vision, "llm": llm, "gateway": gateway, "llm_metrics": llm_metrics}
-    for stage in (gateway, llm, vision):
-        stage.stop()
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=f"http://{stack['gateway'].address}/v1", api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tiny_checkpoint, tmp_path_factory):
-    """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype."""
-    model = tiny_checkpoint(layout="original", llm="dense")
-    port = free_port()
-    server = Stage("vllm-openai-server", ["vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
-                                    "--host", "127.0.0.1", "--served-model-name", MODEL, "--trust-remote-code",
-                                    "--enforce-eager", "--dtype", "float32", "--max-model-len", "8192",
-                                    "--kv-cache-memory-bytes", str(256 << 20), "--limit-mm-per-prompt",
-                                    '{"image": 3}'], port, tmp_path_factory.mktemp("vllm") / "vllm.log",
-                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, http_health=True)
-    server.wait_ready()
-    yield openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
-    server.stop()
 
 
 RED, BLUE = image(900, 500, seed=1), image(500, 700, seed=2)

@@ -2,7 +2,7 @@
 server (same tiny checkpoint, same flags) gets the same greedy answer, text and token counts; and a control that
 works shows in the answer (it differs from the answer without it).
 
-One stack and one vLLM server for the whole module (test_gateway_e2e's fixtures): starting engines is the slow part.
+The stack and vLLM's server are the package's (tests/gateway/conftest.py), shared with test_gateway_e2e.
 """
 
 import base64
@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from tests.gateway.test_gateway_e2e import API_KEY, MODEL, stack, vllm_server  # noqa: F401 (fixtures)
+from tests.gateway.conftest import API_KEY, MODEL
 from tests.llm_svc.llm_helpers import image, png_bytes
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
