@@ -21,11 +21,18 @@ class WorkLimit:
         self.requests = 0
         self.bytes = 0
 
-    def admit(self) -> "AdmittedWork":
+    def admit(self, holding: int = 0) -> "AdmittedWork":
+        """A slot for one request that holds `holding` bytes already, or Overloaded (holding nothing)."""
         if self.requests >= self.max_requests:
             raise Overloaded(f"{self.stage} is serving {self.requests} requests, its limit; retry later")
         self.requests += 1
-        return AdmittedWork(self)
+        work = AdmittedWork(self)
+        try:
+            work.hold(holding)
+        except Overloaded:
+            work.release()
+            raise
+        return work
 
 
 class AdmittedWork:
