@@ -77,13 +77,7 @@ class VisionService:
 
     def admit(self, request_bytes: int) -> AdmittedWork:
         """A slot for one request holding its message's bytes, or Overloaded (holding nothing) past the limits."""
-        work = self.work_limit.admit()
-        try:
-            work.hold(request_bytes)
-        except Overloaded:
-            work.release()
-            raise
-        return work
+        return self.work_limit.admit(request_bytes)
 
     def options(self, max_tiles: int, thumbnail: bool | None) -> EncodeOptions:
         """Per-request options within the server's limits; 0 / None take the defaults."""
