@@ -72,13 +72,7 @@ class LanguageService:
 
     def admit(self, request_bytes: int) -> AdmittedWork:
         """A slot for one request holding its message's bytes, or Overloaded (holding nothing) past the limits."""
-        work = self.work_limit.admit()
-        try:
-            work.hold(request_bytes)
-        except Overloaded:
-            work.release()
-            raise
-        return work
+        return self.work_limit.admit(request_bytes)
 
     async def abort(self, request_id: str) -> bool:
         if request_id not in self._running:
