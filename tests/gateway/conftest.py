@@ -98,15 +98,24 @@ class FakeBackend:
     target: str
 
 
-@pytest.fixture(scope="module")
-async def backend():
-    servicer = FakeLanguageModel()
-    server = GrpcServer("127.0.0.1", 0, max_message_bytes=64 << 20, grace_s=0.5, announce_s=0)
+@contextlib.asynccontextmanager
+async def serving(servicer: llm_pb2_grpc.LanguageModelServicer, host: str = "127.0.0.1"):
+    """`servicer` as a LanguageModel on a free port of `host`; yields its HOST:PORT."""
+    server = GrpcServer(host, 0, max_message_bytes=64 << 20, grace_s=0.5, announce_s=0)
     server.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, servicer, "internvl.llm.v1.LanguageModel")
     port = await server.start()
     await server.set_serving()
-    yield FakeBackend(servicer, f"127.0.0.1:{port}")
-    await server.drain()
+    try:
+        yield f"{host}:{port}"
+    finally:
+        await server.drain()
+
+
+@pytest.fixture(scope="module")
+async def backend():
+    servicer = FakeLanguageModel()
+    async with serving(servicer) as target:
+        yield FakeBackend(servicer, target)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import GatewayConfig
 from protos import errors, llm_pb2, llm_pb2_grpc
-from protos.server import GrpcServer
+from tests.gateway.conftest import serving
 from tests.gateway.test_gateway_errors import assert_error, chat, post
 
 MIB = 1 << 20
@@ -106,12 +106,8 @@ class FullLanguageModel(llm_pb2_grpc.LanguageModelServicer):
 @pytest.fixture
 async def full_replica():
     servicer = FullLanguageModel()
-    server = GrpcServer("127.0.0.1", 0, max_message_bytes=MIB, grace_s=0.5, announce_s=0)
-    server.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, servicer, "internvl.llm.v1.LanguageModel")
-    port = await server.start()
-    await server.set_serving()
-    yield servicer, f"127.0.0.1:{port}"
-    await server.drain()
+    async with serving(servicer) as target:
+        yield servicer, target
 
 
 async def test_a_full_replica_passes_the_request_to_another(full_replica, backend, start_gateway, fake):
