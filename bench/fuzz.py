@@ -160,6 +160,8 @@ def schema_values(schema: dict, overrides: dict[str, st.SearchStrategy], defs: d
                       for name, sub in schema.get("properties", {}).items()}
         required = {name: properties.pop(name) for name in schema.get("required", [])}
         return st.fixed_dictionaries(required, optional=properties)
+    if kind is None:  # any JSON value (a field typed Any, such as a structural tag's format)
+        return st.none() | st.booleans() | ints(None, None) | text(text_size)
     return {"string": text(text_size), "boolean": st.booleans(), "null": st.none()}[kind]
 
 

@@ -15,7 +15,7 @@ from gateway.images import ImageLoader
 from gateway.llm_client import LlmClient
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware, WorkLimitMiddleware
-from gateway.routes import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, router
+from gateway.routes import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, DETOKENIZE_ENDPOINT, TOKENIZE_ENDPOINT, router
 from protos import llm_pb2
 from protos.errors import NotFound
 from protos.work_limits import WorkLimit
@@ -47,7 +47,7 @@ class Gateway:
     async def check_model(self, requested: str | None) -> str:
         served = await self.model_name()
         if requested and requested != served:
-            raise NotFound(f"The model `{requested}` does not exist.")
+            raise NotFound(f"The model `{requested}` does not exist. Valid aliases: {served}.")  # vLLM's words
         return served
 
 
@@ -66,7 +66,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="InternVL gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     # The last middleware added runs first: the request id is set before the work limit may refuse.
-    app.add_middleware(WorkLimitMiddleware, limit=work_limit, endpoints={CHAT_ENDPOINT, COMPLETIONS_ENDPOINT})
+    app.add_middleware(WorkLimitMiddleware, limit=work_limit,
+                       endpoints={CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, TOKENIZE_ENDPOINT, DETOKENIZE_ENDPOINT})
     app.add_middleware(RequestContextMiddleware, metrics=metrics, endpoints={route.path for route in router.routes})
     install_error_handlers(app)
     app.include_router(router)

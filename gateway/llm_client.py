@@ -69,8 +69,8 @@ def _failed_behind(error: grpc.aio.AioRpcError) -> bool:
 
 
 class LlmClient:
-    """Generate, GetModelInfo and health over every llm_svc replica the targets name (see `protos.endpoints`);
-    `start` must be awaited before the first call."""
+    """Generate, Tokenize, Detokenize, GetModelInfo, GetVersion and health over every llm_svc replica the targets
+    name (see `protos.endpoints`); `start` must be awaited before the first call."""
 
     def __init__(self, targets: tuple[str, ...], max_message_bytes: int, unavailable_cooldown_s: float, *,
                  tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None,
@@ -132,6 +132,30 @@ class LlmClient:
             except grpc.aio.AioRpcError as error:
                 last_error = from_rpc_error(error, endpoint.address.target)
         raise last_error
+
+    async def tokenize(self, request: llm_pb2.TokenizeRequest, timeout_s: float) -> llm_pb2.TokenizeResponse:
+        return await self._unary("Tokenize", request, timeout_s)
+
+    async def detokenize(self, request: llm_pb2.DetokenizeRequest, timeout_s: float) -> llm_pb2.DetokenizeResponse:
+        return await self._unary("Detokenize", request, timeout_s)
+
+    async def version(self, timeout_s: float) -> llm_pb2.GetVersionResponse:
+        return await self._unary("GetVersion", llm_pb2.GetVersionRequest(), timeout_s)
+
+    async def _unary(self, method: str, request, timeout_s: float):
+        """One unary call, retried once on another replica where the first is down or full."""
+        candidates = (await self._pick())[:2]
+        for attempt, endpoint in enumerate(candidates):
+            try:
+                return await getattr(endpoint.connection.stub, method)(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as error:
+                last_try = attempt == len(candidates) - 1
+                if error.code() not in _RETRIED_ELSEWHERE or _failed_behind(error) or last_try:
+                    raise from_rpc_error(error, endpoint.address.target) from None
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    endpoint.down_until = time.monotonic() + self._cooldown_s
+                    self._endpoints.refresh_soon()
+        raise Unavailable("no language service replica")
 
     async def healthy_replicas(self, timeout_s: float) -> list[str]:
         """The addresses whose gRPC health check says SERVING for the language service."""

@@ -28,13 +28,25 @@ async def collect(stream: TokenStream, metrics: GatewayMetrics) -> list[llm_pb2.
     return messages
 
 
-def completion_renderer(meta: translate.ResponseMeta, with_logprobs: bool) -> RenderChunk:
-    offset = 0
+def completion_renderer(meta: translate.ResponseMeta, logprobs: int | None, echo: bool = False) -> RenderChunk:
+    """Chunks of each choice, with its tokens' offsets in its whole text; with `echo`, each choice's first chunk
+    starts with the prompt (which the stream's first message carries)."""
+    offsets: dict[int, int] = {}  # choice index -> where its next token starts
+    prompt: translate.PromptEcho | None = None
 
     def render(message: llm_pb2.GenerateResponse) -> dict | None:
-        nonlocal offset
-        chunk = translate.completion_chunk(message, meta, with_logprobs, offset)
-        offset += sum(len(lp.token) for lp in message.logprobs)
+        nonlocal prompt
+        if echo and prompt is None:
+            prompt = translate.PromptEcho.of(message, logprobs)
+        first = message.index not in offsets
+        chunk = translate.completion_chunk(message, meta, logprobs is not None, offsets.get(message.index, 0),
+                                           prompt if first else None)
+        if chunk is not None:
+            shown = chunk["choices"][0]["logprobs"]
+            if shown and shown["tokens"]:
+                offsets[message.index] = shown["text_offset"][-1] + len(shown["tokens"][-1])
+            else:
+                offsets.setdefault(message.index, 0)
         return chunk
     return render
 

@@ -1,4 +1,5 @@
-"""The HTTP routes: OpenAI chat and text completions, models, health and metrics.
+"""The HTTP routes: OpenAI chat and text completions, models, vLLM's tokenize, detokenize and version, health and
+metrics.
 
 A generation route parses the request, loads its images, makes one Generate call and renders the messages it
 gets back. The call starts before the HTTP status is chosen: an error before the first token becomes a real
@@ -11,7 +12,7 @@ import dataclasses
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import pydantic
@@ -20,12 +21,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
-from gateway import translate
+from gateway import tokenization, translate
 from gateway.errors import PayloadTooLarge, Unauthenticated, http_error, read_capped
 from gateway.llm_client import TokenStream
 from gateway.responses import collect, completion_renderer, sse_events
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from protos import llm_pb2
+from protos import llm_pb2, server_version
 from protos.errors import Cancelled, InvalidInput, ServingError, Unavailable
 from protos.work_limits import AdmittedWork
 
@@ -37,6 +38,8 @@ Model = TypeVar("Model", bound=pydantic.BaseModel)
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
+TOKENIZE_ENDPOINT = "/tokenize"
+DETOKENIZE_ENDPOINT = "/detokenize"
 
 
 def gateway_of(request: Request) -> "Gateway":
@@ -64,13 +67,20 @@ class AnswerOptions:
     stream: bool
     include_usage: bool
     logprobs: bool
+    n: int = 1
+    # Chat: the answer's role, and what `echo` puts before it.
+    role: str = "assistant"
+    echo_text: str = ""
+    # Completions: `echo`, and how many alternatives each token's logprobs show (None: no logprobs).
+    echo: bool = False
+    top_logprobs: int | None = None
 
 
 def answer_options(request: Request, body: ChatCompletionRequest | CompletionRequest, id_prefix: str,
-                   model: str, logprobs: bool) -> AnswerOptions:
+                   model: str, logprobs: bool, **endpoint_options) -> AnswerOptions:
     meta = translate.ResponseMeta(f"{id_prefix}-{request.state.request_id}", int(time.time()), model)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return AnswerOptions(meta, body.stream, include_usage, logprobs)
+    return AnswerOptions(meta, body.stream, include_usage, logprobs, body.n, **endpoint_options)
 
 
 @api.post(CHAT_ENDPOINT)
@@ -78,19 +88,21 @@ async def chat_completions(request: Request):
     stream, options = await start_chat(request)
     metrics = gateway_of(request).metrics
     if options.stream:
+        first_chunks = translate.chat_first_chunks(options.meta, options.n, options.role, options.echo_text)
         chunks = sse_events(stream, lambda m: translate.chat_chunk(m, options.meta, options.logprobs),
-                            [translate.chat_role_chunk(options.meta)], options.meta, "chat.completion.chunk",
-                            options.include_usage, metrics)
+                            first_chunks, options.meta, "chat.completion.chunk", options.include_usage, metrics)
         return event_stream(chunks, stream)
     messages = await collect_unless_disconnected(request, stream)
-    return JSONResponse(translate.chat_completion(messages, options.meta, options.logprobs))
+    return JSONResponse(translate.chat_completion(messages, options.meta, options.logprobs, options.role,
+                                                  options.echo_text))
 
 
 async def start_chat(request: Request) -> tuple[TokenStream, AnswerOptions]:
     gateway = gateway_of(request)
     work: AdmittedWork = request.state.work
     body = await parse_body(request, ChatCompletionRequest)
-    options = answer_options(request, body, "chatcmpl", await gateway.check_model(body.model), body.logprobs)
+    options = answer_options(request, body, "chatcmpl", await gateway.check_model(body.model), body.logprobs,
+                             role=translate.response_role(body), echo_text=translate.chat_echo_text(body))
     images = await until_disconnected(request, gateway.images.load_all(translate.image_urls(body), work.hold))
     gateway.metrics.image_bytes.inc(sum(len(i) for i in images))
     generate = translate.chat_generate_request(body, images, backend_request_id(request),
@@ -102,17 +114,20 @@ async def start_chat(request: Request) -> tuple[TokenStream, AnswerOptions]:
 async def completions(request: Request):
     stream, options = await start_completion(request)
     if options.stream:
-        chunks = sse_events(stream, completion_renderer(options.meta, options.logprobs), [], options.meta,
-                            "text_completion", options.include_usage, gateway_of(request).metrics)
+        render = completion_renderer(options.meta, options.top_logprobs, options.echo)
+        chunks = sse_events(stream, render, [], options.meta, "text_completion", options.include_usage,
+                            gateway_of(request).metrics)
         return event_stream(chunks, stream)
     messages = await collect_unless_disconnected(request, stream)
-    return JSONResponse(translate.completion(messages, options.meta, options.logprobs))
+    echo = translate.PromptEcho.of(messages[0], options.top_logprobs) if options.echo else None
+    return JSONResponse(translate.completion(messages, options.meta, options.logprobs, echo))
 
 
 async def start_completion(request: Request) -> tuple[TokenStream, AnswerOptions]:
     gateway = gateway_of(request)
     body = await parse_body(request, CompletionRequest)
-    options = answer_options(request, body, "cmpl", await gateway.check_model(body.model), body.logprobs is not None)
+    options = answer_options(request, body, "cmpl", await gateway.check_model(body.model), body.logprobs is not None,
+                             echo=bool(body.echo), top_logprobs=body.logprobs)
     generate = translate.completion_generate_request(body, backend_request_id(request),
                                                      gateway.config.max_tokens_limit)
     return await start_generation(request, generate, COMPLETIONS_ENDPOINT), options
@@ -121,8 +136,9 @@ async def start_completion(request: Request) -> tuple[TokenStream, AnswerOptions
 @api.get("/v1/models")
 async def models(request: Request):
     gateway = gateway_of(request)
-    card = {"id": await gateway.model_name(), "object": "model", "created": int(time.time()),
-            "owned_by": "internvl-dvd"}
+    # vLLM's model card, field for field. `root` is the served name: vLLM shows the checkpoint's path on its host.
+    card = {"id": await gateway.model_name(), "object": "model", "created": int(time.time()), "owned_by": "vllm",
+            "root": None, "parent": None, "max_model_len": None, "permission": [model_permission()]}
     try:
         info = await gateway.model_info()
     except ServingError:
@@ -130,6 +146,44 @@ async def models(request: Request):
     else:
         card.update(root=info.model, max_model_len=info.max_model_len)
     return {"object": "list", "data": [card]}
+
+
+def model_permission() -> dict:
+    """vLLM's ModelPermission, with its defaults."""
+    return {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": int(time.time()),
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False, "organization": "*",
+            "group": None, "is_blocking": False}
+
+
+@api.post(TOKENIZE_ENDPOINT)
+async def tokenize(request: Request):
+    gateway = gateway_of(request)
+    body = validated(tokenization.tokenize_request, (await parse_body(request, tokenization.JsonObject)).root)
+    await gateway.check_model(body.model)
+    images = await until_disconnected(request, gateway.images.load_all(tokenization.image_urls(body),
+                                                                       request.state.work.hold))
+    message = tokenization.tokenize_to_proto(body, images, backend_request_id(request))
+    await refuse_if_too_large(gateway, message)
+    response = await until_disconnected(request, gateway.llm.tokenize(message, gateway.config.request_timeout_s))
+    return tokenization.tokenize_json(response, bool(body.return_token_strs))
+
+
+@api.post(DETOKENIZE_ENDPOINT)
+async def detokenize(request: Request):
+    gateway = gateway_of(request)
+    body = await parse_body(request, tokenization.DetokenizeRequest)
+    await gateway.check_model(body.model)
+    message = llm_pb2.DetokenizeRequest(token_ids=body.tokens)
+    await refuse_if_too_large(gateway, message)
+    response = await until_disconnected(request, gateway.llm.detokenize(message, gateway.config.request_timeout_s))
+    return {"prompt": response.text}
+
+
+@router.get("/version")
+async def version(request: Request):
+    gateway = gateway_of(request)
+    return tokenization.version_json(await gateway.llm.version(gateway.config.health_timeout_s), server_version())
 
 
 @router.get("/health")
@@ -156,6 +210,13 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
                              request.state.work.hold)
     try:
         return model.model_validate_json(body)
+    except pydantic.ValidationError as error:
+        raise InvalidInput(describe_validation_error(error)) from None
+
+
+def validated(parse: Callable[[dict], T], data: dict) -> T:
+    try:
+        return parse(data)
     except pydantic.ValidationError as error:
         raise InvalidInput(describe_validation_error(error)) from None
 
@@ -215,14 +276,18 @@ def event_stream(events: AsyncIterator[str], stream: TokenStream) -> StreamingRe
 
 async def start_generation(request: Request, generate: llm_pb2.GenerateRequest, endpoint: str) -> TokenStream:
     gateway = gateway_of(request)
-    # A request the language service cannot receive would come back as RESOURCE_EXHAUSTED, a 429 that clients
-    # retry forever: it is too large, whenever it is sent.
-    limit = (await gateway.model_info()).max_request_bytes
-    if limit and (size := generate.ByteSize()) > limit:
-        raise PayloadTooLarge(f"the request is {size} bytes with its images; the language service takes at most "
-                              f"{limit}")
+    await refuse_if_too_large(gateway, generate)
     stream = await until_disconnected(request, gateway.llm.generate(generate, gateway.config.request_timeout_s))
     # Sent: the body, images and message die with the caller's frame; only the request's slot stays held.
     request.state.work.release_bytes()
     gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
     return stream
+
+
+async def refuse_if_too_large(gateway: "Gateway", message) -> None:
+    # A request the language service cannot receive would come back as RESOURCE_EXHAUSTED, a 429 that clients
+    # retry forever: it is too large, whenever it is sent.
+    limit = (await gateway.model_info()).max_request_bytes
+    if limit and (size := message.ByteSize()) > limit:
+        raise PayloadTooLarge(f"the request is {size} bytes with its images; the language service takes at most "
+                              f"{limit}")

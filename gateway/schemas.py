@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from google.protobuf.descriptor import FieldDescriptor
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.structured_outputs import ResponseFormatField, StructuredOutputs
 from protos import llm_pb2
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ def proto_range(message: type, field: str, ge: int | None = None, le: int | None
 
 
 _SAMPLING = llm_pb2.SamplingParams
+# OpenAI's bound on n, which llm_svc applies too.
+MAX_COMPLETIONS = 128
 CHAT, COMPLETION = "chat", "completion"
 
 
@@ -73,7 +76,7 @@ _EMPTY = Refused((None, [], {}))
 # Every request field of vLLM's ChatCompletionRequest and CompletionRequest (and OpenAI's) that these models do
 # not implement, with the decision taken on it. A field implemented end to end is a field of the models below.
 UNIMPLEMENTED_FIELDS: dict[str, Refused | Ignored] = {
-    # Several completions (`n` is a field of the models, bounded to 1), beam search, and what only they use.
+    # Beam search, and what only it uses.
     "best_of": Refused((None, 1)),
     "use_beam_search": _OFF,
     "length_penalty": Ignored("used by beam search only, which is refused"),
@@ -83,8 +86,6 @@ UNIMPLEMENTED_FIELDS: dict[str, Refused | Ignored] = {
     "parallel_tool_calls": Ignored("has an effect only with tools, which are refused"),
     "functions": _EMPTY,
     "function_call": Refused((None, "none", "auto")),
-    "response_format": Refused((None, {"type": "text"})),
-    "structured_outputs": _PLANNED,
     # vLLM's removed guided-decoding fields: its server ignores them with a warning, and the output is not
     # constrained. A silent drop that changes the answer: refused here.
     **{name: _PLANNED for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
@@ -94,9 +95,7 @@ UNIMPLEMENTED_FIELDS: dict[str, Refused | Ignored] = {
     "thinking_token_budget": Refused((None, -1)),
     "include_reasoning": Refused((None, True)),
     # Prompt forms and prompt-side outputs.
-    "echo": _OFF,
     "suffix": Refused((None, "")),
-    "prompt_logprobs": _PLANNED,
     "prompt_embeds": _PLANNED,
     "truncate_prompt_tokens": _PLANNED,
     "truncation_side": Ignored("has an effect only with truncate_prompt_tokens, which is refused"),
@@ -237,7 +236,24 @@ class _Sampling(_Base):
     # Unset: vLLM's default, true.
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    n: int = Field(1, ge=1, le=1, description="only one completion per request is supported")
+    # Several completions of one prompt: vLLM's parallel sampling, one engine request.
+    n: int = Field(1, ge=1, le=MAX_COMPLETIONS)
+    # The prompt's log-probabilities, returned as vLLM's `prompt_logprobs`; -1: the whole vocabulary.
+    prompt_logprobs: int | None = Field(None, **proto_range(_SAMPLING, "prompt_logprobs", ge=-1))
+    # Completions: the prompt before each choice's text (and its tokens before the logprobs); chat: the last
+    # message before the answer, where it is of the answer's role.
+    echo: bool | None = False
+    # Constrained decoding through vLLM's structured-output backends; response_format is written over
+    # structured_outputs, as vLLM does (gateway/structured_outputs.py).
+    response_format: ResponseFormatField | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_need_a_whole_answer(self):
+        # vLLM's check, with its message (prompt_logprobs 0 passes it, and streams nothing of them).
+        if self.stream and self.prompt_logprobs is not None and self.prompt_logprobs != 0:
+            raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
+        return self
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -269,23 +285,29 @@ class ChatCompletionRequest(_Sampling):
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
+PromptTokenIds = Annotated[list[Annotated[int, Field(**proto_range(llm_pb2.PromptTokens, "token_ids"))]],
+                           Field(min_length=1)]
+
+
 class CompletionRequest(_Sampling):
     endpoint: ClassVar[str] = COMPLETION
-    # A list is accepted only with one prompt: one request is one generation.
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # vLLM's four forms: text, token ids, and a list of either. A list is accepted with one prompt only (several
+    # are refused by name), and validation leaves that one: text or token ids.
+    prompt: str | PromptTokenIds | list[str] | list[PromptTokenIds]
     logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(COMPLETION_DEFAULT_MAX_TOKENS, **proto_range(_SAMPLING, "max_tokens", ge=1))
 
-    @field_validator("prompt", mode="before")
+    @field_validator("prompt")
     @classmethod
-    def _refuse_token_ids(cls, prompt):
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
-            raise ValueError("'prompt' as token ids is not supported by this server (send the text)")
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) > 1:
+                raise ValueError(f"'prompt' with {len(prompt)} prompts is not supported by this server (send one "
+                                 "request per prompt)")
+            return prompt[0]
+        if not prompt and isinstance(prompt, list):
+            raise ValueError("'prompt' must not be empty")
         return prompt
-
-    @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     @property
     def requested_max_tokens(self) -> int | None:

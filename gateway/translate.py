@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
+from gateway.structured_outputs import structured_outputs_to_proto
 from protos import llm_pb2
 from protos.errors import InvalidInput
 
@@ -27,7 +28,7 @@ class ResponseMeta:
 
 
 def sampling_params(request: ChatCompletionRequest | CompletionRequest, max_tokens_limit: int,
-                    top_logprobs: int | None) -> llm_pb2.SamplingParams:
+                    top_logprobs: int | None, prompt_logprobs: int | None = None) -> llm_pb2.SamplingParams:
     max_tokens = request.requested_max_tokens
     if max_tokens is not None and max_tokens > max_tokens_limit:
         raise InvalidInput(f"max_tokens={max_tokens} is above this server's limit of {max_tokens_limit}")
@@ -36,8 +37,10 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, max_toke
                   min_p=request.min_p, max_tokens=max_tokens, seed=request.seed,
                   presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                   repetition_penalty=request.repetition_penalty, logprobs=top_logprobs, n=request.n,
+                  prompt_logprobs=prompt_logprobs,
                   skip_special_tokens=request.skip_special_tokens,
-                  spaces_between_special_tokens=request.spaces_between_special_tokens)
+                  spaces_between_special_tokens=request.spaces_between_special_tokens,
+                  structured_outputs=structured_outputs_to_proto(request.structured_outputs, request.response_format))
     # Unset fields stay unset on the wire, so llm_svc applies vLLM's defaults.
     return llm_pb2.SamplingParams(
         stop=stop, stop_token_ids=request.stop_token_ids or [], ignore_eos=request.ignore_eos,
@@ -75,16 +78,43 @@ def chat_to_proto(request: ChatCompletionRequest, images: list[bytes]) -> llm_pb
 def chat_generate_request(request: ChatCompletionRequest, images: list[bytes], request_id: str,
                           max_tokens_limit: int) -> llm_pb2.GenerateRequest:
     top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    # As vLLM: echo asks for the prompt's log-probabilities too, top_logprobs of them (0 when absent).
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is None and request.echo:
+        prompt_logprobs = request.top_logprobs or 0
     tiles = request.mm_processor_kwargs.max_dynamic_patch if request.mm_processor_kwargs else None
     return llm_pb2.GenerateRequest(request_id=request_id, chat=chat_to_proto(request, images),
-                                   sampling=sampling_params(request, max_tokens_limit, top_logprobs),
+                                   sampling=sampling_params(request, max_tokens_limit, top_logprobs,
+                                                            prompt_logprobs),
                                    max_tiles=tiles or 0)
 
 
 def completion_generate_request(request: CompletionRequest, request_id: str,
                                 max_tokens_limit: int) -> llm_pb2.GenerateRequest:
-    return llm_pb2.GenerateRequest(request_id=request_id, prompt=request.prompt_text,
-                                   sampling=sampling_params(request, max_tokens_limit, request.logprobs))
+    # As vLLM: echo with logprobs asks for the prompt's log-probabilities, to show them before the answer's.
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is None and request.echo:
+        prompt_logprobs = request.logprobs
+    prompt = ({"prompt": request.prompt} if isinstance(request.prompt, str)
+              else {"prompt_tokens": llm_pb2.PromptTokens(token_ids=request.prompt)})
+    return llm_pb2.GenerateRequest(request_id=request_id, **prompt, return_prompt_text=bool(request.echo),
+                                   sampling=sampling_params(request, max_tokens_limit, request.logprobs,
+                                                            prompt_logprobs))
+
+
+def response_role(request: ChatCompletionRequest) -> str:
+    """The role vLLM gives the answer: the assistant's, or, without a generation prompt, the last message's."""
+    return "assistant" if request.add_generation_prompt else request.messages[-1].role
+
+
+def chat_echo_text(request: ChatCompletionRequest) -> str:
+    """What vLLM's chat `echo` puts before each answer: the last message's text, where it has the answer's role."""
+    last = request.messages[-1]
+    if not request.echo or last.role != response_role(request) or not last.content:
+        return ""
+    if isinstance(last.content, str):
+        return last.content
+    return "\n".join(part.text for part in last.content if isinstance(part, TextPart))
 
 
 def usage_json(usage: llm_pb2.Usage) -> dict:
@@ -101,6 +131,14 @@ def _stop_reason(response: llm_pb2.GenerateResponse) -> str | None:
     return response.stop_reason or None
 
 
+# vLLM's stand-in for -inf, which JSON cannot carry.
+LOWEST_LOGPROB = -9999.0
+
+
+def _clamped(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
 def _token_json(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
@@ -111,27 +149,80 @@ def chat_logprobs(response: llm_pb2.GenerateResponse) -> list[dict]:
             for lp in response.logprobs]
 
 
-def completion_logprobs(responses: list[llm_pb2.GenerateResponse], text_offset: int) -> dict:
+# One token of the legacy completions logprobs: its text, its log-probability and its top alternatives by text
+# (both None for a prompt's first token).
+CompletionToken = tuple[str, float | None, dict[str, float] | None]
+
+
+def _completion_top(token_id: int, token: str, logprob: float, top, limit: int | None = None) -> dict[str, float]:
+    """As vLLM lists them: the token itself first, then the alternatives best first, `limit` entries at most."""
+    ranked = [(token, logprob), *((t.token, t.logprob) for t in top if t.token_id != token_id)]
+    return {text: _clamped(value) for text, value in ranked[:limit]}
+
+
+def generated_tokens(response: llm_pb2.GenerateResponse) -> list[CompletionToken]:
+    return [(lp.token, _clamped(lp.logprob), _completion_top(lp.token_id, lp.token, lp.logprob, lp.top))
+            for lp in response.logprobs]
+
+
+def echoed_prompt_tokens(prompt_logprobs, top_logprobs: int) -> list[CompletionToken]:
+    """The prompt's tokens as `echo` shows them before the answer's, `top_logprobs` alternatives each."""
+    return [(p.token, None, None) if not p.HasField("logprob") else
+            (p.token, _clamped(p.logprob), _completion_top(p.token_id, p.token, p.logprob, p.top, top_logprobs + 1))
+            for p in prompt_logprobs]
+
+
+def completion_logprobs(tokens: list[CompletionToken], text_offset: int) -> dict:
     """The legacy completions logprobs object; `text_offset` is where these tokens start in the whole text."""
-    tokens, offsets, logprobs, tops = [], [], [], []
-    for lp in (lp for r in responses for lp in r.logprobs):
-        tokens.append(lp.token)
+    offsets = []
+    for token, _, _ in tokens:
         offsets.append(text_offset)
-        text_offset += len(lp.token)
-        logprobs.append(lp.logprob)
-        tops.append({t.token: t.logprob for t in lp.top})
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+        text_offset += len(token)
+    return {"tokens": [t[0] for t in tokens], "token_logprobs": [t[1] for t in tokens],
+            "top_logprobs": [t[2] for t in tokens], "text_offset": offsets}
+
+
+def prompt_logprobs_json(prompt_logprobs) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, then {token id: {logprob, rank,
+    decoded_token}} for the prompt token and the most likely tokens at its position."""
+    out = []
+    for p in prompt_logprobs:
+        if not p.HasField("logprob"):
+            out.append(None)
+            continue
+        entries = {str(p.token_id): {"logprob": _clamped(p.logprob), "rank": p.rank, "decoded_token": p.token}}
+        for rank, t in enumerate(p.top, start=1):
+            entries.setdefault(str(t.token_id), {"logprob": _clamped(t.logprob), "rank": rank,
+                                                 "decoded_token": t.token})
+        out.append(entries)
+    return out
+
+
+def by_choice(responses: list[llm_pb2.GenerateResponse]) -> list[list[llm_pb2.GenerateResponse]]:
+    """The messages of each choice, in index order."""
+    choices: dict[int, list] = {}
+    for response in responses:
+        choices.setdefault(response.index, []).append(response)
+    return [choices[index] for index in sorted(choices)]
 
 
 def _chunk(meta: ResponseMeta, obj: str, choices: list[dict]) -> dict:
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model, "choices": choices}
 
 
-def chat_role_chunk(meta: ResponseMeta) -> dict:
-    """The first chunk of a chat stream, as OpenAI and vLLM send it: the role and empty content."""
-    delta = {"role": "assistant", "content": ""}
+def chat_role_chunk(meta: ResponseMeta, index: int = 0, role: str = "assistant") -> dict:
+    """The first chunk of each choice of a chat stream, as OpenAI and vLLM send it: the role and empty content."""
+    delta = {"role": role, "content": ""}
     return _chunk(meta, "chat.completion.chunk",
-                  [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+                  [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+
+def chat_first_chunks(meta: ResponseMeta, n: int, role: str, echo_text: str) -> list[dict]:
+    """What a chat stream sends before any token, as vLLM does: each choice's role, then each choice's echo."""
+    roles = [chat_role_chunk(meta, i, role) for i in range(n)]
+    echoes = [_chunk(meta, "chat.completion.chunk", [{"index": i, "delta": {"content": echo_text}, "logprobs": None,
+                                                      "finish_reason": None}]) for i in range(n)]
+    return roles + (echoes if echo_text else [])
 
 
 def chat_chunk(response: llm_pb2.GenerateResponse, meta: ResponseMeta, with_logprobs: bool) -> dict | None:
@@ -139,7 +230,7 @@ def chat_chunk(response: llm_pb2.GenerateResponse, meta: ResponseMeta, with_logp
     reason = finish_reason(response)
     if not response.text and reason is None and not response.logprobs:
         return None
-    choice = {"index": 0, "delta": {"content": response.text} if response.text else {},
+    choice = {"index": response.index, "delta": {"content": response.text} if response.text else {},
               "logprobs": {"content": chat_logprobs(response)} if with_logprobs else None,
               "finish_reason": reason}
     if reason is not None:
@@ -152,30 +243,64 @@ def usage_chunk(meta: ResponseMeta, obj: str, usage: llm_pb2.Usage) -> dict:
     return {**_chunk(meta, obj, []), "usage": usage_json(usage)}
 
 
-def chat_completion(responses: list[llm_pb2.GenerateResponse], meta: ResponseMeta, with_logprobs: bool) -> dict:
+def _chat_choice(responses: list[llm_pb2.GenerateResponse], with_logprobs: bool, role: str, echo_text: str) -> dict:
     last = responses[-1]
-    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(r.text for r in responses)},
-              "logprobs": {"content": [e for r in responses for e in chat_logprobs(r)]} if with_logprobs else None,
-              "finish_reason": finish_reason(last), "stop_reason": _stop_reason(last)}
-    return {**_chunk(meta, "chat.completion", [choice]), "usage": usage_json(last.usage)}
+    return {"index": last.index, "message": {"role": role, "content": echo_text + "".join(r.text for r in responses)},
+            "logprobs": {"content": [e for r in responses for e in chat_logprobs(r)]} if with_logprobs else None,
+            "finish_reason": finish_reason(last), "stop_reason": _stop_reason(last)}
+
+
+def chat_completion(responses: list[llm_pb2.GenerateResponse], meta: ResponseMeta, with_logprobs: bool,
+                    role: str = "assistant", echo_text: str = "") -> dict:
+    choices = [_chat_choice(messages, with_logprobs, role, echo_text) for messages in by_choice(responses)]
+    body = {**_chunk(meta, "chat.completion", choices), "usage": usage_json(responses[-1].usage)}
+    if responses[0].prompt_logprobs:
+        body["prompt_logprobs"] = prompt_logprobs_json(responses[0].prompt_logprobs)
+    return body
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEcho:
+    """What `echo` puts before a completion's text and tokens: the prompt, from the stream's first message."""
+
+    text: str
+    tokens: list[CompletionToken]
+
+    @classmethod
+    def of(cls, first: llm_pb2.GenerateResponse, top_logprobs: int | None) -> "PromptEcho":
+        return cls(first.prompt_text, echoed_prompt_tokens(first.prompt_logprobs, top_logprobs or 0))
 
 
 def completion_chunk(response: llm_pb2.GenerateResponse, meta: ResponseMeta, with_logprobs: bool,
-                     text_offset: int) -> dict | None:
+                     text_offset: int, echo: PromptEcho | None = None) -> dict | None:
+    """One message as a chunk of its choice; `echo` on the choice's first, which then shows the prompt first."""
     reason = finish_reason(response)
-    if not response.text and reason is None and not response.logprobs:
+    if not response.text and reason is None and not response.logprobs and echo is None:
         return None
-    choice = {"index": 0, "text": response.text,
-              "logprobs": completion_logprobs([response], text_offset) if with_logprobs else None,
+    tokens = (echo.tokens if echo else []) + generated_tokens(response)
+    choice = {"index": response.index, "text": (echo.text if echo else "") + response.text,
+              "logprobs": completion_logprobs(tokens, text_offset) if with_logprobs else None,
               "finish_reason": reason}
     if reason is not None:
         choice["stop_reason"] = _stop_reason(response)
     return _chunk(meta, "text_completion", [choice])
 
 
-def completion(responses: list[llm_pb2.GenerateResponse], meta: ResponseMeta, with_logprobs: bool) -> dict:
+def _completion_choice(responses: list[llm_pb2.GenerateResponse], with_logprobs: bool, echo: PromptEcho | None,
+                       prompt_logprobs: list | None) -> dict:
     last = responses[-1]
-    choice = {"index": 0, "text": "".join(r.text for r in responses),
-              "logprobs": completion_logprobs(responses, 0) if with_logprobs else None,
+    tokens = (echo.tokens if echo else []) + [t for r in responses for t in generated_tokens(r)]
+    choice = {"index": last.index, "text": (echo.text if echo else "") + "".join(r.text for r in responses),
+              "logprobs": completion_logprobs(tokens, 0) if with_logprobs else None,
               "finish_reason": finish_reason(last), "stop_reason": _stop_reason(last)}
-    return {**_chunk(meta, "text_completion", [choice]), "usage": usage_json(last.usage)}
+    if prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs
+    return choice
+
+
+def completion(responses: list[llm_pb2.GenerateResponse], meta: ResponseMeta, with_logprobs: bool,
+               echo: PromptEcho | None = None) -> dict:
+    """vLLM repeats the prompt's log-probabilities in every choice."""
+    prompt_logprobs = prompt_logprobs_json(responses[0].prompt_logprobs) if responses[0].prompt_logprobs else None
+    choices = [_completion_choice(messages, with_logprobs, echo, prompt_logprobs) for messages in by_choice(responses)]
+    return {**_chunk(meta, "text_completion", choices), "usage": usage_json(responses[-1].usage)}

@@ -13,6 +13,7 @@ from vllm.exceptions import VLLMClientError
 
 from llm_svc.image_tokens import ImageTokenCounter, ImageTokens
 from llm_svc.vision_client import ImageBlob
+from llm_svc.vllm_messages import client_message
 from protos.errors import InvalidInput
 
 
@@ -31,17 +32,28 @@ class AdmissionCheck:
         """The prompt's length as the engine will count it; raises InvalidInput with vLLM's message where
         the engine would refuse the request."""
         counts = self._counter.count(images, max_tiles)
-        # [tokens, hidden] views of one element: vLLM reads their length, never their values.
-        stand_ins = [torch.zeros(1, 1).expand(c.tokens, self._hidden_size) for c in counts]
-        prompt = {"prompt": text, "multi_modal_data": {"image": stand_ins},
-                  # Names of their own, so that no cache could ever mistake a stand-in for an image.
-                  "multi_modal_uuids": {"image": [f"{request_id}-admission-{i}" for i in range(len(counts))]}}
         try:
-            (engine_input,) = await self._renderer.render_cmpl_async([prompt])
+            engine_input = await self.expand(request_id, text, counts)
             self._input_processor.process_inputs(request_id, engine_input, sampling, self._supported_tasks)
         except (VLLMClientError, ValueError) as error:
-            raise InvalidInput(str(error) + _lower_bound_note(counts)) from error
+            raise InvalidInput(client_message(error) + _lower_bound_note(counts)) from error
         return len(engine_input["prompt_token_ids"])
+
+    def count(self, images: list[ImageBlob], max_tiles: int) -> list[ImageTokens]:
+        return self._counter.count(images, max_tiles)
+
+    async def expand(self, request_id: str, text: str, counts: list[ImageTokens], tok_params=None) -> dict:
+        """The engine's input for `text`, each image placeholder expanded to its image's `counts[i].tokens`, by
+        vLLM's renderer (`tok_params`: a `vllm.renderers.TokenizeParams`, or None for the engine's defaults)."""
+        prompt = {"prompt": text}
+        if counts:
+            # [tokens, hidden] views of one element: vLLM reads their length, never their values.
+            prompt["multi_modal_data"] = {"image": [torch.zeros(1, 1).expand(c.tokens, self._hidden_size)
+                                                    for c in counts]}
+            # Names of their own, so that no cache could ever mistake a stand-in for an image.
+            prompt["multi_modal_uuids"] = {"image": [f"{request_id}-admission-{i}" for i in range(len(counts))]}
+        (engine_input,) = await self._renderer.render_cmpl_async([prompt], tok_params)
+        return engine_input
 
 
 def _lower_bound_note(counts: list[ImageTokens]) -> str:

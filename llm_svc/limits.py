@@ -10,6 +10,7 @@ import dataclasses
 
 from llm_svc.config import LlmConfig
 from protos import tensors, vision_pb2
+from protos.errors import InvalidInput
 
 # What an Encode request carries besides image bytes: request id, options, the framing of each image.
 ENCODE_OVERHEAD_BYTES = 64 << 10
@@ -50,6 +51,15 @@ class RequestLimits:
                    max_embedding_bytes=config.max_embedding_bytes, vision_timeout_s=config.vision_timeout_s,
                    max_requests_in_flight=config.max_requests_in_flight,
                    max_bytes_in_flight=config.max_bytes_in_flight)
+
+    def check_images(self, images: list) -> None:
+        """Refuses more images, or more image bytes, than one request may carry (`images`: `ImageBlob`s)."""
+        if len(images) > self.max_images_per_request:
+            raise InvalidInput(f"{len(images)} images in one request; the limit is {self.max_images_per_request}")
+        image_bytes = sum(len(image.data) for image in images if image.data)
+        if image_bytes > self.max_image_bytes_per_request:
+            raise InvalidInput(f"the images of this request are {image_bytes} bytes together; the vision stage "
+                               f"takes at most {self.max_image_bytes_per_request} per request")
 
 
 def largest_request_bytes(config: LlmConfig, vision: vision_pb2.GetInfoResponse, dims: ModelDimensions) -> int:

@@ -105,8 +105,13 @@ class PromptRenderer:
             return prompt["prompt"]
         return self._renderer.get_tokenizer().decode(prompt["prompt_token_ids"])
 
+    def decode(self, token_ids: list[int]) -> str:
+        """A token-id prompt's text, as vLLM's server decodes it to echo it (special tokens kept)."""
+        return self._renderer.get_tokenizer().decode(token_ids)
+
     async def engine_input(self, prompt: dict) -> dict:
-        """Tokenizes `{"prompt", "multi_modal_data", "multi_modal_uuids"}` and expands its image placeholders
+        """Tokenizes `{"prompt", "multi_modal_data", "multi_modal_uuids"}` (or takes `{"prompt_token_ids"}` as they
+        are) and expands its image placeholders
         into what the engine takes; refuses prompts over the context with vLLM's own message."""
         (engine_input,) = await self._renderer.render_cmpl_async([prompt])
         return engine_input

@@ -10,10 +10,13 @@ import math
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
+from llm_svc.structured_outputs import structured_outputs_from_pb
 from protos import llm_pb2
 from protos.errors import InvalidInput
 
 MAX_STOP_STRINGS = 16
+# OpenAI's own bound on n: each completion is a sequence of its own in the engine.
+MAX_COMPLETIONS = 128
 MAX_LOGPROBS = 20
 # vLLM's own limit on bad words (VLLM_MAX_NUM_BAD_WORDS counts their tokenizations; this, the words).
 MAX_BAD_WORDS = 128
@@ -31,7 +34,8 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _check_ranges(p: llm_pb2.SamplingParams, max_model_len: int) -> None:
-    _check(not p.HasField("n") or p.n == 1, f"n={p.n}: only n=1 is supported")
+    if p.HasField("n"):
+        _check(1 <= p.n <= MAX_COMPLETIONS, f"n={p.n} must be in [1, {MAX_COMPLETIONS}]")
     if p.HasField("temperature"):
         _check(0.0 <= p.temperature <= 2.0, f"temperature={p.temperature:g} must be in [0, 2]")
     if p.HasField("top_p"):
@@ -52,6 +56,9 @@ def _check_ranges(p: llm_pb2.SamplingParams, max_model_len: int) -> None:
            f"min_tokens={p.min_tokens} must be at most max_tokens (or the context length, {max_model_len})")
     if p.HasField("logprobs"):
         _check(p.logprobs <= MAX_LOGPROBS, f"logprobs={p.logprobs}: at most {MAX_LOGPROBS} alternatives")
+    # Above the limit (-1 included: the whole vocabulary) vLLM's engine refuses it with its own message.
+    if p.HasField("prompt_logprobs"):
+        _check(p.prompt_logprobs >= -1, "`prompt_logprobs` must be a positive value or -1.")
 
 
 def _check_lists(p: llm_pb2.SamplingParams) -> None:
@@ -82,7 +89,7 @@ def to_sampling_params(p: llm_pb2.SamplingParams, max_model_len: int) -> Samplin
     _check_ranges(p, max_model_len)
     _check_lists(p)
     return SamplingParams(
-        n=1,
+        n=_optional(p, "n", 1),
         temperature=_optional(p, "temperature", 1.0),
         top_p=_optional(p, "top_p", 1.0),
         top_k=_optional(p, "top_k", 0),
@@ -97,12 +104,15 @@ def to_sampling_params(p: llm_pb2.SamplingParams, max_model_len: int) -> Samplin
         max_tokens=_optional(p, "max_tokens", None),
         min_tokens=p.min_tokens,
         logprobs=_optional(p, "logprobs", None),
+        prompt_logprobs=_optional(p, "prompt_logprobs", None),
         bad_words=list(p.bad_words) or None,
         allowed_token_ids=list(p.allowed_token_ids) or None,
         logit_bias=_clamped_logit_bias(p),
         include_stop_str_in_output=p.include_stop_str_in_output,
         skip_special_tokens=_optional(p, "skip_special_tokens", True),
         spaces_between_special_tokens=_optional(p, "spaces_between_special_tokens", True),
+        structured_outputs=(structured_outputs_from_pb(p.structured_outputs)
+                            if p.HasField("structured_outputs") else None),
         # Deltas, not the cumulative text: each stream message carries only what is new.
         output_kind=RequestOutputKind.DELTA,
     )

@@ -4,6 +4,7 @@ import asyncio
 import logging
 
 import torch
+import vllm
 from prometheus_client import start_http_server
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -16,8 +17,9 @@ from llm_svc.limits import ModelDimensions, RequestLimits, check_work_limit
 from llm_svc.prompts import ImageRef, Message, PromptRenderer
 from llm_svc.service import LanguageService
 from llm_svc.servicer import LanguageModelServicer
+from llm_svc.tokenization import TokenizationService
 from llm_svc.vision_client import VisionClient
-from protos import llm_pb2, llm_pb2_grpc
+from protos import llm_pb2, llm_pb2_grpc, server_version
 from protos.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,10 @@ class LlmServer:
         self.grpc = GrpcServer(self.config.host, self.config.port, self.config.max_message_bytes,
                                self.config.grace_s, tls=self.config.tls, auth_token=self.config.auth_token,
                                reflection=self.config.reflection, health_port=self.config.health_port)
+        tokenization = TokenizationService(self.engine.renderer, self.service.renderer, admission, limits)
+        version = llm_pb2.GetVersionResponse(vllm_version=vllm.__version__, server_version=server_version())
         self.grpc.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server,
-                              LanguageModelServicer(self.service, model_info), SERVICE_NAME)
+                              LanguageModelServicer(self.service, model_info, tokenization, version), SERVICE_NAME)
         port = await self.grpc.start()
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, addr=self.config.host)

@@ -26,6 +26,7 @@ from llm_svc.admission import AdmissionCheck
 from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.prompts import ChatOptions, Message, PromptRenderer
 from llm_svc.vision_client import ImageBlob, VisionClient
+from llm_svc.vllm_messages import client_message
 from protos.errors import InternalError, InvalidInput, Overloaded, ServingError, Unavailable
 from protos.work_limits import AdmittedWork, WorkLimit
 
@@ -36,11 +37,13 @@ log = logging.getLogger(__name__)
 class GenerateInput:
     request_id: str
     messages: list[Message] | None  # a chat, or
-    prompt: str | None  # a raw prompt
+    prompt: str | None  # a raw prompt, or (with both None)
     images: list[ImageBlob]  # in the order their placeholders appear
     sampling: object  # vllm.SamplingParams
     max_tiles: int
     chat_options: ChatOptions = dataclasses.field(default_factory=ChatOptions)  # how a chat is rendered
+    prompt_token_ids: list[int] | None = None  # a prompt already tokenized
+    return_prompt_text: bool = False  # the first delta carries the prompt as text
 
 
 @dataclasses.dataclass
@@ -53,7 +56,11 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    timings: dict[str, float] | None = None
+    timings: dict[str, float] | None = None  # set on the stream's last delta only, with the usage
+    index: int = 0  # which of the request's n completions
+    prompt_logprobs: list | None = None  # vLLM's, one entry per prompt token (None for the first)
+    prompt_token_ids: list[int] | None = None  # with prompt_logprobs
+    prompt_text: str | None = None
 
 
 class LanguageService:
@@ -85,13 +92,7 @@ class LanguageService:
         """The request's deltas; `work` (from `admit`, released by the caller) holds its embeddings' bytes too."""
         if request.request_id in self._running:
             raise InvalidInput(f"request id {request.request_id!r} is already running")
-        if len(request.images) > self.limits.max_images_per_request:
-            raise InvalidInput(f"{len(request.images)} images in one request; the limit is "
-                               f"{self.limits.max_images_per_request}")
-        image_bytes = sum(len(image.data) for image in request.images if image.data)
-        if image_bytes > self.limits.max_image_bytes_per_request:
-            raise InvalidInput(f"the images of this request are {image_bytes} bytes together; the vision stage "
-                               f"takes at most {self.limits.max_image_bytes_per_request} per request")
+        self.limits.check_images(request.images)
         started = time.perf_counter()
         self._running[request.request_id] = False
         try:
@@ -100,17 +101,24 @@ class LanguageService:
             embeddings = await self._embeddings(request, text, work) if request.images else []
             vision_s = time.perf_counter() - started
             if self._running[request.request_id]:  # aborted while its images were being encoded
-                yield _aborted_before_the_engine(vision_s)
+                for delta in _aborted_before_the_engine(vision_s, request.sampling.n):
+                    yield delta
                 return
-            prompt = {"prompt": text}
+            prompt = {"prompt": text} if text is not None else {"prompt_token_ids": request.prompt_token_ids}
             if embeddings:
                 metrics.VISION_SECONDS.observe(vision_s)
                 prompt["multi_modal_data"] = {"image": embeddings}
                 prompt["multi_modal_uuids"] = {"image": [img.content_hash for img in request.images]}
+            prompt_text = self._prompt_text(request, text) if request.return_prompt_text else None
             async for delta in self._stream(request, prompt, started, vision_s):
+                # The prompt's extras ride on the stream's first delta.
+                delta.prompt_text, prompt_text = prompt_text, None
                 yield delta
         finally:
             self._running.pop(request.request_id, None)
+
+    def _prompt_text(self, request: GenerateInput, text: str | None) -> str:
+        return text if text is not None else self.renderer.decode(request.prompt_token_ids)
 
     async def _embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[torch.Tensor]:
         # Before the vision call: a request that the engine would refuse costs the vision stage nothing.
@@ -133,31 +141,41 @@ class LanguageService:
         try:
             engine_input = await self.renderer.engine_input(prompt)
             if self._running[request.request_id]:  # aborted while the prompt was being rendered
-                yield _aborted_before_the_engine(vision_s)
+                for delta in _aborted_before_the_engine(vision_s, request.sampling.n):
+                    yield delta
                 return
+            prompt_logprobs_sent = False
             async for output in self._engine.generate(engine_input, request.sampling, request.request_id):
                 if self._running[request.request_id] and not output.finished:
                     # An Abort that came while the engine was admitting the request found no request to abort.
                     await self._engine.abort(request.request_id)
                     continue
-                completion = output.outputs[0]
-                completion_tokens += len(completion.token_ids)
-                if first_token_s is None and completion.token_ids:
-                    first_token_s = time.perf_counter() - started
-                    metrics.TTFT_SECONDS.observe(first_token_s)
-                delta = Delta(completion.text, list(completion.token_ids), completion.logprobs)
-                if output.finished:
-                    total_s = time.perf_counter() - started
-                    delta.finish_reason = completion.finish_reason
-                    delta.stop_reason = completion.stop_reason
-                    delta.prompt_tokens = len(output.prompt_token_ids or ())
-                    delta.completion_tokens = completion_tokens
-                    delta.cached_tokens = output.num_cached_tokens or 0
-                    delta.timings = {"vision_s": vision_s, "queue_s": _queue_seconds(output),
-                                     "first_token_s": first_token_s or total_s, "total_s": total_s}
-                    metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
-                metrics.COMPLETION_TOKENS.inc(len(completion.token_ids))
-                yield delta
+                # With n > 1 each output carries the completions that advanced; `output.finished` only once all
+                # of them have, on the last one.
+                for position, completion in enumerate(output.outputs):
+                    completion_tokens += len(completion.token_ids)
+                    if first_token_s is None and completion.token_ids:
+                        first_token_s = time.perf_counter() - started
+                        metrics.TTFT_SECONDS.observe(first_token_s)
+                    delta = Delta(completion.text, list(completion.token_ids), completion.logprobs,
+                                  index=completion.index)
+                    if completion.finished():
+                        delta.finish_reason = completion.finish_reason
+                        delta.stop_reason = completion.stop_reason
+                    if output.prompt_logprobs and not prompt_logprobs_sent:
+                        # Every completion computes the prompt's; one copy is enough.
+                        delta.prompt_logprobs, delta.prompt_token_ids = output.prompt_logprobs, output.prompt_token_ids
+                        prompt_logprobs_sent = True
+                    if output.finished and position == len(output.outputs) - 1:
+                        total_s = time.perf_counter() - started
+                        delta.prompt_tokens = len(output.prompt_token_ids or ())
+                        delta.completion_tokens = completion_tokens
+                        delta.cached_tokens = output.num_cached_tokens or 0
+                        delta.timings = {"vision_s": vision_s, "queue_s": _queue_seconds(output),
+                                         "first_token_s": first_token_s or total_s, "total_s": total_s}
+                        metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
+                    metrics.COMPLETION_TOKENS.inc(len(completion.token_ids))
+                    yield delta
         except ServingError:
             raise
         except EngineDeadError as error:
@@ -166,12 +184,14 @@ class LanguageService:
             raise (Unavailable if error.http_status == HTTPStatus.SERVICE_UNAVAILABLE else Overloaded)(
                 error.message) from error
         except (VLLMClientError, ValueError) as error:  # vLLM's validation: prompt too long, bad token ids, ...
-            raise InvalidInput(str(error)) from error
+            raise InvalidInput(client_message(error)) from error
 
 
-def _aborted_before_the_engine(vision_s: float) -> Delta:
-    return Delta("", [], None, finish_reason="abort", timings={
-        "vision_s": vision_s, "queue_s": 0.0, "first_token_s": vision_s, "total_s": vision_s})
+def _aborted_before_the_engine(vision_s: float, n: int) -> list[Delta]:
+    """Each completion's end; the last carries the (empty) usage and the timings."""
+    deltas = [Delta("", [], None, finish_reason="abort", index=i) for i in range(n)]
+    deltas[-1].timings = {"vision_s": vision_s, "queue_s": 0.0, "first_token_s": vision_s, "total_s": vision_s}
+    return deltas
 
 
 def _queue_seconds(output: RequestOutput) -> float:

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import re
 import uuid
+from collections.abc import Callable
 
 from vllm.exceptions import VLLMClientError
 
@@ -12,7 +13,9 @@ from llm_svc import metrics
 from llm_svc.prompts import ImageRef, Message, chat_options_from_pb
 from llm_svc.sampling import to_sampling_params
 from llm_svc.service import Delta, GenerateInput, LanguageService
+from llm_svc.tokenization import TokenizationService, TokenizeInput, Tokens
 from llm_svc.vision_client import ImageBlob
+from llm_svc.vllm_messages import client_message
 from protos import llm_pb2, llm_pb2_grpc
 from protos.errors import InvalidInput, ServingError
 from protos.logs import request_id_var
@@ -61,11 +64,18 @@ def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int) -> Gener
     if kind == "chat":
         messages, images = chat_from_pb(request.chat)
         return GenerateInput(request_id, messages, None, images, sampling, request.max_tiles,
-                             chat_options_from_pb(request.chat))
+                             chat_options_from_pb(request.chat), return_prompt_text=request.return_prompt_text)
     if kind == "prompt":
         if not request.prompt:
             raise InvalidInput("the prompt is empty")
-        return GenerateInput(request_id, None, request.prompt, [], sampling, request.max_tiles)
+        return GenerateInput(request_id, None, request.prompt, [], sampling, request.max_tiles,
+                             return_prompt_text=request.return_prompt_text)
+    if kind == "prompt_tokens":
+        if not request.prompt_tokens.token_ids:
+            raise InvalidInput("the prompt is empty")
+        return GenerateInput(request_id, None, None, [], sampling, request.max_tiles,
+                             prompt_token_ids=list(request.prompt_tokens.token_ids),
+                             return_prompt_text=request.return_prompt_text)
     raise InvalidInput("the request has neither chat messages nor a prompt")
 
 
@@ -84,12 +94,38 @@ def _logprobs_to_pb(token_ids: list[int], logprobs: list | None, top_n: int) -> 
     return out
 
 
-def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int) -> llm_pb2.GenerateResponse:
+def _prompt_logprobs_to_pb(token_ids: list[int], logprobs: list, top_n: int,
+                           decode: Callable[[list[int]], str]) -> list[llm_pb2.PromptTokenLogprob]:
+    """vLLM gives, per prompt token, None for the first and then a dict holding the prompt token (its own rank) and
+    the `top_n` most likely (rank 1..top_n; every rank when top_n is -1)."""
+    out = []
+    for token_id, alternatives in zip(token_ids, logprobs):
+        if alternatives is None:
+            out.append(llm_pb2.PromptTokenLogprob(token_id=token_id, token=decode([token_id])))
+            continue
+        chosen = alternatives[token_id]
+        top = sorted((kv for kv in alternatives.items()
+                      if kv[1].rank is not None and (top_n < 0 or kv[1].rank <= top_n)), key=lambda kv: kv[1].rank)
+        out.append(llm_pb2.PromptTokenLogprob(
+            token_id=token_id, token=chosen.decoded_token or decode([token_id]), logprob=chosen.logprob,
+            rank=chosen.rank or 0,
+            top=[llm_pb2.TopLogprob(token_id=t, token=lp.decoded_token or "", logprob=lp.logprob) for t, lp in top]))
+    return out
+
+
+def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int, prompt_top_logprobs: int = 0,
+                decode: Callable[[list[int]], str] | None = None) -> llm_pb2.GenerateResponse:
+    """`decode` names the tokens vLLM leaves without text (the prompt's first); needed with prompt_logprobs."""
     response = llm_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
-                                        logprobs=_logprobs_to_pb(delta.token_ids, delta.logprobs, top_logprobs))
+                                        logprobs=_logprobs_to_pb(delta.token_ids, delta.logprobs, top_logprobs),
+                                        index=delta.index, prompt_text=delta.prompt_text or "")
+    if delta.prompt_logprobs:
+        response.prompt_logprobs.extend(_prompt_logprobs_to_pb(delta.prompt_token_ids, delta.prompt_logprobs,
+                                                               prompt_top_logprobs, decode))
     if delta.finish_reason is not None:
         response.finish_reason = _FINISH.get(delta.finish_reason, llm_pb2.FINISH_REASON_STOP)
         response.stop_reason = "" if delta.stop_reason is None else str(delta.stop_reason)
+    if delta.timings is not None:
         response.usage.CopyFrom(llm_pb2.Usage(prompt_tokens=delta.prompt_tokens,
                                               completion_tokens=delta.completion_tokens,
                                               cached_tokens=delta.cached_tokens))
@@ -97,10 +133,48 @@ def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int) -> llm_pb2.Gen
     return response
 
 
+def tokenize_input_from_pb(request: llm_pb2.TokenizeRequest) -> TokenizeInput:
+    request_id = request.request_id or f"tokenize-{uuid.uuid4().hex}"
+    special = request.add_special_tokens if request.HasField("add_special_tokens") else None
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        messages, images = chat_from_pb(request.chat)
+        return TokenizeInput(request_id, messages, None, images, special, request.return_token_strs,
+                             request.max_tiles, chat_options_from_pb(request.chat))
+    if kind == "prompt":
+        return TokenizeInput(request_id, None, request.prompt, [], special, request.return_token_strs,
+                             request.max_tiles)
+    raise InvalidInput("the request has neither chat messages nor a prompt")
+
+
+def tokens_to_pb(tokens: Tokens, max_model_len: int) -> llm_pb2.TokenizeResponse:
+    return llm_pb2.TokenizeResponse(token_ids=tokens.token_ids, max_model_len=max_model_len,
+                                    token_strs=tokens.token_strs or [])
+
+
 class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
-    def __init__(self, service: LanguageService, info: llm_pb2.GetModelInfoResponse):
+    def __init__(self, service: LanguageService, info: llm_pb2.GetModelInfoResponse,
+                 tokenization: TokenizationService | None = None,
+                 version: llm_pb2.GetVersionResponse | None = None):
         self._service = service
         self._info = info
+        self._tokenization = tokenization
+        self._version = version or llm_pb2.GetVersionResponse()
+
+    async def GetVersion(self, request, context):
+        return self._version
+
+    async def Tokenize(self, request: llm_pb2.TokenizeRequest, context):
+        request_id_var.set(request.request_id or "-")
+        # Admitted like a Generate request: its message holds images' bytes.
+        with self._service.admit(request.ByteSize()):
+            # Off the event loop: hashing the images' bytes.
+            tokenize_input = await asyncio.to_thread(tokenize_input_from_pb, request)
+            tokens = await self._tokenization.tokenize(tokenize_input)
+        return tokens_to_pb(tokens, self._info.max_model_len)
+
+    async def Detokenize(self, request: llm_pb2.DetokenizeRequest, context):
+        return llm_pb2.DetokenizeResponse(text=await self._tokenization.detokenize(list(request.token_ids)))
 
     async def GetModelInfo(self, request, context):
         return self._info
@@ -131,8 +205,9 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
             request_id_var.set(generate_input.request_id)
             log.info("generate: %d images", len(generate_input.images))
             async for delta in self._service.generate(generate_input, work):
-                yield delta_to_pb(generate_input.request_id, delta, request.sampling.logprobs)
+                yield delta_to_pb(generate_input.request_id, delta, request.sampling.logprobs,
+                                  request.sampling.prompt_logprobs, self._service.renderer.decode)
         except VLLMClientError as error:
             # vLLM's verdict on the request, wherever vLLM gave it (sampling parameters, chat parsing, rendering,
             # admission, the engine): the caller's input, so INVALID_ARGUMENT with vLLM's message.
-            raise InvalidInput(str(error)) from error
+            raise InvalidInput(client_message(error)) from error

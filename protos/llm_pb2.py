@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/llm.proto\x12\x0finternvl.llm.v1\"=\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"R\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.internvl.llm.v1.ImagePartH\x00\x42\x06\n\x04part\"a\n\x0b\x43hatMessage\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.internvl.llm.v1.Role\x12-\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1c.internvl.llm.v1.ContentPart\"\xb7\x01\n\x04\x43hat\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.internvl.llm.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12!\n\x19\x63hat_template_kwargs_json\x18\x04 \x01(\tB\x18\n\x16_add_generation_prompt\"\xd2\x06\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x0e\n\x01n\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x11\n\tbad_words\x18\x10 \x03(\t\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\r\x12\x42\n\nlogit_bias\x18\x12 \x03(\x0b\x32..internvl.llm.v1.SamplingParams.LogitBiasEntry\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x14 \x01(\x08H\x0b\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x15 \x01(\x08H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokens\"\xad\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.internvl.llm.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.internvl.llm.v1.SamplingParams\x12\x11\n\tmax_tiles\x18\x05 \x01(\rB\x07\n\x05input\"j\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12(\n\x03top\x18\x04 \x03(\x0b\x32\x1b.internvl.llm.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"T\n\x07Timings\x12\x10\n\x08vision_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\x95\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.internvl.llm.v1.TokenLogprob\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.internvl.llm.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12%\n\x05usage\x18\x07 \x01(\x0b\x32\x16.internvl.llm.v1.Usage\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.internvl.llm.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xa0\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x06 \x01(\x04*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x87\x02\n\rLanguageModel\x12Q\n\x08Generate\x12 .internvl.llm.v1.GenerateRequest\x1a!.internvl.llm.v1.GenerateResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.internvl.llm.v1.AbortRequest\x1a\x1e.internvl.llm.v1.AbortResponse\x12[\n\x0cGetModelInfo\x12$.internvl.llm.v1.GetModelInfoRequest\x1a%.internvl.llm.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/llm.proto\x12\x0finternvl.llm.v1\"=\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"R\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.internvl.llm.v1.ImagePartH\x00\x42\x06\n\x04part\"a\n\x0b\x43hatMessage\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.internvl.llm.v1.Role\x12-\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1c.internvl.llm.v1.ContentPart\"\xb7\x01\n\x04\x43hat\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.internvl.llm.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12!\n\x19\x63hat_template_kwargs_json\x18\x04 \x01(\tB\x18\n\x16_add_generation_prompt\"\xc4\x07\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x0e\n\x01n\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x11\n\tbad_words\x18\x10 \x03(\t\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\r\x12\x42\n\nlogit_bias\x18\x12 \x03(\x0b\x32..internvl.llm.v1.SamplingParams.LogitBiasEntry\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x14 \x01(\x08H\x0b\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x15 \x01(\x08H\x0c\x88\x01\x01\x12>\n\x12structured_outputs\x18\x16 \x01(\x0b\x32\".internvl.llm.v1.StructuredOutputs\x12\x1c\n\x0fprompt_logprobs\x18\x1a \x01(\x05H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokensB\x12\n\x10_prompt_logprobs\"\xf2\x02\n\x11StructuredOutputs\x12\x11\n\x04json\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05regex\x18\x02 \x01(\tH\x01\x88\x01\x01\x12(\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x18.internvl.llm.v1.Choices\x12\x14\n\x07grammar\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x18\n\x0bjson_object\x18\x05 \x01(\x08H\x03\x88\x01\x01\x12\x1b\n\x0estructural_tag\x18\x06 \x01(\tH\x04\x88\x01\x01\x12\x1e\n\x16\x64isable_any_whitespace\x18\x07 \x01(\x08\x12%\n\x1d\x64isable_additional_properties\x18\x08 \x01(\x08\x12\x1f\n\x12whitespace_pattern\x18\t \x01(\tH\x05\x88\x01\x01\x42\x07\n\x05_jsonB\x08\n\x06_regexB\n\n\x08_grammarB\x0e\n\x0c_json_objectB\x11\n\x0f_structural_tagB\x15\n\x13_whitespace_pattern\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x81\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.internvl.llm.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x36\n\rprompt_tokens\x18\x06 \x01(\x0b\x32\x1d.internvl.llm.v1.PromptTokensH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.internvl.llm.v1.SamplingParams\x12\x11\n\tmax_tiles\x18\x05 \x01(\r\x12\x1a\n\x12return_prompt_text\x18\x07 \x01(\x08\x42\x07\n\x05input\"!\n\x0cPromptTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"j\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12(\n\x03top\x18\x04 \x03(\x0b\x32\x1b.internvl.llm.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x8f\x01\n\x12PromptTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12(\n\x03top\x18\x05 \x03(\x0b\x32\x1b.internvl.llm.v1.TopLogprobB\n\n\x08_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"T\n\x07Timings\x12\x10\n\x08vision_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\xf7\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.internvl.llm.v1.TokenLogprob\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.internvl.llm.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12%\n\x05usage\x18\x07 \x01(\x0b\x32\x16.internvl.llm.v1.Usage\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.internvl.llm.v1.Timings\x12\r\n\x05index\x18\t \x01(\r\x12<\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32#.internvl.llm.v1.PromptTokenLogprob\x12\x13\n\x0bprompt_text\x18\x0b \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xa0\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x06 \x01(\x04\"\xcd\x01\n\x0fTokenizeRequest\x12%\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x15.internvl.llm.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x04 \x01(\x08\x12\x11\n\tmax_tiles\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05inputB\x15\n\x13_add_special_tokens\"P\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\ntoken_strs\x18\x03 \x03(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11GetVersionRequest\"B\n\x12GetVersionResponse\x12\x14\n\x0cvllm_version\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x86\x04\n\rLanguageModel\x12Q\n\x08Generate\x12 .internvl.llm.v1.GenerateRequest\x1a!.internvl.llm.v1.GenerateResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.internvl.llm.v1.AbortRequest\x1a\x1e.internvl.llm.v1.AbortResponse\x12[\n\x0cGetModelInfo\x12$.internvl.llm.v1.GetModelInfoRequest\x1a%.internvl.llm.v1.GetModelInfoResponse\x12O\n\x08Tokenize\x12 .internvl.llm.v1.TokenizeRequest\x1a!.internvl.llm.v1.TokenizeResponse\x12U\n\nDetokenize\x12\".internvl.llm.v1.DetokenizeRequest\x1a#.internvl.llm.v1.DetokenizeResponse\x12U\n\nGetVersion\x12\".internvl.llm.v1.GetVersionRequest\x1a#.internvl.llm.v1.GetVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2374
-  _globals['_ROLE']._serialized_end=2454
-  _globals['_FINISHREASON']._serialized_start=2456
-  _globals['_FINISHREASON']._serialized_end=2576
+  _globals['_ROLE']._serialized_start=3706
+  _globals['_ROLE']._serialized_end=3786
+  _globals['_FINISHREASON']._serialized_start=3788
+  _globals['_FINISHREASON']._serialized_end=3908
   _globals['_IMAGEPART']._serialized_start=37
   _globals['_IMAGEPART']._serialized_end=98
   _globals['_CONTENTPART']._serialized_start=100
@@ -46,29 +46,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAT']._serialized_start=284
   _globals['_CHAT']._serialized_end=467
   _globals['_SAMPLINGPARAMS']._serialized_start=470
-  _globals['_SAMPLINGPARAMS']._serialized_end=1320
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1059
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1107
-  _globals['_GENERATEREQUEST']._serialized_start=1323
-  _globals['_GENERATEREQUEST']._serialized_end=1496
-  _globals['_TOKENLOGPROB']._serialized_start=1498
-  _globals['_TOKENLOGPROB']._serialized_end=1604
-  _globals['_TOPLOGPROB']._serialized_start=1606
-  _globals['_TOPLOGPROB']._serialized_end=1668
-  _globals['_USAGE']._serialized_start=1670
-  _globals['_USAGE']._serialized_end=1750
-  _globals['_TIMINGS']._serialized_start=1752
-  _globals['_TIMINGS']._serialized_end=1836
-  _globals['_GENERATERESPONSE']._serialized_start=1839
-  _globals['_GENERATERESPONSE']._serialized_end=2116
-  _globals['_ABORTREQUEST']._serialized_start=2118
-  _globals['_ABORTREQUEST']._serialized_end=2152
-  _globals['_ABORTRESPONSE']._serialized_start=2154
-  _globals['_ABORTRESPONSE']._serialized_end=2186
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2188
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2209
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2212
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2372
-  _globals['_LANGUAGEMODEL']._serialized_start=2579
-  _globals['_LANGUAGEMODEL']._serialized_end=2842
+  _globals['_SAMPLINGPARAMS']._serialized_end=1434
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1153
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1201
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1437
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1807
+  _globals['_CHOICES']._serialized_start=1809
+  _globals['_CHOICES']._serialized_end=1834
+  _globals['_GENERATEREQUEST']._serialized_start=1837
+  _globals['_GENERATEREQUEST']._serialized_end=2094
+  _globals['_PROMPTTOKENS']._serialized_start=2096
+  _globals['_PROMPTTOKENS']._serialized_end=2129
+  _globals['_TOKENLOGPROB']._serialized_start=2131
+  _globals['_TOKENLOGPROB']._serialized_end=2237
+  _globals['_TOPLOGPROB']._serialized_start=2239
+  _globals['_TOPLOGPROB']._serialized_end=2301
+  _globals['_PROMPTTOKENLOGPROB']._serialized_start=2304
+  _globals['_PROMPTTOKENLOGPROB']._serialized_end=2447
+  _globals['_USAGE']._serialized_start=2449
+  _globals['_USAGE']._serialized_end=2529
+  _globals['_TIMINGS']._serialized_start=2531
+  _globals['_TIMINGS']._serialized_end=2615
+  _globals['_GENERATERESPONSE']._serialized_start=2618
+  _globals['_GENERATERESPONSE']._serialized_end=2993
+  _globals['_ABORTREQUEST']._serialized_start=2995
+  _globals['_ABORTREQUEST']._serialized_end=3029
+  _globals['_ABORTRESPONSE']._serialized_start=3031
+  _globals['_ABORTRESPONSE']._serialized_end=3063
+  _globals['_GETMODELINFOREQUEST']._serialized_start=3065
+  _globals['_GETMODELINFOREQUEST']._serialized_end=3086
+  _globals['_GETMODELINFORESPONSE']._serialized_start=3089
+  _globals['_GETMODELINFORESPONSE']._serialized_end=3249
+  _globals['_TOKENIZEREQUEST']._serialized_start=3252
+  _globals['_TOKENIZEREQUEST']._serialized_end=3457
+  _globals['_TOKENIZERESPONSE']._serialized_start=3459
+  _globals['_TOKENIZERESPONSE']._serialized_end=3539
+  _globals['_DETOKENIZEREQUEST']._serialized_start=3541
+  _globals['_DETOKENIZEREQUEST']._serialized_end=3579
+  _globals['_DETOKENIZERESPONSE']._serialized_start=3581
+  _globals['_DETOKENIZERESPONSE']._serialized_end=3615
+  _globals['_GETVERSIONREQUEST']._serialized_start=3617
+  _globals['_GETVERSIONREQUEST']._serialized_end=3636
+  _globals['_GETVERSIONRESPONSE']._serialized_start=3638
+  _globals['_GETVERSIONRESPONSE']._serialized_end=3704
+  _globals['_LANGUAGEMODEL']._serialized_start=3911
+  _globals['_LANGUAGEMODEL']._serialized_end=4429
 # @@protoc_insertion_point(module_scope)

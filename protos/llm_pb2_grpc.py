@@ -50,6 +50,21 @@ class LanguageModelStub:
                 request_serializer=protos_dot_llm__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_llm__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/internvl.llm.v1.LanguageModel/Tokenize',
+                request_serializer=protos_dot_llm__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=protos_dot_llm__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/internvl.llm.v1.LanguageModel/Detokenize',
+                request_serializer=protos_dot_llm__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=protos_dot_llm__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
+        self.GetVersion = channel.unary_unary(
+                '/internvl.llm.v1.LanguageModel/GetVersion',
+                request_serializer=protos_dot_llm__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_llm__pb2.GetVersionResponse.FromString,
+                _registered_method=True)
 
 
 class LanguageModelServicer:
@@ -77,6 +92,28 @@ class LanguageModelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The token ids the engine would get for a prompt or a chat, images expanded to their tokens (counted from each
+        image's header; the vision stage is not called), as vLLM's /tokenize.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """The text of token ids, as vLLM's /detokenize.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVersion(self, request, context):
+        """The versions of the engine and of this server, as vLLM's /version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LanguageModelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +131,21 @@ def add_LanguageModelServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_llm__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_llm__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=protos_dot_llm__pb2.TokenizeRequest.FromString,
+                    response_serializer=protos_dot_llm__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=protos_dot_llm__pb2.DetokenizeRequest.FromString,
+                    response_serializer=protos_dot_llm__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'GetVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersion,
+                    request_deserializer=protos_dot_llm__pb2.GetVersionRequest.FromString,
+                    response_serializer=protos_dot_llm__pb2.GetVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +230,87 @@ class LanguageModel:
             '/internvl.llm.v1.LanguageModel/GetModelInfo',
             protos_dot_llm__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_llm__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internvl.llm.v1.LanguageModel/Tokenize',
+            protos_dot_llm__pb2.TokenizeRequest.SerializeToString,
+            protos_dot_llm__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internvl.llm.v1.LanguageModel/Detokenize',
+            protos_dot_llm__pb2.DetokenizeRequest.SerializeToString,
+            protos_dot_llm__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internvl.llm.v1.LanguageModel/GetVersion',
+            protos_dot_llm__pb2.GetVersionRequest.SerializeToString,
+            protos_dot_llm__pb2.GetVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

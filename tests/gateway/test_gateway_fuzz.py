@@ -19,7 +19,9 @@ CARRIED_BY = {"top_k": (llm_pb2.SamplingParams, "top_k"), "max_tokens": (llm_pb2
               "n": (llm_pb2.SamplingParams, "n"), "top_logprobs": (llm_pb2.SamplingParams, "logprobs"),
               "logprobs": (llm_pb2.SamplingParams, "logprobs"), "min_tokens": (llm_pb2.SamplingParams, "min_tokens"),
               "allowed_token_ids": (llm_pb2.SamplingParams, "allowed_token_ids"),
-              "max_dynamic_patch": (llm_pb2.GenerateRequest, "max_tiles")}
+              "max_dynamic_patch": (llm_pb2.GenerateRequest, "max_tiles"),
+              "prompt_logprobs": (llm_pb2.SamplingParams, "prompt_logprobs"),
+              "prompt": (llm_pb2.PromptTokens, "token_ids")}
 
 
 def integer_fields(schema: dict) -> dict[str, tuple[int | None, int | None]]:
@@ -42,7 +44,7 @@ def integer_fields(schema: dict) -> dict[str, tuple[int | None, int | None]]:
 
 def body_with(path: str, field: str, value: int) -> dict:
     body = {"messages": [{"role": "user", "content": "hi"}]} if path == CHAT else {"prompt": "hi"}
-    if field in ("stop_token_ids", "allowed_token_ids"):
+    if field in ("stop_token_ids", "allowed_token_ids", "prompt"):
         return {**body, field: [value]}
     if field == "max_dynamic_patch":
         return {**body, "mm_processor_kwargs": {field: value}}

@@ -112,9 +112,86 @@ def test_chat_completion_aggregates_text_reason_and_usage():
 
 
 def test_completion_logprobs_offsets_continue_across_chunks():
-    tokens = [llm_pb2.TokenLogprob(token=t, logprob=-1.0) for t in ("ab", "c")]
-    assert translate.completion_logprobs([message(logprobs=tokens)], text_offset=4) == {
-        "tokens": ["ab", "c"], "token_logprobs": [-1.0, -1.0], "top_logprobs": [{}, {}], "text_offset": [4, 6]}
+    tokens = [llm_pb2.TokenLogprob(token_id=i, token=t, logprob=-1.0) for i, t in enumerate(("ab", "c"))]
+    shown = translate.completion_logprobs(translate.generated_tokens(message(logprobs=tokens)), text_offset=4)
+    assert shown == {"tokens": ["ab", "c"], "token_logprobs": [-1.0, -1.0],
+                     "top_logprobs": [{"ab": -1.0}, {"c": -1.0}], "text_offset": [4, 6]}
+
+
+def test_completion_top_logprobs_list_the_token_first_as_vllm_does():
+    # A sampled token outside the top 2 is listed before them (3 entries); one inside them is listed once, first.
+    top = [llm_pb2.TopLogprob(token_id=1, token="a", logprob=-0.125), llm_pb2.TopLogprob(token_id=2, token="b",
+                                                                                       logprob=-0.25)]
+    outside = llm_pb2.TokenLogprob(token_id=3, token="c", logprob=float("-inf"), top=top)
+    inside = llm_pb2.TokenLogprob(token_id=2, token="b", logprob=-0.25, top=top)
+    shown = translate.generated_tokens(message(logprobs=[outside, inside]))
+    assert [list(t[2].items()) for t in shown] == [[("c", -9999.0), ("a", -0.125), ("b", -0.25)],
+                                                   [("b", -0.25), ("a", -0.125)]]
+    assert shown[0][1] == translate.LOWEST_LOGPROB
+
+
+PROMPT = [llm_pb2.PromptTokenLogprob(token_id=7, token="Once"),
+          llm_pb2.PromptTokenLogprob(token_id=8, token=" upon", logprob=-3.0, rank=4, top=[
+              llm_pb2.TopLogprob(token_id=1, token="a", logprob=-0.125),
+              llm_pb2.TopLogprob(token_id=2, token="b", logprob=-0.25)])]
+
+
+def test_prompt_logprobs_as_vllm_returns_them():
+    assert translate.prompt_logprobs_json(PROMPT) == [None, {
+        "8": {"logprob": -3.0, "rank": 4, "decoded_token": " upon"},
+        "1": {"logprob": -0.125, "rank": 1, "decoded_token": "a"},
+        "2": {"logprob": -0.25, "rank": 2, "decoded_token": "b"}}]
+
+
+def test_echo_puts_the_prompt_before_each_choice():
+    first = llm_pb2.GenerateResponse(text=" a", prompt_text="Once upon", prompt_logprobs=PROMPT, logprobs=[
+        llm_pb2.TokenLogprob(token_id=1, token=" a", logprob=-0.5)])
+    other = llm_pb2.GenerateResponse(index=1, text=" b", finish_reason=llm_pb2.FINISH_REASON_STOP)
+    last = llm_pb2.GenerateResponse(text="!", finish_reason=llm_pb2.FINISH_REASON_LENGTH,
+                                    usage=llm_pb2.Usage(prompt_tokens=2, completion_tokens=3))
+    body = translate.completion([first, other, last], META, with_logprobs=True,
+                                echo=translate.PromptEcho.of(first, top_logprobs=1))
+    assert [c["text"] for c in body["choices"]] == ["Once upon a!", "Once upon b"]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
+    shown = body["choices"][0]["logprobs"]
+    assert shown["tokens"] == ["Once", " upon", " a"] and shown["text_offset"] == [0, 4, 9]
+    assert shown["token_logprobs"] == [None, -3.0, -0.5]
+    # One alternative asked for: the prompt token and the best one.
+    assert shown["top_logprobs"][:2] == [None, {" upon": -3.0, "a": -0.125}]
+    assert body["choices"][1]["prompt_logprobs"] == translate.prompt_logprobs_json(PROMPT)
+    assert body["usage"]["completion_tokens"] == 3
+
+
+def test_chat_choices_by_index_with_echo_and_role():
+    request = chat_request(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}],
+                           echo=True, n=2)
+    assert translate.chat_echo_text(request) == "Sure" and translate.response_role(request) == "assistant"
+    assert translate.chat_echo_text(chat_request(echo=True)) == ""
+    no_generation_prompt = chat_request(add_generation_prompt=False, echo=True)
+    assert translate.response_role(no_generation_prompt) == "user"
+    assert translate.chat_echo_text(no_generation_prompt) == "hi"
+    messages = [llm_pb2.GenerateResponse(index=1, text=",", finish_reason=llm_pb2.FINISH_REASON_STOP),
+                llm_pb2.GenerateResponse(index=0, text="!", finish_reason=llm_pb2.FINISH_REASON_STOP,
+                                         usage=llm_pb2.Usage(prompt_tokens=4, completion_tokens=2))]
+    body = translate.chat_completion(messages, META, False, "assistant", "Sure")
+    assert [(c["index"], c["message"]["content"]) for c in body["choices"]] == [(0, "Sure!"), (1, "Sure,")]
+    chunks = translate.chat_first_chunks(META, 2, "assistant", "Sure")
+    assert [(c["choices"][0]["index"], c["choices"][0]["delta"]) for c in chunks] == [
+        (0, {"role": "assistant", "content": ""}), (1, {"role": "assistant", "content": ""}),
+        (0, {"content": "Sure"}), (1, {"content": "Sure"})]
+
+
+def test_completion_requests_carry_token_ids_echo_and_prompt_logprobs():
+    tokens = translate.completion_generate_request(
+        CompletionRequest.model_validate({"prompt": [[5, 6, 7]], "echo": True, "logprobs": 2, "n": 3}), "r", 100)
+    assert list(tokens.prompt_tokens.token_ids) == [5, 6, 7] and tokens.return_prompt_text
+    assert (tokens.sampling.n, tokens.sampling.prompt_logprobs, tokens.sampling.logprobs) == (3, 2, 2)
+    text = translate.completion_generate_request(CompletionRequest.model_validate({"prompt": "x", "echo": True}),
+                                                 "r", 100)
+    assert text.prompt == "x" and not text.sampling.HasField("prompt_logprobs")
+    chat = translate.chat_generate_request(chat_request(prompt_logprobs=3), [], "r", 100)
+    assert chat.sampling.prompt_logprobs == 3 and not chat.return_prompt_text
+    assert translate.chat_generate_request(chat_request(echo=True), [], "r", 100).sampling.prompt_logprobs == 0
 
 
 @pytest.mark.parametrize("error, status, error_type", [

@@ -9,6 +9,8 @@ import types
 
 import pytest
 import torch
+from vllm import SamplingParams
+from vllm.outputs import CompletionOutput
 
 from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.prompts import ImageRef, Message, to_openai_messages
@@ -62,11 +64,14 @@ class FixedRenderer:
     async def engine_input(self, prompt):
         return prompt
 
+    def decode(self, token_ids):
+        return "x" * len(token_ids)
+
 
 def request(images: int) -> GenerateInput:
     blobs = [ImageBlob("a" * 64, b"png") for _ in range(images)]
     messages = [Message("user", (*[ImageRef(b.content_hash) for b in blobs], "hi"))]
-    return GenerateInput("r1", messages, None, blobs, sampling=None, max_tiles=0)
+    return GenerateInput("r1", messages, None, blobs, sampling=SamplingParams(max_tokens=1), max_tiles=0)
 
 
 @pytest.mark.parametrize("embeddings,num_tiles", [
@@ -132,10 +137,10 @@ class LateKnowingEngine(RecordingEngine):
         self.known = True
         for _ in range(1000):
             finished = self.aborted
-            completion = types.SimpleNamespace(text="x", token_ids=[1], logprobs=None,
-                                               finish_reason="abort" if finished else None, stop_reason=None)
+            completion = CompletionOutput(index=0, text="x", token_ids=[1], cumulative_logprob=None, logprobs=None,
+                                          finish_reason="abort" if finished else None, stop_reason=None)
             yield types.SimpleNamespace(outputs=[completion], finished=finished, prompt_token_ids=[1],
-                                        num_cached_tokens=0, metrics=None)
+                                        prompt_logprobs=None, num_cached_tokens=0, metrics=None)
             if finished:
                 return
             await asyncio.sleep(0.01)

@@ -9,6 +9,7 @@ import types
 import grpc
 import pytest
 import torch
+from vllm.outputs import CompletionOutput
 
 from llm_svc.config import LlmConfig
 from llm_svc.limits import ModelDimensions, RequestLimits, WorkLimitTooSmall, check_work_limit, largest_request_bytes
@@ -17,6 +18,7 @@ from llm_svc.servicer import LanguageModelServicer
 from llm_svc.vision_client import ImageEmbedding
 from protos import errors, llm_pb2, vision_pb2
 from protos.errors import RETRY_AFTER_KEY
+from tests.llm_svc.test_llm_service_unit import FixedRenderer
 
 DIMS = ModelDimensions(hidden_size=16, tokens_per_tile=4, max_model_len=128)
 EMBEDDING = torch.zeros(8, 16)  # 2 tiles: 512 bytes
@@ -45,14 +47,6 @@ class Admission:
         return 1
 
 
-class Renderer:
-    def render(self, messages, options=None):
-        return "<image>\nhi"
-
-    async def engine_input(self, prompt):
-        return prompt
-
-
 class Engine:
     """Streams one token every 10 ms, `tokens` of them (forever when None); records what the request held."""
 
@@ -71,17 +65,17 @@ class Engine:
         while self.tokens is None or n < self.tokens:
             n += 1
             finished = n == self.tokens
-            completion = types.SimpleNamespace(text="x", token_ids=[1], logprobs=None,
-                                               finish_reason="length" if finished else None, stop_reason=None)
+            completion = CompletionOutput(index=0, text="x", token_ids=[1], cumulative_logprob=None, logprobs=None,
+                                          finish_reason="length" if finished else None, stop_reason=None)
             yield types.SimpleNamespace(outputs=[completion], finished=finished, prompt_token_ids=[1],
-                                        num_cached_tokens=0, metrics=None)
+                                        prompt_logprobs=None, num_cached_tokens=0, metrics=None)
             await asyncio.sleep(0.01)
 
 
 def servicer(vision: Vision, tokens: int | None = 3, limits: RequestLimits = LIMITS):
     holder = {}
     engine = Engine(lambda: holder["service"], tokens)
-    service = LanguageService(engine, vision, Renderer(), Admission(), DIMS, limits)
+    service = LanguageService(engine, vision, FixedRenderer(), Admission(), DIMS, limits)
     holder["service"] = service
     info = llm_pb2.GetModelInfoResponse(max_model_len=DIMS.max_model_len)
     return LanguageModelServicer(service, info), service, engine
