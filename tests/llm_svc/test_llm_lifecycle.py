@@ -171,8 +171,8 @@ HOSTILE = {
                     grpc.StatusCode.INVALID_ARGUMENT, "[0, 2]"),
     "top_p": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(top_p=0)),
               grpc.StatusCode.INVALID_ARGUMENT, "(0, 1]"),
-    "n > 1": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(n=3)),
-              grpc.StatusCode.INVALID_ARGUMENT, "only n=1"),
+    "n over its limit": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(n=129)),
+                         grpc.StatusCode.INVALID_ARGUMENT, "must be in [1, 128]"),
     "too many logprobs": (llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(logprobs=50)),
                           grpc.StatusCode.INVALID_ARGUMENT, "at most 20"),
     "corrupt image": (llm_pb2.GenerateRequest(chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(
