@@ -7,6 +7,7 @@ import pathlib
 import threading
 
 import grpc
+import prometheus_client
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -138,7 +139,10 @@ async def test_full_queue_answers_resource_exhausted_and_an_empty_queue_takes_an
     # Work waits up to 1.5 s for a full batch, so the first image is still queued when the second arrives.
     async with running_vision(model, max_batch_tiles=4, max_queue_tiles=4, batch_wait_ms=1500) as (stub, _):
         first = asyncio.ensure_future(encode(stub, [vision_pb2.ImageInput(data=png(900, 500, seed=5))]))
-        await asyncio.sleep(0.5)  # 3 tiles queued
+        for _ in range(100):  # until its 3 tiles are queued (preprocessing takes longer on a busy machine)
+            if prometheus_client.REGISTRY.get_sample_value("vision_queue_tiles") == 3:
+                break
+            await asyncio.sleep(0.05)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await encode(stub, [vision_pb2.ImageInput(data=png(901, 500, seed=6))])
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
