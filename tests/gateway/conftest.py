@@ -10,6 +10,7 @@ import io
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -254,3 +255,12 @@ def vllm_server(tiny_checkpoint, tmp_path_factory):
     server.wait_ready()
     yield openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
     server.stop()
+
+
+@pytest.fixture(scope="package")
+def servers(stack, vllm_server):
+    """(ours, vLLM's): plain HTTP clients, so that vLLM's own fields go as they are."""
+    with httpx.Client(base_url=f"http://{stack['gateway'].address}", timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as ours, \
+            httpx.Client(base_url=str(vllm_server.base_url).removesuffix("/v1/"), timeout=120) as theirs:
+        yield ours, theirs

@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from tests.gateway.conftest import API_KEY, MODEL
+from tests.gateway.conftest import MODEL
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 # Sampled, not greedy: with a seed, choice i samples with seed + i in both servers, so the choices differ.
@@ -18,15 +18,6 @@ SEEDED = {"model": MODEL, "temperature": 1.0, "seed": 7, "max_tokens": 6}
 GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 5}
 PROMPT = "Once upon a time"
 LOGPROB_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def servers(stack, vllm_server):
-    """(ours, vLLM's): plain HTTP clients, so that vLLM's own fields go as they are."""
-    with httpx.Client(base_url=f"http://{stack['gateway'].address}", timeout=120,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as ours, \
-            httpx.Client(base_url=str(vllm_server.base_url).removesuffix("/v1/"), timeout=120) as theirs:
-        yield ours, theirs
 
 
 def post(client: httpx.Client, path: str, body: dict) -> dict:

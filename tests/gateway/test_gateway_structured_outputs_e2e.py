@@ -54,15 +54,6 @@ CONSTRAINTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def servers(stack, vllm_server):
-    """(ours, vLLM's): plain HTTP clients, so that vLLM's own fields go as they are."""
-    with httpx.Client(base_url=f"http://{stack['gateway'].address}", timeout=120,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as ours, \
-            httpx.Client(base_url=str(vllm_server.base_url).removesuffix("/v1/"), timeout=120) as theirs:
-        yield ours, theirs
-
-
 def chat(**fields) -> dict:
     return {"model": MODEL, "temperature": 0, "max_tokens": 48, "messages": STORY, **fields}
 

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from tests.gateway.conftest import API_KEY, MODEL
+from tests.gateway.conftest import MODEL
 from tests.llm_svc.llm_helpers import image, png_bytes
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -24,15 +24,6 @@ WORDS = (500, 501, 502)
 def special_token_id(checkpoint, text: str) -> int:
     added = json.loads((checkpoint / "tokenizer.json").read_text())["added_tokens"]
     return next(token["id"] for token in added if token["content"] == text)
-
-
-@pytest.fixture(scope="module")
-def servers(stack, vllm_server):
-    """(ours, vLLM's): plain HTTP clients, so that vLLM's own fields go as they are."""
-    with httpx.Client(base_url=f"http://{stack['gateway'].address}", timeout=120,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as ours, \
-            httpx.Client(base_url=str(vllm_server.base_url).removesuffix("/v1/"), timeout=120) as theirs:
-        yield ours, theirs
 
 
 @pytest.fixture(scope="module")
