@@ -27,9 +27,9 @@ CONNECTION_ERROR = "connection error"
 MALFORMED = "malformed answer"
 # Starts the message of an error that came without one of its own (a bare 502 page, an error event without text).
 NO_MESSAGE = "(no error message)"
-# Every image has the same size, 2 tiles + thumbnail (768 image tokens): vLLM's InternVL (0.32) kills its engine
-# when one batch holds image embeddings of different tile counts, a bug of its own that this traffic leaves aside.
-IMAGE_SIZE = (896, 448)
+# Two sizes, so that engine steps batch embeddings of different lengths: 1 tile (256 image tokens), and 2 tiles +
+# thumbnail (768).
+IMAGE_SIZES = ((448, 448), (896, 448))
 WORDS = ("river", "stone", "lantern", "orbit", "meadow", "copper", "signal", "harbor", "violet", "engine",
          "winter", "mosaic", "thunder", "quartz", "pepper", "canyon")
 
@@ -67,7 +67,7 @@ class RequestMix:
 
     def __init__(self, model: str, max_tokens: int, repeated_images: int = 4, seed: int = 0):
         self.model, self.max_tokens, self.seed = model, max_tokens, seed
-        self._repeated = [photo_like_jpeg(*IMAGE_SIZE, seed=seed * 1000 + n) for n in range(repeated_images)]
+        self._repeated = [photo_like_jpeg(*IMAGE_SIZES[n % 2], seed=seed * 1000 + n) for n in range(repeated_images)]
 
     def workload(self, seq: int) -> tuple[str, bool]:
         return self.WORKLOADS[seq % 3], seq % 6 >= 3
@@ -79,7 +79,8 @@ class RequestMix:
         text = f"Request {seq}: " + " ".join(rng.choice(WORDS) for _ in range(24))
         content: str | list = text
         if workload != "text":
-            image = (photo_like_jpeg(*IMAGE_SIZE, seed=self.seed * 1_000_003 + seq) if workload == "image, new"
+            size = IMAGE_SIZES[seq // 3 % 2]
+            image = (photo_like_jpeg(*size, seed=self.seed * 1_000_003 + seq) if workload == "image, new"
                      else self._repeated[seq % len(self._repeated)])
             content = [{"type": "image_url", "image_url": {"url": jpeg_data_url(image)}},
                        {"type": "text", "text": text}]

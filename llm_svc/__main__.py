@@ -7,6 +7,7 @@ import sys
 from llm_svc.config import parse_config
 from llm_svc.limits import WorkLimitTooSmall
 from llm_svc.server import IncompatibleVisionStage, LlmServer
+from llm_svc import vllm_plugin
 from protos.errors import Unavailable
 from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
@@ -28,8 +29,12 @@ async def serve(config, engine_args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    vllm_plugin.keep_enabled()  # before vLLM reads its environment
     config, engine_args = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
+    if not vllm_plugin.installed():
+        log.warning("the project's vLLM plugin is not installed (pip install the project): two concurrent "
+                    "requests with images of different sizes would stop the engine")
     if config.cpu_defaults is not None:
         config.cpu_defaults.apply(log)  # logs what llm_svc picked; the engine's workers inherit its environment
     start_orphan_guard(config.log_json)  # before any child process exists

@@ -74,6 +74,19 @@ def test_image_fetched_over_http_gives_the_same_answer_as_a_data_url(client, ima
     assert by_url.choices[0].message.content == by_data.choices[0].message.content
 
 
+def test_concurrent_images_of_different_sizes_each_get_their_own_answer(client):
+    # 1, 3 and 7 tiles, each image new to the engine: their embeddings differ in length, and concurrent
+    # requests share the engine's steps (which once stopped the engine).
+    pictures = [image(*size, seed=seed) for seed in range(10, 13) for size in [(448, 448), (896, 448), (1344, 896)]]
+    requests = [[user(data_url(picture), "Describe the image.")] for picture in pictures]
+    # Together first: the engine batches only embeddings it has not cached yet.
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda m: client.chat.completions.create(model=MODEL, messages=m, **GREEDY),
+                                 requests))
+    alone = [client.chat.completions.create(model=MODEL, messages=m, **GREEDY) for m in requests]
+    assert [r.choices[0].message.content for r in together] == [r.choices[0].message.content for r in alone]
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
