@@ -30,7 +30,7 @@ requests that were in flight on the killed replica, each with a 5xx or an SSE er
 serve again; the gateway sees both llm_svc replicas healthy at the end.
 """
 
-from bench import fork_safe_grpc  # noqa: F401  (first: before anything imports grpc)
+from deploy import fork_safe_grpc  # noqa: F401  (first: before anything imports grpc)
 
 import argparse
 import dataclasses

@@ -21,7 +21,7 @@ Exit status 1 when a stage grew by more than --max-growth-percent, a request fai
 than its bound.
 """
 
-from bench import fork_safe_grpc  # noqa: F401  (first: before anything imports grpc)
+from deploy import fork_safe_grpc  # noqa: F401  (first: before anything imports grpc)
 
 import argparse
 import dataclasses

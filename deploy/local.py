@@ -6,6 +6,8 @@ Ctrl-C or SIGTERM. Flags after `--llm-args` / `--vision-args` go to that stage u
 tensor parallelism, ...).
 """
 
+from deploy import fork_safe_grpc  # noqa: F401,I001  (first: before anything imports grpc)
+
 import argparse
 import base64
 import collections

@@ -4,6 +4,8 @@ Sections: tiny checkpoints (built once, cached on disk across runs), in-process 
 a time: each holds its KV cache and weights).
 """
 
+from deploy import fork_safe_grpc  # noqa: F401,I001  (first: tests start stages after gRPC calls)
+
 import gc
 import os
 import pathlib

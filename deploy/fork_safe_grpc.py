@@ -1,8 +1,9 @@
-"""Import this first in a bench that starts stages after it has made gRPC calls of its own (health checks).
+"""Import this first in a program that starts stages after it has made gRPC calls of its own (health checks):
+the launcher (`deploy.local`), the benches, the tests.
 
 `deploy.local.Stage` starts a stage with fork and exec (it sets the child's parent-death signal in between),
 and once this process has used gRPC, gRPC's fork handlers can deadlock that fork, with the GIL held: the bench
-freezes (grpc/grpc#37259; here most runs of 200 health checks and forks froze). gRPC reads
+freezes (grpc/grpc#37259; most runs of 200 health checks and forks froze). gRPC reads
 GRPC_ENABLE_FORK_SUPPORT once, when it is imported, so it is turned off for this import alone: the stages
 started later get the environment they would have had anyway. Too late when grpc is already imported.
 """
