@@ -1,0 +1,112 @@
+"""The fault bench's own parts (`bench.faults` itself is a bench command: 5 min and more): the fault proxy, the
+classification of what a client saw, and the namespaces' names, against small local servers."""
+
+import asyncio
+import ipaddress
+import json
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from bench import netns
+from bench.fault_proxy import NO_FAULT, Fault, FaultProxy
+from bench.traffic import COMPLETED, NO_MESSAGE, STREAM_CUT, Outcome, send_chat
+
+
+@pytest.fixture
+def echo_server():
+    """A TCP server that echoes what it gets, on a thread of its own; yields its port."""
+    loop = asyncio.new_event_loop()
+
+    async def echo(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = loop.run_until_complete(asyncio.start_server(echo, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield server.sockets[0].getsockname()[1]
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def round_trip(address: str, size: int, timeout_s: float = 5.0) -> tuple[float, bytes]:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        started = time.monotonic()
+        sock.sendall(b"x" * size)
+        received = b""
+        while len(received) < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return time.monotonic() - started, received
+
+
+def test_fault_proxy_delays_resets_and_holds_bytes(echo_server):
+    proxy = FaultProxy("127.0.0.1", echo_server)
+    address = proxy.start()
+    try:
+        assert round_trip(address, 100_000)[1] == b"x" * 100_000
+        proxy.set_fault(Fault(delay_s=0.2))
+        seconds, echoed = round_trip(address, 1_000_000)
+        assert echoed == b"x" * 1_000_000 and seconds >= 0.4  # 0.2 s each way; the chunks stay pipelined
+        proxy.set_fault(Fault(reset_probability=1.0))
+        with pytest.raises(ConnectionResetError):
+            round_trip(address, 1000)
+        proxy.set_fault(Fault(blackhole=True))
+        with pytest.raises(socket.timeout):
+            round_trip(address, 1000, timeout_s=1.0)
+        proxy.set_fault(NO_FAULT)
+        assert round_trip(address, 1000)[1] == b"x" * 1000
+    finally:
+        proxy.close()
+
+
+def sent(handler, body: dict) -> tuple[str, str]:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await send_chat(client, "http://gateway/v1/chat/completions", body, {})
+    return asyncio.run(go())
+
+
+def sse(*events: str) -> bytes:
+    return "".join(f"data: {e}\n\n" for e in events).encode()
+
+
+CHUNK = json.dumps({"choices": [{"delta": {"content": "hi"}, "finish_reason": "length"}]})
+ERROR = json.dumps({"error": {"message": "Service unavailable (llm_svc down)", "code": 503}})
+
+
+@pytest.mark.parametrize("stream, response, expected", [
+    (True, httpx.Response(200, content=sse(CHUNK, "[DONE]")), (COMPLETED, "")),
+    (True, httpx.Response(200, content=sse(CHUNK, ERROR, "[DONE]")),
+     ("SSE error 503", "Service unavailable (llm_svc down)")),
+    (True, httpx.Response(200, content=sse(CHUNK)), (STREAM_CUT, "the stream ended without data: [DONE]")),
+    (False, httpx.Response(503, json={"error": {"message": "down"}}), ("HTTP 503", "down")),
+    (False, httpx.Response(200, json={"choices": [{"finish_reason": "length"}]}), (COMPLETED, "")),
+])
+def test_each_request_gets_the_outcome_its_client_saw(stream, response, expected):
+    assert sent(lambda request: response, {"stream": stream}) == expected
+
+
+def test_a_bare_5xx_is_not_a_clean_failure():
+    result, message = sent(lambda request: httpx.Response(502, text="Bad Gateway"), {"stream": False})
+    assert result == "HTTP 502" and message.startswith(NO_MESSAGE)
+    assert not Outcome(0, "r", "text", False, 0.0, 1.0, result, message).clean
+    assert Outcome(0, "r", "text", False, 0.0, 1.0, "HTTP 503", "Service unavailable").clean
+
+
+def test_namespaces_are_named_by_pid_and_get_subnets_of_their_own():
+    assert netns.subnet_of(os.getpid()) != netns.subnet_of(os.getpid() + 1)
+    assert netns.subnet_of(4_194_303).subnet_of(ipaddress.IPv4Network("10.0.0.0/8"))  # the largest pid
