@@ -6,6 +6,7 @@ import sys
 
 from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
+from protos.malloc import limit_fragmentation
 from protos.server import wait_for_shutdown_signal
 from vision_svc.config import parse_config
 from vision_svc.server import VisionServer
@@ -26,6 +27,7 @@ async def serve(config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    limit_fragmentation()  # before any thread or child process exists
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
     start_orphan_guard(config.log_json)  # before any child process exists

@@ -1,0 +1,15 @@
+"""The stages' malloc settings: applied, passed on to child processes, and never over an operator's own."""
+
+from protos import malloc
+
+
+def test_settings_are_applied_and_passed_on_through_the_environment():
+    environ = {}
+    malloc.limit_fragmentation(environ)  # mallopt accepted both (glibc): else the variables would be missing
+    assert environ == {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+
+
+def test_an_operators_setting_wins():
+    environ = {"MALLOC_ARENA_MAX": "8"}
+    malloc.limit_fragmentation(environ)
+    assert environ == {"MALLOC_ARENA_MAX": "8", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
