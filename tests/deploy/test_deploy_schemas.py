@@ -116,9 +116,9 @@ def test_rendered_objects_are_valid_for_the_api(kustomization):
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("path", STANDALONE, ids=lambda p: p.relative_to(K8S).as_posix())
-def test_standalone_objects_are_valid_for_the_api(path):
-    errors = [e for obj in kubernetes_objects(path) for e in schema_errors(obj)]
+def test_standalone_objects_are_valid_for_the_api():
+    # None today (each folder of manifests is a kustomization); one added later is checked here.
+    errors = [f"{path}: {e}" for path in STANDALONE for obj in kubernetes_objects(path) for e in schema_errors(obj)]
     assert not errors, "\n".join(errors)
 
 
