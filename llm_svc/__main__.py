@@ -4,13 +4,15 @@ import asyncio
 import logging
 import sys
 
+from llm_svc import vllm_plugin
 from llm_svc.config import parse_config
+from llm_svc.cpu_defaults import check_parallel_layout
 from llm_svc.limits import WorkLimitTooSmall
 from llm_svc.server import IncompatibleVisionStage, LlmServer
-from llm_svc import vllm_plugin
 from protos.errors import Unavailable
 from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
+from protos.malloc import limit_fragmentation
 from protos.server import wait_for_shutdown_signal
 
 log = logging.getLogger("llm_svc")
@@ -29,8 +31,14 @@ async def serve(config, engine_args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    limit_fragmentation()  # before any thread or child process exists
     vllm_plugin.keep_enabled()  # before vLLM reads its environment
     config, engine_args = parse_config(argv)
+    if config.cpu_defaults is not None:
+        try:
+            check_parallel_layout(engine_args)  # else vLLM starts, then fails on the first token
+        except ValueError as error:
+            sys.exit(f"llm_svc: cannot start: {error}")
     configure_logging(config.log_level, config.log_json)
     if not vllm_plugin.installed():
         log.warning("the project's vLLM plugin is not installed (pip install the project): two concurrent "

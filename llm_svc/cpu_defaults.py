@@ -6,6 +6,13 @@ minute, and bind each rank's OpenMP threads to a NUMA node of its own, which a o
 have for a second rank. Each pick below is made only for a flag the user did not give, and comes with one
 log line that names the flag that changes it. The choice functions are pure; `read_cpu_machine` reads
 their inputs.
+
+Layouts that vLLM's CPU backend cannot serve are refused at start. Experts split over ranks
+(`--enable-expert-parallel`): vLLM's CPU MoE kernel (`cpu_fused_moe`, called by `CPUUnquantizedExperts.apply`)
+takes no expert map, so a rank that holds half of the experts indexes its weights with the global ids of all
+of them and dies with SIGSEGV. Data parallelism (`--data-parallel-size`): the MoE layers of each rank gather
+the tokens of all ranks with `all_gatherv`, which `CpuCommunicator` does not implement (NotImplementedError).
+Ray (`--distributed-executor-backend ray`): vLLM's CPU platform names no Ray resource for its workers.
 """
 
 import dataclasses
@@ -30,6 +37,14 @@ KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 # Options whose presence means the user chose the KV cache size, or whether to compile.
 KV_CACHE_OPTIONS = {"kv_cache_memory_bytes", "gpu_memory_utilization"}
 COMPILE_OPTIONS = {"enforce_eager", "compilation_config", "optimization_level"}
+# oneDNN keeps each matmul primitive it builds, one per (layer shape, number of tokens), up to 1024 of them, and
+# on a CPU a primitive holds up to megabytes: prefills of ever new lengths grew vLLM's worker by 10% in a
+# 10-minute soak (bench/RESULTS.md). Decoding reuses one per layer shape and batch size, so 8 per sequence slot
+# keeps it fast (a primitive rebuilt costs milliseconds) and bounds the memory; with vLLM's default slots
+# (128 per rank) that is oneDNN's own 1024.
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_PER_SEQUENCE = 8
+ONEDNN_CACHE_DEFAULT = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +110,30 @@ def _id_list(ids: tuple[int, ...]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def check_parallel_layout(engine_args: AsyncEngineArgs) -> None:
+    """ValueError for a layout that vLLM's CPU backend cannot serve. Checked when llm_svc starts on a CPU, not
+    when its flags are parsed: parsing also reads the command lines of accelerator deployments."""
+    engines = engine_args.data_parallel_size
+    if engines > 1:
+        raise ValueError(
+            f"--data-parallel-size {engines} does not run on a CPU: an MoE model's layers gather the tokens of every "
+            "data parallel rank (all_gatherv), which vLLM's CPU communicator does not implement, and a dense model's "
+            f"data parallel ranks are independent engines. Start {engines} llm_svc replicas instead: the gateway "
+            "balances over them")
+    if engine_args.distributed_executor_backend == "ray":
+        raise ValueError(
+            "--distributed-executor-backend ray does not run on a CPU: vLLM's Ray executor places its workers on an "
+            "accelerator resource, which vLLM's CPU platform does not name ('current platform cpu does not support "
+            "ray'). Leave it out: the ranks then run as processes of this machine")
+    # vLLM's expert parallel size, with data parallelism refused above.
+    experts_over = engine_args.tensor_parallel_size * engine_args.prefill_context_parallel_size
+    if engine_args.enable_expert_parallel and experts_over > 1:
+        raise ValueError(
+            f"--enable-expert-parallel over {experts_over} ranks does not run on a CPU: vLLM's CPU MoE kernel takes "
+            "no expert map, so a rank holding part of the experts dies (SIGSEGV) on the first token. Leave it out: "
+            "--tensor-parallel-size then splits every expert over the ranks")
+
+
 def pick_cpu_defaults(engine_args: AsyncEngineArgs, given: set[str], machine: CpuMachine) -> CpuDefaults:
     """`given`: the option dests on the command line. ValueError when the ranks cannot be bound."""
     picked, env, notes = {}, {}, []
@@ -122,4 +161,9 @@ def pick_cpu_defaults(engine_args: AsyncEngineArgs, given: set[str], machine: Cp
         # vLLM's own binding ('auto') wants a NUMA node per rank.
         env[THREADS_BIND_ENV] = bind = threads_bind(machine.cpus, ranks)
         notes.append(f"CPU: OpenMP threads of {ranks} ranks bound to CPUs {bind} ({THREADS_BIND_ENV} to change)")
+    seqs = engine_args.max_num_seqs
+    if seqs and ONEDNN_CACHE_PER_SEQUENCE * seqs < ONEDNN_CACHE_DEFAULT and ONEDNN_CACHE_ENV not in machine.env:
+        env[ONEDNN_CACHE_ENV] = capacity = str(ONEDNN_CACHE_PER_SEQUENCE * seqs)
+        notes.append(f"CPU: oneDNN keeps {capacity} matmul primitives ({ONEDNN_CACHE_PER_SEQUENCE} per sequence of "
+                     f"--max-num-seqs {seqs}; {ONEDNN_CACHE_ENV} to change)")
     return CpuDefaults(picked, env, tuple(notes))

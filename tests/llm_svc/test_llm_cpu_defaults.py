@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import types
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 import llm_svc.config
 from deploy.local import Stage, free_port
 from llm_svc.config import given_options, parse_config
-from llm_svc.cpu_defaults import GiB, MiB, CpuMachine, kv_cache_bytes, threads_bind
+from llm_svc.cpu_defaults import GiB, MiB, CpuMachine, check_parallel_layout, kv_cache_bytes, threads_bind
 from protos import llm_pb2
 from tests.llm_svc.llm_helpers import LlmClient, greedy
 from tests.stack import start_vision
@@ -108,10 +109,43 @@ def test_cpu_binds_the_threads_of_several_ranks(monkeypatch, argv, cpus, env, bi
     assert config.cpu_defaults.env == ({"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else {})
 
 
+@pytest.mark.parametrize("argv, env, capacity", [
+    (["--max-num-seqs", "8"], {}, "64"),
+    (["--max-num-seqs", "8"], {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}, None),  # the user's own
+    (["--max-num-seqs", "128"], {}, None),  # 8 per sequence is oneDNN's own default
+    ([], {}, None),  # vLLM's default slots: the same
+])
+def test_cpu_bounds_onednn_primitives_by_the_sequence_slots(monkeypatch, argv, env, capacity):
+    config, _ = parse_on(monkeypatch, argv, env=env)
+    assert config.cpu_defaults.env.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == capacity
+
+
 def test_cpu_refuses_more_ranks_than_cpus(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_on(monkeypatch, ["-tp", "4"], cpus=(0, 1))
     assert "4 CPU workers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    # vLLM's CPU MoE kernel takes no expert map: a worker holding part of the experts would die with SIGSEGV.
+    (["-tp", "2", "--enable-expert-parallel"], "--enable-expert-parallel over 2 ranks does not run on a CPU"),
+    (["-tp", "4", "-ep"], "--enable-expert-parallel over 4 ranks does not run on a CPU"),
+    # vLLM's CPU communicator has no all_gatherv, with which MoE layers gather the tokens of all ranks.
+    (["--data-parallel-size", "2"], "--data-parallel-size 2 does not run on a CPU"),
+    (["--data-parallel-size", "2", "--enable-expert-parallel"], "Start 2 llm_svc replicas instead"),
+    # vLLM's CPU platform names no Ray resource to place workers on.
+    (["-pp", "2", "--distributed-executor-backend", "ray"], "--distributed-executor-backend ray does not run on a CPU"),
+])
+def test_layouts_vllm_cannot_serve_on_a_cpu_are_refused(monkeypatch, argv, message):
+    _, engine_args = parse_on(monkeypatch, argv, cpus=(0, 1, 2, 3))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_parallel_layout(engine_args)
+
+
+@pytest.mark.parametrize("argv", [[], ["--enable-expert-parallel"], ["-tp", "2"], ["-pp", "2"]])
+def test_other_layouts_are_left_to_vllm(monkeypatch, argv):
+    _, engine_args = parse_on(monkeypatch, argv)
+    check_parallel_layout(engine_args)
 
 
 def test_no_picks_off_the_cpu(monkeypatch):
