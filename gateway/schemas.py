@@ -17,6 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.structured_outputs import ResponseFormatField, StructuredOutputs
+from gateway.tools import ToolCall
 from protos import llm_pb2
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,7 @@ UNIMPLEMENTED_FIELDS: dict[str, Refused | Ignored] = {
     "best_of": Refused((None, 1)),
     "use_beam_search": _OFF,
     "length_penalty": Ignored("used by beam search only, which is refused"),
-    # Tools and structured output (OpenAI's older names for tools included).
-    "tools": _EMPTY,
-    "tool_choice": Refused((None, "none", "auto")),
-    "parallel_tool_calls": Ignored("has an effect only with tools, which are refused"),
+    # OpenAI's deprecated names for tools, which vLLM's server does not read either.
     "functions": _EMPTY,
     "function_call": Refused((None, "none", "auto")),
     # vLLM's removed guided-decoding fields: its server ignores them with a warning, and the output is not
@@ -190,9 +188,16 @@ class UserMessage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+class ToolMessage(BaseModel):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class StreamOptions(BaseModel):
@@ -274,6 +279,10 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Passed on as they are: vLLM's request model judges them in llm_svc (gateway/tools.py).
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

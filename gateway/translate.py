@@ -8,14 +8,15 @@ import json
 
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
 from gateway.structured_outputs import structured_outputs_to_proto
+from gateway.tools import parsed_delta_json, tool_call_json, tool_calls_to_proto, tools_to_proto
 from protos import llm_pb2
 from protos.errors import InvalidInput
 
 _ROLES = {"system": llm_pb2.ROLE_SYSTEM, "developer": llm_pb2.ROLE_SYSTEM, "user": llm_pb2.ROLE_USER,
-          "assistant": llm_pb2.ROLE_ASSISTANT}
+          "assistant": llm_pb2.ROLE_ASSISTANT, "tool": llm_pb2.ROLE_TOOL}
 # The strings vLLM's OpenAI server sends for each reason.
 FINISH_REASONS = {llm_pb2.FINISH_REASON_STOP: "stop", llm_pb2.FINISH_REASON_LENGTH: "length",
-                  llm_pb2.FINISH_REASON_ABORT: "abort"}
+                  llm_pb2.FINISH_REASON_ABORT: "abort", llm_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +62,24 @@ def chat_to_proto(request: ChatCompletionRequest, images: list[bytes]) -> llm_pb
     messages = []
     for message in request.messages:
         content = message.content
-        if content is None or isinstance(content, str):
+        tool_calls = tool_calls_to_proto(getattr(message, "tool_calls", None))
+        if content is None and tool_calls:
+            parts = []  # no content at all: the template sees null, as vLLM's server passes it
+        elif content is None or isinstance(content, str):
             parts = [llm_pb2.ContentPart(text=content or "")]
         else:
             parts = [llm_pb2.ContentPart(text=part.text) if isinstance(part, TextPart)
                      else llm_pb2.ContentPart(image=llm_pb2.ImagePart(data=next(remaining)))
                      for part in content]
-        messages.append(llm_pb2.ChatMessage(role=_ROLES[message.role], content=parts))
+        messages.append(llm_pb2.ChatMessage(role=_ROLES[message.role], content=parts, tool_calls=tool_calls,
+                                            tool_call_id=getattr(message, "tool_call_id", "")))
     assert next(remaining, None) is None, "more images than image parts"
     template_kwargs = json.dumps(request.chat_template_kwargs) if request.chat_template_kwargs else ""
     return llm_pb2.Chat(messages=messages, add_generation_prompt=request.add_generation_prompt,
                         continue_final_message=request.continue_final_message,
-                        chat_template_kwargs_json=template_kwargs)
+                        chat_template_kwargs_json=template_kwargs,
+                        tools=tools_to_proto(getattr(request, "tools", None), getattr(request, "tool_choice", None),
+                                             getattr(request, "parallel_tool_calls", None)))
 
 
 def chat_generate_request(request: ChatCompletionRequest, images: list[bytes], request_id: str,
@@ -86,7 +93,7 @@ def chat_generate_request(request: ChatCompletionRequest, images: list[bytes], r
     return llm_pb2.GenerateRequest(request_id=request_id, chat=chat_to_proto(request, images),
                                    sampling=sampling_params(request, max_tokens_limit, top_logprobs,
                                                             prompt_logprobs),
-                                   max_tiles=tiles or 0)
+                                   max_tiles=tiles or 0, parse_at_end=not request.stream)
 
 
 def completion_generate_request(request: CompletionRequest, request_id: str,
@@ -118,9 +125,12 @@ def chat_echo_text(request: ChatCompletionRequest) -> str:
 
 
 def usage_json(usage: llm_pb2.Usage) -> dict:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+    body = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+    if usage.HasField("reasoning_tokens"):  # as vLLM's server reports them when it has a reasoning parser
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def finish_reason(response: llm_pb2.GenerateResponse) -> str | None:
@@ -228,9 +238,13 @@ def chat_first_chunks(meta: ResponseMeta, n: int, role: str, echo_text: str) -> 
 def chat_chunk(response: llm_pb2.GenerateResponse, meta: ResponseMeta, with_logprobs: bool) -> dict | None:
     """The SSE chunk for one response message; None when it carries nothing the client would see."""
     reason = finish_reason(response)
-    if not response.text and reason is None and not response.logprobs:
+    if response.HasField("parsed"):  # llm_svc split the answer: what the split says, or nothing yet
+        delta = parsed_delta_json(response.parsed)
+    else:
+        delta = {"content": response.text} if response.text else {}
+    if not delta and reason is None and not response.logprobs:
         return None
-    choice = {"index": response.index, "delta": {"content": response.text} if response.text else {},
+    choice = {"index": response.index, "delta": delta,
               "logprobs": {"content": chat_logprobs(response)} if with_logprobs else None,
               "finish_reason": reason}
     if reason is not None:
@@ -243,9 +257,23 @@ def usage_chunk(meta: ResponseMeta, obj: str, usage: llm_pb2.Usage) -> dict:
     return {**_chunk(meta, obj, []), "usage": usage_json(usage)}
 
 
+def _chat_message(responses: list[llm_pb2.GenerateResponse], role: str, echo_text: str) -> dict:
+    """The choice's message; where llm_svc split the answer (on its last message), as vLLM's server shows it."""
+    last = responses[-1]
+    if not last.HasField("parsed"):
+        return {"role": role, "content": echo_text + "".join(r.text for r in responses)}
+    parsed = last.parsed
+    content = parsed.content if parsed.HasField("content") else None
+    message = {"role": role, "content": echo_text + (content or "") if echo_text else content,
+               "reasoning": parsed.reasoning if parsed.HasField("reasoning") else None}
+    if parsed.tool_calls:
+        message["tool_calls"] = [tool_call_json(call) for call in parsed.tool_calls]
+    return message
+
+
 def _chat_choice(responses: list[llm_pb2.GenerateResponse], with_logprobs: bool, role: str, echo_text: str) -> dict:
     last = responses[-1]
-    return {"index": last.index, "message": {"role": role, "content": echo_text + "".join(r.text for r in responses)},
+    return {"index": last.index, "message": _chat_message(responses, role, echo_text),
             "logprobs": {"content": [e for r in responses for e in chat_logprobs(r)]} if with_logprobs else None,
             "finish_reason": finish_reason(last), "stop_reason": _stop_reason(last)}
 

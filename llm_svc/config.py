@@ -37,6 +37,9 @@ class LlmConfig:
     max_requests_in_flight: int = 1024
     max_bytes_in_flight: int = 2 * GiB
     grace_s: float = 30.0
+    # vLLM's OpenAI-server flags for tool calls (its --reasoning-parser is an engine argument, passed through).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
     log_level: str = "INFO"
     log_json: bool = False
     tls: TlsFiles = TlsFiles()
@@ -65,6 +68,8 @@ class LlmConfig:
             raise ValueError(f"--max-bytes-in-flight ({self.max_bytes_in_flight}) is below what one request may hold, "
                              f"--max-message-bytes + --max-embedding-bytes ({self.max_message_bytes} + "
                              f"{self.max_embedding_bytes}); raise it or lower those")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's server
         check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
         check_client_settings(self.tls, self.tls_server_name)
 
@@ -116,6 +121,13 @@ def build_parser() -> FlexibleArgumentParser:
     own.add_argument("--grace-s", type=float, default=d.grace_s,
                      help="on SIGTERM, seconds that in-flight streams get to finish before the engine stops")
     own.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    own.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="as vLLM's server: let the model decide to call tools (tool_choice auto); needs "
+                          "--tool-call-parser")
+    own.add_argument("--tool-call-parser", default=None,
+                     help="as vLLM's server: the vLLM tool parser that reads tool calls from the output (hermes for "
+                          "InternVL3.5's Qwen3 format); tool_choice required or a named function then force the "
+                          "call's JSON through structured outputs")
     add_security_flags(parser.add_argument_group("llm_svc security"), serves_grpc=True, peer="vision")
     AsyncEngineArgs.add_cli_args(parser)
     return parser

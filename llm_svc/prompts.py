@@ -15,7 +15,7 @@ from vllm.renderers.params import ChatParams
 from protos import llm_pb2
 from protos.errors import InvalidInput
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # vLLM's server refuses a template sent with the request unless started with --trust-request-chat-template, which
 # this stage never is. (vLLM's renderer refuses the other variable a request may not set, `tokenize`, itself.)
 REQUEST_TEMPLATE_KWARG = "chat_template"
@@ -27,13 +27,23 @@ class ImageRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclasses.dataclass(frozen=True)
 class Message:
     role: str
     parts: tuple[str | ImageRef, ...]
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's
+    tool_call_id: str = ""  # a tool message's: the call it answers
 
 
-def to_openai_messages(messages: list[Message]) -> list[dict]:
-    """OpenAI-style messages whose images are `image_embeds` parts known by uuid only."""
+def to_openai_messages(messages: list[Message], with_images: bool = True) -> list[dict]:
+    """OpenAI-style messages whose images are `image_embeds` parts known by uuid only (left out unless
+    `with_images`)."""
     out = []
     for message in messages:
         if message.role not in ROLES:
@@ -42,9 +52,22 @@ def to_openai_messages(messages: list[Message]) -> list[dict]:
             raise InvalidInput(f"images are allowed in user messages only, not in {message.role} messages")
         content = [{"type": "text", "text": p} if isinstance(p, str)
                    else {"type": "image_embeds", "image_embeds": None, "uuid": p.content_hash}
-                   for p in message.parts]
-        out.append({"role": message.role, "content": content})
+                   for p in message.parts if with_images or isinstance(p, str)]
+        # An assistant's tool calls without text: no content at all, as OpenAI clients send it (null).
+        no_content = not message.parts and message.tool_calls
+        out.append({"role": message.role, "content": None if no_content else content, **_tool_fields(message)})
     return out
+
+
+def _tool_fields(message: Message) -> dict:
+    fields = {}
+    if message.tool_calls:
+        fields["tool_calls"] = [{"id": call.id, "type": "function",
+                                 "function": {"name": call.name, "arguments": call.arguments}}
+                                for call in message.tool_calls]
+    if message.role == "tool":
+        fields["tool_call_id"] = message.tool_call_id
+    return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +78,8 @@ class ChatOptions:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: dict = dataclasses.field(default_factory=dict)
+    # OpenAI's tool definitions as vLLM hands them to the template (its `tools` variable); None: no tools.
+    tools: list[dict] | None = None
 
     def __post_init__(self):
         if self.add_generation_prompt and self.continue_final_message:
@@ -64,8 +89,10 @@ class ChatOptions:
                                "this server renders with the checkpoint's own")
 
     def chat_params(self) -> ChatParams:
-        # As vLLM's server merges them: the two named options win over the same names in the free-form kwargs.
-        return ChatParams(chat_template_kwargs={**self.template_kwargs,
+        # As vLLM's server merges them: the two named options win over the same names in the free-form kwargs, which
+        # win over the tools.
+        tools = {"tools": self.tools} if self.tools is not None else {}
+        return ChatParams(chat_template_kwargs={**tools, **self.template_kwargs,
                                                 "add_generation_prompt": self.add_generation_prompt,
                                                 "continue_final_message": self.continue_final_message})
 

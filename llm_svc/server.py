@@ -14,6 +14,7 @@ from llm_svc.admission import AdmissionCheck
 from llm_svc.config import LlmConfig
 from llm_svc.image_tokens import ImageTokenCounter, TilingPolicy
 from llm_svc.limits import ModelDimensions, RequestLimits, check_work_limit
+from llm_svc.output_parsing import OutputParsers, ParserFlags
 from llm_svc.prompts import ImageRef, Message, PromptRenderer
 from llm_svc.service import LanguageService
 from llm_svc.servicer import LanguageModelServicer
@@ -62,8 +63,11 @@ class LlmServer:
         admission = AdmissionCheck(self.engine.renderer, self.engine.input_processor,
                                    await self.engine.get_supported_tasks(),
                                    ImageTokenCounter(TilingPolicy.from_info(info)), hidden)
+        parser_flags = ParserFlags(self.engine.vllm_config.structured_outputs_config.reasoning_parser or None,
+                                   self.config.tool_call_parser, self.config.enable_auto_tool_choice)
+        parsers = OutputParsers(parser_flags, self.engine.renderer.get_tokenizer(), model_config)
         self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), admission,
-                                       dims, limits)
+                                       dims, limits, parsers)
         model_info = llm_pb2.GetModelInfoResponse(
             model=model_config.served_model_name, max_model_len=dims.max_model_len, hidden_size=hidden,
             max_images_per_request=limits.max_images_per_request, vocab_size=model_config.get_vocab_size(),

@@ -6,6 +6,10 @@ vision call; embeddings are checked against the model before they reach the engi
 wrong width). The engine request is aborted when the caller goes away: vLLM's `generate` aborts on
 cancellation, and `Abort` aborts by id.
 
+A chat's answer is split into content, reasoning and tool calls by vLLM's parsers when a parser applies
+(`output_parsing`): planned before rendering (the tools reach the template, a forced tool call's constraint reaches
+the sampling parameters), then parsed per completion as its deltas arrive, or once at its end.
+
 Every request is admitted against the stage's work limit before any work (`admit`) and holds its message's
 bytes, then each embedding's bytes as its header arrives; all of it returns when the request ends, however it ends.
 """
@@ -24,7 +28,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from llm_svc import metrics
 from llm_svc.admission import AdmissionCheck
 from llm_svc.limits import ModelDimensions, RequestLimits
-from llm_svc.prompts import ChatOptions, Message, PromptRenderer
+from llm_svc.output_parsing import ChatParsing, ChoiceParser, OutputParsers, ParsedOutput, ToolRequest
+from llm_svc.prompts import ChatOptions, Message, PromptRenderer, to_openai_messages
 from llm_svc.vision_client import ImageBlob, VisionClient
 from llm_svc.vllm_messages import client_message
 from protos.errors import InternalError, InvalidInput, Overloaded, ServingError, Unavailable
@@ -44,6 +49,8 @@ class GenerateInput:
     chat_options: ChatOptions = dataclasses.field(default_factory=ChatOptions)  # how a chat is rendered
     prompt_token_ids: list[int] | None = None  # a prompt already tokenized
     return_prompt_text: bool = False  # the first delta carries the prompt as text
+    tools: ToolRequest = ToolRequest()  # a chat's
+    parse_at_end: bool = False  # parse each completion once, whole (else delta by delta)
 
 
 @dataclasses.dataclass
@@ -61,12 +68,15 @@ class Delta:
     prompt_logprobs: list | None = None  # vLLM's, one entry per prompt token (None for the first)
     prompt_token_ids: list[int] | None = None  # with prompt_logprobs
     prompt_text: str | None = None
+    parsed: ParsedOutput | None = None  # set on every delta of a request whose answer is parsed
+    reasoning_tokens: int | None = None  # with the usage, when the server has a reasoning parser
 
 
 class LanguageService:
     def __init__(self, engine, vision: VisionClient, renderer: PromptRenderer, admission: AdmissionCheck,
-                 dims: ModelDimensions, limits: RequestLimits):
+                 dims: ModelDimensions, limits: RequestLimits, parsers: OutputParsers | None = None):
         self._engine = engine
+        self._parsers = parsers
         self._vision = vision
         self.renderer = renderer
         self._admission = admission
@@ -96,8 +106,11 @@ class LanguageService:
         started = time.perf_counter()
         self._running[request.request_id] = False
         try:
-            text = (self.renderer.render(request.messages, request.chat_options) if request.messages is not None
-                    else request.prompt)
+            parsing = self._plan_parsing(request)
+            options = request.chat_options
+            if parsing is not None:
+                options = dataclasses.replace(options, tools=parsing.template_tools)
+            text = self.renderer.render(request.messages, options) if request.messages is not None else request.prompt
             embeddings = await self._embeddings(request, text, work) if request.images else []
             vision_s = time.perf_counter() - started
             if self._running[request.request_id]:  # aborted while its images were being encoded
@@ -110,12 +123,27 @@ class LanguageService:
                 prompt["multi_modal_data"] = {"image": embeddings}
                 prompt["multi_modal_uuids"] = {"image": [img.content_hash for img in request.images]}
             prompt_text = self._prompt_text(request, text) if request.return_prompt_text else None
-            async for delta in self._stream(request, prompt, started, vision_s):
+            async for delta in self._stream(request, prompt, started, vision_s, parsing):
                 # The prompt's extras ride on the stream's first delta.
                 delta.prompt_text, prompt_text = prompt_text, None
                 yield delta
         finally:
             self._running.pop(request.request_id, None)
+
+    def _plan_parsing(self, request: GenerateInput) -> ChatParsing | None:
+        """For a chat that a parser or tools apply to: vLLM's checks of its tool fields, and what they change in the
+        sampling parameters (set here, before the admission check reads them)."""
+        tools, parsers = request.tools, self._parsers
+        if request.messages is None or parsers is None or (
+                parsers.parser_cls is None and tools == ToolRequest()):
+            return None
+        sampling = request.sampling
+        parsing = parsers.plan(to_openai_messages(request.messages, with_images=False), tools,
+                               request.chat_options.chat_params().chat_template_kwargs, sampling.structured_outputs,
+                               sampling.skip_special_tokens)
+        sampling.structured_outputs = parsing.request.structured_outputs
+        sampling.skip_special_tokens = parsing.request.skip_special_tokens
+        return parsing
 
     def _prompt_text(self, request: GenerateInput, text: str | None) -> str:
         return text if text is not None else self.renderer.decode(request.prompt_token_ids)
@@ -134,18 +162,25 @@ class LanguageService:
                                     f"model needs [{expected}, {self.dims.hidden_size}]")
         return [r.embeddings for r in results]
 
-    async def _stream(self, request: GenerateInput, prompt: dict, started: float,
-                      vision_s: float) -> AsyncIterator[Delta]:
+    async def _stream(self, request: GenerateInput, prompt: dict, started: float, vision_s: float,
+                      parsing: ChatParsing | None) -> AsyncIterator[Delta]:
         first_token_s = None
         completion_tokens = 0
         try:
             engine_input = await self.renderer.engine_input(prompt)
+            engine_kwargs = {}
+            answers = None
+            if parsing is not None:
+                engine_kwargs = parsing.engine_kwargs(self._parsers.tokenizer, self._parsers.model_config,
+                                                      engine_input.get("prompt_token_ids") or [])
+                answers = ParsedAnswers(parsing, self._parsers, request.parse_at_end)
             if self._running[request.request_id]:  # aborted while the prompt was being rendered
                 for delta in _aborted_before_the_engine(vision_s, request.sampling.n):
                     yield delta
                 return
             prompt_logprobs_sent = False
-            async for output in self._engine.generate(engine_input, request.sampling, request.request_id):
+            async for output in self._engine.generate(engine_input, request.sampling, request.request_id,
+                                                      **engine_kwargs):
                 if self._running[request.request_id] and not output.finished:
                     # An Abort that came while the engine was admitting the request found no request to abort.
                     await self._engine.abort(request.request_id)
@@ -162,6 +197,8 @@ class LanguageService:
                     if completion.finished():
                         delta.finish_reason = completion.finish_reason
                         delta.stop_reason = completion.stop_reason
+                    if answers is not None:
+                        answers.parse(delta, output.prompt_token_ids)
                     if output.prompt_logprobs and not prompt_logprobs_sent:
                         # Every completion computes the prompt's; one copy is enough.
                         delta.prompt_logprobs, delta.prompt_token_ids = output.prompt_logprobs, output.prompt_token_ids
@@ -171,6 +208,7 @@ class LanguageService:
                         delta.prompt_tokens = len(output.prompt_token_ids or ())
                         delta.completion_tokens = completion_tokens
                         delta.cached_tokens = output.num_cached_tokens or 0
+                        delta.reasoning_tokens = answers.reasoning_tokens() if answers is not None else None
                         delta.timings = {"vision_s": vision_s, "queue_s": _queue_seconds(output),
                                          "first_token_s": first_token_s or total_s, "total_s": total_s}
                         metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
@@ -185,6 +223,45 @@ class LanguageService:
                 error.message) from error
         except (VLLMClientError, ValueError) as error:  # vLLM's validation: prompt too long, bad token ids, ...
             raise InvalidInput(client_message(error)) from error
+
+
+class ParsedAnswers:
+    """The parsers of one request's completions, fed its deltas: vLLM's streaming path, or with `at_end` its
+    non-streaming one (each completion parsed once, whole, on its last delta)."""
+
+    def __init__(self, parsing: ChatParsing, parsers: OutputParsers, at_end: bool):
+        self._parsing = parsing
+        self._parsers = parsers
+        self._at_end = at_end
+        self._choices: dict[int, ChoiceParser] = {}
+        self._texts: dict[int, list[str]] = {}
+        self._token_ids: dict[int, list[int]] = {}
+
+    def parse(self, delta: Delta, prompt_token_ids: list[int] | None) -> None:
+        """Sets `delta.parsed` (and `finish_reason` "tool_calls" where vLLM's server would say it)."""
+        index = delta.index
+        if index not in self._choices:
+            self._choices[index] = self._parsing.choice_parser(self._parsers.tokenizer, self._parsers.model_config)
+        choice = self._choices[index]
+        delta.parsed = ParsedOutput()
+        if self._at_end:
+            self._texts.setdefault(index, []).append(delta.text)
+            self._token_ids.setdefault(index, []).extend(delta.token_ids)
+            if delta.finish_reason is not None:
+                delta.parsed, delta.finish_reason = choice.whole(
+                    "".join(self._texts[index]), self._token_ids[index], prompt_token_ids, delta.finish_reason)
+            return
+        if not delta.text and not delta.token_ids and not choice.token_count:
+            return  # vLLM's server skips empty outputs before the first token (chunked prefill) without parsing them
+        parsed = choice.delta(delta.text, delta.token_ids, prompt_token_ids, delta.finish_reason is not None)
+        delta.parsed = parsed or ParsedOutput()
+        if delta.finish_reason is not None:
+            delta.finish_reason = choice.streamed_finish_reason(delta.finish_reason)
+
+    def reasoning_tokens(self) -> int | None:
+        if not self._parsing.counts_reasoning:
+            return None
+        return sum(choice.reasoning_tokens() for choice in self._choices.values())
 
 
 def _aborted_before_the_engine(vision_s: float, n: int) -> list[Delta]:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from vllm.exceptions import VLLMClientError
 
 from llm_svc import metrics
-from llm_svc.prompts import ImageRef, Message, chat_options_from_pb
+from llm_svc.output_parsing import ParsedOutput, ToolRequest, tools_from_pb
+from llm_svc.prompts import ImageRef, Message, ToolCall, chat_options_from_pb
 from llm_svc.sampling import to_sampling_params
 from llm_svc.service import Delta, GenerateInput, LanguageService
 from llm_svc.tokenization import TokenizationService, TokenizeInput, Tokens
@@ -24,9 +25,10 @@ from protos.work_limits import AdmittedWork
 log = logging.getLogger(__name__)
 
 _HASH = re.compile(r"[0-9a-f]{64}")
-_ROLES = {llm_pb2.ROLE_SYSTEM: "system", llm_pb2.ROLE_USER: "user", llm_pb2.ROLE_ASSISTANT: "assistant"}
+_ROLES = {llm_pb2.ROLE_SYSTEM: "system", llm_pb2.ROLE_USER: "user", llm_pb2.ROLE_ASSISTANT: "assistant",
+          llm_pb2.ROLE_TOOL: "tool"}
 _FINISH = {"stop": llm_pb2.FINISH_REASON_STOP, "length": llm_pb2.FINISH_REASON_LENGTH,
-           "abort": llm_pb2.FINISH_REASON_ABORT}
+           "abort": llm_pb2.FINISH_REASON_ABORT, "tool_calls": llm_pb2.FINISH_REASON_TOOL_CALLS}
 
 
 def image_from_pb(part: llm_pb2.ImagePart) -> ImageBlob:
@@ -45,7 +47,7 @@ def chat_from_pb(chat: llm_pb2.Chat) -> tuple[list[Message], list[ImageBlob]]:
     messages, images = [], []
     for n, message in enumerate(chat.messages):
         if message.role not in _ROLES:
-            raise InvalidInput(f"message {n}: role must be system, user or assistant")
+            raise InvalidInput(f"message {n}: role must be system, user, assistant or tool")
         parts = []
         for part in message.content:
             if part.WhichOneof("part") == "image":
@@ -53,7 +55,8 @@ def chat_from_pb(chat: llm_pb2.Chat) -> tuple[list[Message], list[ImageBlob]]:
                 parts.append(ImageRef(images[-1].content_hash))
             else:
                 parts.append(part.text)
-        messages.append(Message(_ROLES[message.role], tuple(parts)))
+        calls = tuple(ToolCall(call.id, call.name, call.arguments) for call in message.tool_calls)
+        messages.append(Message(_ROLES[message.role], tuple(parts), calls, message.tool_call_id))
     return messages, images
 
 
@@ -63,8 +66,10 @@ def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int) -> Gener
     kind = request.WhichOneof("input")
     if kind == "chat":
         messages, images = chat_from_pb(request.chat)
+        tools = tools_from_pb(request.chat.tools) if request.chat.HasField("tools") else ToolRequest()
         return GenerateInput(request_id, messages, None, images, sampling, request.max_tiles,
-                             chat_options_from_pb(request.chat), return_prompt_text=request.return_prompt_text)
+                             chat_options_from_pb(request.chat), return_prompt_text=request.return_prompt_text,
+                             tools=tools, parse_at_end=request.parse_at_end)
     if kind == "prompt":
         if not request.prompt:
             raise InvalidInput("the prompt is empty")
@@ -113,6 +118,14 @@ def _prompt_logprobs_to_pb(token_ids: list[int], logprobs: list, top_n: int,
     return out
 
 
+def parsed_to_pb(parsed: ParsedOutput) -> llm_pb2.ParsedOutput:
+    calls = [llm_pb2.ToolCallDelta(index=index, **{k: v for k, v in (("id", id_), ("name", name),
+                                                                        ("arguments", arguments)) if v is not None})
+             for index, id_, name, arguments in parsed.tool_calls]
+    return llm_pb2.ParsedOutput(content=parsed.content, reasoning=parsed.reasoning, tool_calls=calls,
+                                content_null=parsed.content_null, reasoning_null=parsed.reasoning_null)
+
+
 def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int, prompt_top_logprobs: int = 0,
                 decode: Callable[[list[int]], str] | None = None) -> llm_pb2.GenerateResponse:
     """`decode` names the tokens vLLM leaves without text (the prompt's first); needed with prompt_logprobs."""
@@ -122,13 +135,16 @@ def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int, prompt_top_log
     if delta.prompt_logprobs:
         response.prompt_logprobs.extend(_prompt_logprobs_to_pb(delta.prompt_token_ids, delta.prompt_logprobs,
                                                                prompt_top_logprobs, decode))
+    if delta.parsed is not None:
+        response.parsed.CopyFrom(parsed_to_pb(delta.parsed))
     if delta.finish_reason is not None:
         response.finish_reason = _FINISH.get(delta.finish_reason, llm_pb2.FINISH_REASON_STOP)
         response.stop_reason = "" if delta.stop_reason is None else str(delta.stop_reason)
     if delta.timings is not None:
         response.usage.CopyFrom(llm_pb2.Usage(prompt_tokens=delta.prompt_tokens,
                                               completion_tokens=delta.completion_tokens,
-                                              cached_tokens=delta.cached_tokens))
+                                              cached_tokens=delta.cached_tokens,
+                                              reasoning_tokens=delta.reasoning_tokens))
         response.timings.CopyFrom(llm_pb2.Timings(**delta.timings))
     return response
 

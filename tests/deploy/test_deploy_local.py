@@ -77,10 +77,12 @@ def make_serve(tmp_path_factory):
 
 def test_every_python_example_of_the_readme_is_run_by_a_test():
     """Each one is tagged; the grpc-client example runs in tests/llm_svc/test_llm_lifecycle.py, the
-    structured-output one in tests/gateway/test_gateway_structured_outputs_e2e.py."""
+    structured-output one in tests/gateway/test_gateway_structured_outputs_e2e.py, the tools and thinking ones in
+    tests/gateway/test_gateway_tools_e2e.py and tests/gateway/test_gateway_reasoning_e2e.py."""
     blocks = README.count("```python\n")
     tagged = re.findall(r"<!-- readme-example: ([\w-]+) -->\n```python\n", README)
-    assert sorted(tagged) == ["grpc-client", "openai-client", "structured-output"] and blocks == len(tagged)
+    assert sorted(tagged) == ["grpc-client", "openai-client", "structured-output", "thinking", "tools"] \
+        and blocks == len(tagged)
 
 
 def test_readme_openai_example_runs_against_make_serve(make_serve, tmp_path):

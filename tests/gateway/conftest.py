@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import http.server
 import io
+import json
 import threading
 import time
 
@@ -220,18 +221,23 @@ def png():
 # ---- the real stages, shared by the end-to-end modules of this package (starting engines is the slow part) --
 
 API_KEY = "test-key"
+# vLLM's tool-call flags, on both servers: they change nothing for a request without tools, and InternVL3.5 (Qwen3)
+# writes hermes-style <tool_call> blocks.
+TOOL_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 
 @pytest.fixture(scope="package")
 def stack(tiny_checkpoint, tmp_path_factory):
     model = tiny_checkpoint(layout="original", llm="dense")
     logs = tmp_path_factory.mktemp("logs")
-    vision = real_stages.start_vision(model, logs).wait_ready()
+    vision_metrics = free_port()
+    vision = real_stages.start_vision(model, logs, "--metrics-port", str(vision_metrics)).wait_ready()
     llm_metrics = free_port()
     llm = real_stages.start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port",
-                                str(llm_metrics)).wait_ready()
+                                str(llm_metrics), *TOOL_FLAGS).wait_ready()
     gateway = real_stages.start_gateway([llm], logs, "--api-key", API_KEY, "--allow-private-image-urls").wait_ready()
-    yield {"vision": vision, "llm": llm, "gateway": gateway, "llm_metrics": llm_metrics}
+    yield {"vision": vision, "llm": llm, "gateway": gateway, "llm_metrics": llm_metrics,
+           "vision_metrics": vision_metrics}
     for stage in (gateway, llm, vision):
         stage.stop()
 
@@ -241,18 +247,22 @@ def client(stack):
     return openai.OpenAI(base_url=f"http://{stack['gateway'].address}/v1", api_key=API_KEY, max_retries=0)
 
 
-@pytest.fixture(scope="package")
-def vllm_server(tiny_checkpoint, tmp_path_factory):
-    """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype."""
-    model = tiny_checkpoint(layout="original", llm="dense")
+def start_vllm_server(model, log_dir, *extra: str) -> Stage:
     port = free_port()
     argv = ["vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port), "--host", "127.0.0.1",
             "--served-model-name", MODEL, "--trust-remote-code", "--enforce-eager", "--dtype", "float32",
             "--max-model-len", "8192", "--kv-cache-memory-bytes", str(256 << 20), "--limit-mm-per-prompt",
-            '{"image": 3}']
-    server = Stage("vllm-openai-server", argv, port, tmp_path_factory.mktemp("vllm") / "vllm.log",
+            '{"image": 3}', *extra]
+    server = Stage("vllm-openai-server", argv, port, log_dir / "vllm.log",
                    env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, http_health=True)
-    server.wait_ready()
+    return server.wait_ready()
+
+
+@pytest.fixture(scope="package")
+def vllm_server(tiny_checkpoint, tmp_path_factory):
+    """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype."""
+    server = start_vllm_server(tiny_checkpoint(layout="original", llm="dense"), tmp_path_factory.mktemp("vllm"),
+                               *TOOL_FLAGS)
     yield openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
     server.stop()
 
@@ -264,3 +274,39 @@ def servers(stack, vllm_server):
                       headers={"Authorization": f"Bearer {API_KEY}"}) as ours, \
             httpx.Client(base_url=str(vllm_server.base_url).removesuffix("/v1/"), timeout=120) as theirs:
         yield ours, theirs
+
+
+def streamed_chat(client: httpx.Client, body: dict) -> tuple[list[dict], dict]:
+    """A streamed chat's chunks (choice 0's) and its usage (asked for)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, response.read()
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    return [c for chunk in chunks for c in chunk["choices"]], chunks[-1]["usage"]
+
+
+def assembled(choices: list[dict], usage: dict) -> dict:
+    """What a client assembles from a streamed chat answer. Only this compares with vLLM's server: the two group the
+    same tokens into chunks differently (vLLM's output collector merges the deltas a busy server has not sent yet)."""
+    deltas = [c["delta"] for c in choices]
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        for piece in delta.get("tool_calls", []):
+            call = calls.setdefault(piece["index"], {"ids": 0, "name": "", "arguments": ""})
+            call["ids"] += "id" in piece
+            for key in ("name", "arguments"):
+                call[key] += (piece.get("function") or {}).get(key) or ""
+    return {"content": "".join(d.get("content") or "" for d in deltas),
+            "reasoning": "".join(d.get("reasoning") or "" for d in deltas),
+            "tool_calls": [calls[i] for i in sorted(calls)],
+            # The rest of the delta that starts a tool call (vLLM's parser sets "content": null there).
+            "call_starts": [{k: v for k, v in d.items() if k != "tool_calls"} for d in deltas
+                            if any("id" in piece for piece in d.get("tool_calls", []))],
+            "finish_reason": [c["finish_reason"] for c in choices if c["finish_reason"]],
+            # vLLM's server leaves prompt_tokens_details out of a stream's usage (no --enable-prompt-tokens-details).
+            # Its streamed reasoning_tokens are what its parser counted chunk by chunk, so they vary with the chunking
+            # too (by a token or two from run to run): only their presence compares.
+            "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+            "reasoning_tokens_reported": "completion_tokens_details" in usage}

@@ -45,8 +45,9 @@ async def test_bad_json_and_bad_schema_are_400(gateway_url, fake):
     assert_error(await post(gateway_url, {"messages": []}), 400, "messages")
     assert_error(await post(gateway_url, chat(temperature=5)), 400, "temperature")
     assert_error(await post(gateway_url, chat(n=129)), 400, "n:")
-    assert_error(await post(gateway_url, chat(tools=[{"type": "function"}])), 400, "'tools' is not supported")
-    assert_error(await post(gateway_url, {"messages": [{"role": "tool", "content": "x"}]}), 400, "role")
+    assert_error(await post(gateway_url, chat(functions=[{"name": "f"}])), 400, "'functions' is not supported")
+    assert_error(await post(gateway_url, {"messages": [{"role": "tool", "content": "x"}]}), 400, "tool_call_id")
+    assert_error(await post(gateway_url, {"messages": [{"role": "critic", "content": "x"}]}), 400, "role")
     assert_error(await post(gateway_url, {"prompt": ["a", "b"]}, path="/v1/completions"), 400, "prompt")
     assert fake.requests == []
 

@@ -171,7 +171,7 @@ def test_chat_template_defaults_are_vllm_s():
 
 @pytest.mark.parametrize("path,fields,named", [
     ("/v1/chat/completions", {"n": 129}, "n"),
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
