@@ -17,9 +17,9 @@ from PIL import Image
 
 from deploy.local import free_port
 from protos import lifetime
+from tests.readme_examples import README, readme_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
 
 
 class Served:
@@ -54,10 +54,6 @@ class Served:
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0)
-
-
-def readme_example(name: str) -> str:
-    return README.split(f"<!-- readme-example: {name} -->\n```python\n", 1)[1].split("```", 1)[0]
 
 
 def assert_all_gone(processes: dict[int, int], timeout_s: float = 20) -> None:

@@ -7,18 +7,14 @@ reasoning as it is.
 These servers are this module's own (a reasoning parser changes every chat answer); the vision stage is the package's.
 """
 
-import pathlib
-import subprocess
-import sys
-
 import httpx
 import pytest
 
 import tests.stack as real_stages
 from tests.gateway.conftest import MODEL, assembled, start_vllm_server, streamed_chat
+from tests.readme_examples import run_against_gateway
 
 CHAT = "/v1/chat/completions"
-README = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
 REASONING_FLAGS = ["--reasoning-parser", "qwen3"]
 ASK = [{"role": "user", "content": "Is 91 a prime number?"}]
 
@@ -85,8 +81,6 @@ def test_the_streamed_split_equals_vllm_s(thinking_servers, name):
 
 
 def test_the_readme_thinking_example_prints_the_reasoning(thinking_servers, tmp_path):
-    code = README.split("<!-- readme-example: thinking -->\n```python\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "example.py").write_text(code.replace("127.0.0.1:8000", thinking_servers[2]))
-    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = run_against_gateway("thinking", thinking_servers[2], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("reasoning: ") and len(result.stdout.split("reasoning: ", 1)[1]) > 20, result.stdout

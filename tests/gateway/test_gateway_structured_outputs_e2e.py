@@ -8,16 +8,14 @@ The stack and vLLM's server are the package's (tests/gateway/conftest.py), share
 
 import base64
 import json
-import pathlib
 import re
-import subprocess
-import sys
 
 import httpx
 import pytest
 
 from tests.gateway.conftest import API_KEY, MODEL
 from tests.llm_svc.llm_helpers import image, png_bytes
+from tests.readme_examples import run_against_gateway
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 STORY = [{"role": "user", "content": "Tell me a story."}]
@@ -27,7 +25,6 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": 
           "required": ["answer", "ok"], "additionalProperties": False}
 REGEX = "[a-z]{3,6}-[0-9]{2}"
 CHOICES = ["red", "green", "blue"]
-README = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
 STRUCTURAL_TAG = {"type": "structural_tag", "format": {"type": "const_string", "value": "Hello there"}}
 
 
@@ -145,10 +142,7 @@ def test_a_bad_constraint_is_a_400_with_vllm_s_message(servers, fields):
 
 
 def test_the_readme_example_answers_in_its_schema(stack, tmp_path):
-    code = README.split("<!-- readme-example: structured-output -->\n```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace("127.0.0.1:8000", stack["gateway"].address).replace('api_key="none"', f'api_key="{API_KEY}"')
-    (tmp_path / "example.py").write_text(code)
-    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = run_against_gateway("structured-output", stack["gateway"].address, tmp_path, api_key=API_KEY)
     assert result.returncode == 0, result.stderr
     printed = result.stdout.strip()
     assert printed.startswith("{'answer': ") and printed.endswith("}"), printed

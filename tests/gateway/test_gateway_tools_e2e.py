@@ -10,18 +10,15 @@ parser then reads.
 """
 
 import json
-import pathlib
 import re
-import subprocess
-import sys
 
 import httpx
 import pytest
 
 from tests.gateway.conftest import API_KEY, MODEL, assembled, streamed_chat
+from tests.readme_examples import run_against_gateway
 
 CHAT = "/v1/chat/completions"
-README = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
 # Enums only: a random model would write a free string until max_tokens.
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -153,10 +150,7 @@ def test_a_bad_tool_request_is_a_400_with_vllm_s_message(servers, fields):
 
 
 def test_the_readme_tools_example_calls_the_function(stack, tmp_path):
-    code = README.split("<!-- readme-example: tools -->\n```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace("127.0.0.1:8000", stack["gateway"].address).replace('api_key="none"', f'api_key="{API_KEY}"')
-    (tmp_path / "example.py").write_text(code)
-    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = run_against_gateway("tools", stack["gateway"].address, tmp_path, api_key=API_KEY)
     assert result.returncode == 0, result.stderr
     # A strict function: the arguments are a JSON object in its schema, not whatever JSON the model writes.
     assert result.stdout.strip() in ('get_weather {"city": "Paris"}', 'get_weather {"city": "Tokyo"}'), result.stdout

@@ -19,11 +19,11 @@ from PIL import Image
 
 from protos import llm_pb2
 from protos.errors import RETRY_AFTER_KEY
+from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes
+from tests.readme_examples import readme_example
 from tests.stack import free_port, start_llm, start_vision
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes
 
 LONG = llm_pb2.SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
 MiB = 1 << 20
@@ -198,8 +198,7 @@ def test_hostile_input_gets_a_clear_error_and_the_engine_stays_healthy(stack, ca
 
 def test_readme_grpc_example_runs(stack, tmp_path):
     llm, _, _, _ = stack
-    readme = (ROOT / "README.md").read_text()
-    code = readme.split("<!-- readme-example: grpc-client -->\n```python\n", 1)[1].split("```", 1)[0]
+    code = readme_example("grpc-client")
     (tmp_path / "example.py").write_text(code)
     (tmp_path / "photo.png").write_bytes(png_bytes(image(640, 480, seed=8)))
     result = subprocess.run([sys.executable, str(tmp_path / "example.py"), llm.address, str(tmp_path / "photo.png")],
