@@ -57,15 +57,23 @@ def sse(payload: dict) -> str:
 
 async def sse_events(stream: TokenStream, render: RenderChunk, first_chunks: list[dict],
                      meta: translate.ResponseMeta, obj: str, include_usage: bool,
-                     metrics: GatewayMetrics) -> AsyncIterator[str]:
+                     metrics: GatewayMetrics, continuous_usage: bool = False) -> AsyncIterator[str]:
+    """`first_chunks` go before the first message's; with `continuous_usage` every chunk carries its choice's usage
+    so far, which each message brings (GenerateResponse.choice_usage)."""
+    chat = obj == "chat.completion.chunk"
     # A client that disconnects cancels this generator inside `stream`, which cancels the gRPC call.
     try:
-        for chunk in first_chunks:
-            yield sse(chunk)
         last = None
         async for message in stream:
+            if last is None:
+                for chunk in first_chunks:
+                    if continuous_usage:
+                        chunk["usage"] = translate.running_usage_json(message.choice_usage, chat, before_tokens=True)
+                    yield sse(chunk)
             last = message
             if (chunk := render(message)) is not None:
+                if continuous_usage:
+                    chunk["usage"] = translate.running_usage_json(message.choice_usage, chat)
                 yield sse(chunk)
         record_usage(last, metrics)
         if include_usage:

@@ -67,6 +67,8 @@ class AnswerOptions:
     stream: bool
     include_usage: bool
     logprobs: bool
+    # vLLM's continuous_usage_stats: every streamed chunk carries its choice's usage.
+    continuous_usage: bool
     n: int = 1
     # Chat: the answer's role, and what `echo` puts before it.
     role: str = "assistant"
@@ -80,7 +82,8 @@ def answer_options(request: Request, body: ChatCompletionRequest | CompletionReq
                    model: str, logprobs: bool, **endpoint_options) -> AnswerOptions:
     meta = translate.ResponseMeta(f"{id_prefix}-{request.state.request_id}", int(time.time()), model)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return AnswerOptions(meta, body.stream, include_usage, logprobs, body.n, **endpoint_options)
+    continuous_usage = body.stream_options is not None and body.stream_options.continuous_usage
+    return AnswerOptions(meta, body.stream, include_usage, logprobs, continuous_usage, body.n, **endpoint_options)
 
 
 @api.post(CHAT_ENDPOINT)
@@ -90,7 +93,8 @@ async def chat_completions(request: Request):
     if options.stream:
         first_chunks = translate.chat_first_chunks(options.meta, options.n, options.role, options.echo_text)
         chunks = sse_events(stream, lambda m: translate.chat_chunk(m, options.meta, options.logprobs),
-                            first_chunks, options.meta, "chat.completion.chunk", options.include_usage, metrics)
+                            first_chunks, options.meta, "chat.completion.chunk", options.include_usage, metrics,
+                            options.continuous_usage)
         return event_stream(chunks, stream)
     messages = await collect_unless_disconnected(request, stream)
     return JSONResponse(translate.chat_completion(messages, options.meta, options.logprobs, options.role,
@@ -116,7 +120,7 @@ async def completions(request: Request):
     if options.stream:
         render = completion_renderer(options.meta, options.top_logprobs, options.echo)
         chunks = sse_events(stream, render, [], options.meta, "text_completion", options.include_usage,
-                            gateway_of(request).metrics)
+                            gateway_of(request).metrics, options.continuous_usage)
         return event_stream(chunks, stream)
     messages = await collect_unless_disconnected(request, stream)
     echo = translate.PromptEcho.of(messages[0], options.top_logprobs) if options.echo else None

@@ -95,8 +95,6 @@ UNIMPLEMENTED_FIELDS: dict[str, Refused | Ignored] = {
     # Prompt forms and prompt-side outputs.
     "suffix": Refused((None, "")),
     "prompt_embeds": _PLANNED,
-    "truncate_prompt_tokens": _PLANNED,
-    "truncation_side": Ignored("has an effect only with truncate_prompt_tokens, which is refused"),
     "add_special_tokens": Refused((None, False), completion_unchanged=(None, True)),
     "documents": _PLANNED,
     "chat_template": _PLANNED,
@@ -202,15 +200,12 @@ Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
-    # vLLM's usage on every chunk: not implemented yet.
+    # With include_usage (as vLLM reads it): every chunk carries the usage of its choice so far.
     continuous_usage_stats: bool = False
 
-    @field_validator("continuous_usage_stats")
-    @classmethod
-    def _refuse_continuous_usage(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("'continuous_usage_stats' is not supported by this server (accepted only as false)")
-        return value
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 TokenId = Annotated[int, Field(**proto_range(_SAMPLING, "allowed_token_ids"))]
@@ -252,6 +247,11 @@ class _Sampling(_Base):
     # structured_outputs, as vLLM does (gateway/structured_outputs.py).
     response_format: ResponseFormatField | None = None
     structured_outputs: StructuredOutputs | None = None
+    # Keep this many of the prompt's tokens (-1: as many as the context takes), cut from truncation_side (unset: the
+    # left, keeping the last ones); llm_svc applies vLLM's checks (e.g. larger than the context is a 400).
+    truncate_prompt_tokens: int | None = Field(None, **proto_range(llm_pb2.GenerateRequest, "truncate_prompt_tokens",
+                                                                   ge=-1))
+    truncation_side: Literal["left", "right"] | None = None
 
     @model_validator(mode="after")
     def _prompt_logprobs_need_a_whole_answer(self):

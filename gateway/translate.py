@@ -51,6 +51,16 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, max_toke
         **{k: v for k, v in fields.items() if v is not None})
 
 
+def prompt_controls(request: ChatCompletionRequest | CompletionRequest) -> dict:
+    """The GenerateRequest fields both endpoints fill alike: truncation, and usage on every streamed chunk."""
+    controls = dict(truncation_side=request.truncation_side or "",
+                    continuous_usage=bool(request.stream and request.stream_options
+                                          and request.stream_options.continuous_usage))
+    if request.truncate_prompt_tokens is not None:
+        controls["truncate_prompt_tokens"] = request.truncate_prompt_tokens
+    return controls
+
+
 def image_urls(request: ChatCompletionRequest) -> list[str]:
     """The request's image URLs in message order: the order their bytes must be passed to `chat_to_proto`."""
     return [part.image_url.url for message in request.messages if isinstance(message.content, list)
@@ -93,7 +103,7 @@ def chat_generate_request(request: ChatCompletionRequest, images: list[bytes], r
     return llm_pb2.GenerateRequest(request_id=request_id, chat=chat_to_proto(request, images),
                                    sampling=sampling_params(request, max_tokens_limit, top_logprobs,
                                                             prompt_logprobs),
-                                   max_tiles=tiles or 0, parse_at_end=not request.stream)
+                                   max_tiles=tiles or 0, parse_at_end=not request.stream, **prompt_controls(request))
 
 
 def completion_generate_request(request: CompletionRequest, request_id: str,
@@ -106,7 +116,7 @@ def completion_generate_request(request: CompletionRequest, request_id: str,
               else {"prompt_tokens": llm_pb2.PromptTokens(token_ids=request.prompt)})
     return llm_pb2.GenerateRequest(request_id=request_id, **prompt, return_prompt_text=bool(request.echo),
                                    sampling=sampling_params(request, max_tokens_limit, request.logprobs,
-                                                            prompt_logprobs))
+                                                            prompt_logprobs), **prompt_controls(request))
 
 
 def response_role(request: ChatCompletionRequest) -> str:
@@ -124,12 +134,28 @@ def chat_echo_text(request: ChatCompletionRequest) -> str:
     return "\n".join(part.text for part in last.content if isinstance(part, TextPart))
 
 
-def usage_json(usage: llm_pb2.Usage) -> dict:
+def usage_json(usage: llm_pb2.Usage, streamed: bool = False) -> dict:
+    """A response's usage; a stream's leaves the cached tokens out, as vLLM's server does (without its
+    --enable-prompt-tokens-details)."""
     body = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    if not streamed:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
     if usage.HasField("reasoning_tokens"):  # as vLLM's server reports them when it has a reasoning parser
         body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
+
+
+def running_usage_json(choice_usage: llm_pb2.Usage, chat: bool, before_tokens: bool = False) -> dict:
+    """vLLM's continuous usage stats on one chunk: its choice's usage so far (`before_tokens`: a chunk sent before
+    any token, a chat's role or echo). Chat chunks show completion_tokens_details, null without a reasoning parser."""
+    completion = 0 if before_tokens else choice_usage.completion_tokens
+    body = {"prompt_tokens": choice_usage.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": choice_usage.prompt_tokens + completion}
+    if chat:
+        reasoning = 0 if before_tokens else choice_usage.reasoning_tokens
+        body["completion_tokens_details"] = ({"reasoning_tokens": reasoning}
+                                             if choice_usage.HasField("reasoning_tokens") else None)
     return body
 
 
@@ -254,7 +280,7 @@ def chat_chunk(response: llm_pb2.GenerateResponse, meta: ResponseMeta, with_logp
 
 def usage_chunk(meta: ResponseMeta, obj: str, usage: llm_pb2.Usage) -> dict:
     """The last chunk of a stream when `stream_options.include_usage` is set: no choices, only usage."""
-    return {**_chunk(meta, obj, []), "usage": usage_json(usage)}
+    return {**_chunk(meta, obj, []), "usage": usage_json(usage, streamed=True)}
 
 
 def _chat_message(responses: list[llm_pb2.GenerateResponse], role: str, echo_text: str) -> dict:

@@ -28,12 +28,12 @@ class AdmissionCheck:
         self._hidden_size = hidden_size
 
     async def check(self, request_id: str, text: str, images: list[ImageBlob], max_tiles: int,
-                    sampling) -> int:
-        """The prompt's length as the engine will count it; raises InvalidInput with vLLM's message where
-        the engine would refuse the request."""
+                    sampling, tok_params=None) -> int:
+        """The prompt's length as the engine will count it (after the truncation `tok_params` ask for); raises
+        InvalidInput with vLLM's message where the engine would refuse the request."""
         counts = self._counter.count(images, max_tiles)
         try:
-            engine_input = await self.expand(request_id, text, counts)
+            engine_input = await self.expand(request_id, text, counts, tok_params)
             self._input_processor.process_inputs(request_id, engine_input, sampling, self._supported_tasks)
         except (VLLMClientError, ValueError) as error:
             raise InvalidInput(client_message(error) + _lower_bound_note(counts)) from error

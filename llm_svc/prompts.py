@@ -10,7 +10,7 @@ travel separately, as `multi_modal_data`.
 import dataclasses
 import json
 
-from vllm.renderers.params import ChatParams
+from vllm.renderers.params import ChatParams, TokenizeParams
 
 from protos import llm_pb2
 from protos.errors import InvalidInput
@@ -116,6 +116,27 @@ def chat_options_from_pb(chat: llm_pb2.Chat) -> ChatOptions:
         template_kwargs=template_kwargs_from_json(chat.chat_template_kwargs_json))
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptTruncation:
+    """vLLM's truncate_prompt_tokens: keep `tokens` of the prompt (-1: as many as the context takes), cut from `side`
+    ("left" keeps the last ones; None: the tokenizer's side, left for generation)."""
+
+    tokens: int
+    side: str | None = None
+
+    def __post_init__(self):
+        if self.tokens < -1:
+            raise InvalidInput(f"truncate_prompt_tokens={self.tokens} must be -1 or at least 0")
+        if self.side not in (None, "left", "right"):
+            raise InvalidInput("`truncation_side` must be either 'left' or 'right'.")
+
+
+def truncation_from_pb(request: llm_pb2.GenerateRequest) -> PromptTruncation | None:
+    if not request.HasField("truncate_prompt_tokens"):
+        return None
+    return PromptTruncation(request.truncate_prompt_tokens, request.truncation_side or None)
+
+
 class PromptRenderer:
     def __init__(self, renderer):
         """`renderer` is the engine's (`AsyncLLM.renderer`): same template, same tokenizer as the engine."""
@@ -136,9 +157,19 @@ class PromptRenderer:
         """A token-id prompt's text, as vLLM's server decodes it to echo it (special tokens kept)."""
         return self._renderer.get_tokenizer().decode(token_ids)
 
-    async def engine_input(self, prompt: dict) -> dict:
+    def tok_params(self, truncation: PromptTruncation | None, max_tokens: int | None) -> TokenizeParams | None:
+        """The engine's tokenization with `truncation` applied as vLLM's server applies it (its checks and messages:
+        a length over the context is refused); None, the engine's defaults, without it."""
+        if truncation is None:
+            return None
+        # As vLLM's request models build them: max_output_tokens decides what -1 keeps (one token for the answer).
+        return dataclasses.replace(self._renderer.default_cmpl_tok_params, truncate_prompt_tokens=truncation.tokens,
+                                   truncation_side=truncation.side, max_output_tokens=max_tokens or 0,
+                                   max_total_tokens_param="max_model_len", max_output_tokens_param="max_tokens")
+
+    async def engine_input(self, prompt: dict, tok_params: TokenizeParams | None = None) -> dict:
         """Tokenizes `{"prompt", "multi_modal_data", "multi_modal_uuids"}` (or takes `{"prompt_token_ids"}` as they
-        are) and expands its image placeholders
-        into what the engine takes; refuses prompts over the context with vLLM's own message."""
-        (engine_input,) = await self._renderer.render_cmpl_async([prompt])
+        are), truncates it where `tok_params` say so and expands its image placeholders into what the engine takes;
+        refuses prompts over the context with vLLM's own message."""
+        (engine_input,) = await self._renderer.render_cmpl_async([prompt], tok_params)
         return engine_input

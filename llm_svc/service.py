@@ -29,7 +29,7 @@ from llm_svc import metrics
 from llm_svc.admission import AdmissionCheck
 from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.output_parsing import ChatParsing, ChoiceParser, OutputParsers, ParsedOutput, ToolRequest
-from llm_svc.prompts import ChatOptions, Message, PromptRenderer, to_openai_messages
+from llm_svc.prompts import ChatOptions, Message, PromptRenderer, PromptTruncation, to_openai_messages
 from llm_svc.vision_client import ImageBlob, VisionClient
 from llm_svc.vllm_messages import client_message
 from protos.errors import InternalError, InvalidInput, Overloaded, ServingError, Unavailable
@@ -51,6 +51,8 @@ class GenerateInput:
     return_prompt_text: bool = False  # the first delta carries the prompt as text
     tools: ToolRequest = ToolRequest()  # a chat's
     parse_at_end: bool = False  # parse each completion once, whole (else delta by delta)
+    truncation: PromptTruncation | None = None  # vLLM's truncate_prompt_tokens, truncation_side
+    continuous_usage: bool = False  # every delta carries its completion's usage so far (choice_usage)
 
 
 @dataclasses.dataclass
@@ -70,6 +72,8 @@ class Delta:
     prompt_text: str | None = None
     parsed: ParsedOutput | None = None  # set on every delta of a request whose answer is parsed
     reasoning_tokens: int | None = None  # with the usage, when the server has a reasoning parser
+    # With continuous_usage: (prompt tokens, this completion's tokens so far, its reasoning tokens or None).
+    choice_usage: tuple[int, int, int | None] | None = None
 
 
 class LanguageService:
@@ -145,12 +149,19 @@ class LanguageService:
         sampling.skip_special_tokens = parsing.request.skip_special_tokens
         return parsing
 
+    def _tok_params(self, request: GenerateInput):
+        """The tokenization the request's truncation asks for (vLLM's TokenizeParams); None: the engine's default."""
+        if request.truncation is None:
+            return None
+        return self.renderer.tok_params(request.truncation, request.sampling.max_tokens)
+
     def _prompt_text(self, request: GenerateInput, text: str | None) -> str:
         return text if text is not None else self.renderer.decode(request.prompt_token_ids)
 
     async def _embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[torch.Tensor]:
         # Before the vision call: a request that the engine would refuse costs the vision stage nothing.
-        await self._admission.check(request.request_id, text, request.images, request.max_tiles, request.sampling)
+        await self._admission.check(request.request_id, text, request.images, request.max_tiles, request.sampling,
+                                    self._tok_params(request))
         results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
                                             self.limits.vision_timeout_s, hold_bytes=work.hold)
         for i, result in enumerate(results):
@@ -167,7 +178,7 @@ class LanguageService:
         first_token_s = None
         completion_tokens = 0
         try:
-            engine_input = await self.renderer.engine_input(prompt)
+            engine_input = await self.renderer.engine_input(prompt, self._tok_params(request))
             engine_kwargs = {}
             answers = None
             if parsing is not None:
@@ -179,6 +190,7 @@ class LanguageService:
                     yield delta
                 return
             prompt_logprobs_sent = False
+            choice_tokens: dict[int, int] = {}  # completion index -> its tokens so far
             async for output in self._engine.generate(engine_input, request.sampling, request.request_id,
                                                       **engine_kwargs):
                 if self._running[request.request_id] and not output.finished:
@@ -199,6 +211,12 @@ class LanguageService:
                         delta.stop_reason = completion.stop_reason
                     if answers is not None:
                         answers.parse(delta, output.prompt_token_ids)
+                    if request.continuous_usage:
+                        choice_tokens[completion.index] = choice_tokens.get(completion.index, 0) + len(
+                            completion.token_ids)
+                        delta.choice_usage = (len(output.prompt_token_ids or ()), choice_tokens[completion.index],
+                                              answers.choice_reasoning_tokens(completion.index)
+                                              if answers is not None else None)
                     if output.prompt_logprobs and not prompt_logprobs_sent:
                         # Every completion computes the prompt's; one copy is enough.
                         delta.prompt_logprobs, delta.prompt_token_ids = output.prompt_logprobs, output.prompt_token_ids
@@ -262,6 +280,13 @@ class ParsedAnswers:
         if not self._parsing.counts_reasoning:
             return None
         return sum(choice.reasoning_tokens() for choice in self._choices.values())
+
+    def choice_reasoning_tokens(self, index: int) -> int | None:
+        """One completion's reasoning tokens so far (0 before its first token), or None without a reasoning parser."""
+        if not self._parsing.counts_reasoning:
+            return None
+        choice = self._choices.get(index)
+        return choice.reasoning_tokens() if choice is not None else 0
 
 
 def _aborted_before_the_engine(vision_s: float, n: int) -> list[Delta]:

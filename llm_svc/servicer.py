@@ -11,7 +11,7 @@ from vllm.exceptions import VLLMClientError
 
 from llm_svc import metrics
 from llm_svc.output_parsing import ParsedOutput, ToolRequest, tools_from_pb
-from llm_svc.prompts import ImageRef, Message, ToolCall, chat_options_from_pb
+from llm_svc.prompts import ImageRef, Message, ToolCall, chat_options_from_pb, truncation_from_pb
 from llm_svc.sampling import to_sampling_params
 from llm_svc.service import Delta, GenerateInput, LanguageService
 from llm_svc.tokenization import TokenizationService, TokenizeInput, Tokens
@@ -63,24 +63,25 @@ def chat_from_pb(chat: llm_pb2.Chat) -> tuple[list[Message], list[ImageBlob]]:
 def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int) -> GenerateInput:
     request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
     sampling = to_sampling_params(request.sampling, max_model_len)
+    # What every input form takes alike.
+    common = dict(return_prompt_text=request.return_prompt_text, truncation=truncation_from_pb(request),
+                  continuous_usage=request.continuous_usage)
     kind = request.WhichOneof("input")
     if kind == "chat":
         messages, images = chat_from_pb(request.chat)
         tools = tools_from_pb(request.chat.tools) if request.chat.HasField("tools") else ToolRequest()
         return GenerateInput(request_id, messages, None, images, sampling, request.max_tiles,
-                             chat_options_from_pb(request.chat), return_prompt_text=request.return_prompt_text,
-                             tools=tools, parse_at_end=request.parse_at_end)
+                             chat_options_from_pb(request.chat), tools=tools, parse_at_end=request.parse_at_end,
+                             **common)
     if kind == "prompt":
         if not request.prompt:
             raise InvalidInput("the prompt is empty")
-        return GenerateInput(request_id, None, request.prompt, [], sampling, request.max_tiles,
-                             return_prompt_text=request.return_prompt_text)
+        return GenerateInput(request_id, None, request.prompt, [], sampling, request.max_tiles, **common)
     if kind == "prompt_tokens":
         if not request.prompt_tokens.token_ids:
             raise InvalidInput("the prompt is empty")
         return GenerateInput(request_id, None, None, [], sampling, request.max_tiles,
-                             prompt_token_ids=list(request.prompt_tokens.token_ids),
-                             return_prompt_text=request.return_prompt_text)
+                             prompt_token_ids=list(request.prompt_tokens.token_ids), **common)
     raise InvalidInput("the request has neither chat messages nor a prompt")
 
 
@@ -140,6 +141,10 @@ def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int, prompt_top_log
     if delta.finish_reason is not None:
         response.finish_reason = _FINISH.get(delta.finish_reason, llm_pb2.FINISH_REASON_STOP)
         response.stop_reason = "" if delta.stop_reason is None else str(delta.stop_reason)
+    if delta.choice_usage is not None:
+        prompt_tokens, completion_tokens, reasoning_tokens = delta.choice_usage
+        response.choice_usage.CopyFrom(llm_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                                     reasoning_tokens=reasoning_tokens))
     if delta.timings is not None:
         response.usage.CopyFrom(llm_pb2.Usage(prompt_tokens=delta.prompt_tokens,
                                               completion_tokens=delta.completion_tokens,

@@ -74,7 +74,9 @@ class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
                     logprobs=logprobs(token, i, request.sampling),
                     finish_reason=llm_pb2.FINISH_REASON_STOP if last else llm_pb2.FINISH_REASON_UNSPECIFIED,
                     usage=llm_pb2.Usage(prompt_tokens=11, completion_tokens=len(tokens), cached_tokens=4)
-                    if last else None)
+                    if last else None,
+                    choice_usage=llm_pb2.Usage(prompt_tokens=11, completion_tokens=i + 1)
+                    if request.continuous_usage else None)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise

@@ -1,6 +1,7 @@
 """The gateway's happy paths through the official `openai` client, against a fake llm_svc on a real gRPC server."""
 
 import base64
+import json
 
 import httpx
 import openai
@@ -87,8 +88,29 @@ async def test_chat_stream_sends_role_then_deltas_then_finish_then_usage(client,
     assert content == fake.REPLY
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * len(fake.REPLY) + ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(fake.REPLY)
-    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 4
+    # As vLLM's server: a stream's usage leaves the cached tokens out.
+    assert chunks[-1].usage.prompt_tokens_details is None
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_continuous_usage_puts_each_choice_s_usage_so_far_on_every_chunk(gateway_url, fake, path):
+    body = {"model": fake.MODEL, "stream": True, "stream_options": {"include_usage": True,
+                                                                    "continuous_usage_stats": True},
+            **({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})}
+    async with httpx.AsyncClient() as http:
+        response = await http.post(gateway_url + path, json=body)
+    chunks = [json.loads(line.removeprefix("data: ")) for line in response.text.split("\n\n")
+              if line.startswith("data: {")]
+    chat = "chat" in path
+    counts = [0] * chat + list(range(1, len(fake.REPLY) + 1))  # a chat's role chunk comes before any token
+    assert [c["usage"]["completion_tokens"] for c in chunks[:-1]] == counts
+    assert all(c["usage"]["prompt_tokens"] == 11 and c["usage"]["total_tokens"] == 11 + n
+               for c, n in zip(chunks, counts))
+    # vLLM's shapes: a chat chunk's completion_tokens_details is null without a reasoning parser.
+    assert all(("completion_tokens_details" in c["usage"]) == chat for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(fake.REPLY)
+    assert fake.requests[-1].continuous_usage
 
 
 async def test_chat_stream_without_usage_ends_with_done(gateway_url, fake):

@@ -100,7 +100,8 @@ def test_a_field_neither_vllm_nor_openai_defines_is_ignored_and_logged(caplog):
     ({"prompt": []}, "'prompt' must not be empty"),
     ({"prompt_logprobs": 1, "stream": True}, "`prompt_logprobs` are not available when `stream=True`."),
     ({"prompt_logprobs": -2}, "prompt_logprobs"),
-    ({"stream_options": {"continuous_usage_stats": True}}, "continuous_usage_stats"),
+    ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"truncation_side": "middle"}, "truncation_side"),
 ])
 def test_completion_forms_not_carried_are_refused_by_name(fields, named):
     with pytest.raises(ValidationError, match=named):
@@ -161,6 +162,19 @@ def test_the_chat_template_controls_reach_the_proto():
     assert json.loads(chat.chat_template_kwargs_json) == {"enable_thinking": False, "depth": 3}
 
 
+@pytest.mark.parametrize("endpoint", OURS)
+def test_truncation_and_continuous_usage_reach_the_proto(endpoint):
+    request = validate(endpoint, truncate_prompt_tokens=5, truncation_side="right", stream=True,
+                       stream_options={"include_usage": True, "continuous_usage_stats": True})
+    build = translate.chat_generate_request if endpoint == "chat" else translate.completion_generate_request
+    sent = build(request, *([[]] if endpoint == "chat" else []), "r", 100)
+    assert (sent.truncate_prompt_tokens, sent.truncation_side, sent.continuous_usage) == (5, "right", True)
+    plain = build(validate(endpoint, stream=True, stream_options={"continuous_usage_stats": True}),
+                  *([[]] if endpoint == "chat" else []), "r", 100)
+    # As vLLM reads it: continuous usage only with include_usage; no truncation unless asked.
+    assert not plain.HasField("truncate_prompt_tokens") and not plain.continuous_usage
+
+
 def test_chat_template_defaults_are_vllm_s():
     chat = translate.chat_generate_request(validate("chat"), [], "r", 100).chat
     assert chat.HasField("add_generation_prompt") and chat.add_generation_prompt
@@ -175,7 +189,7 @@ def test_chat_template_defaults_are_vllm_s():
     ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
-    ("/v1/completions", {"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ("/v1/completions", {"guided_regex": "a+"}, "guided_regex"),
 ])
 async def test_refused_fields_are_a_400_naming_them_before_llm_svc_is_called(gateway_url, fake, path, fields,

@@ -108,7 +108,23 @@ def test_chat_completion_aggregates_text_reason_and_usage():
                                  "logprobs": None, "finish_reason": "length", "stop_reason": None}],
                     "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
                               "prompt_tokens_details": {"cached_tokens": 3}}}
-    assert translate.usage_chunk(META, "chat.completion.chunk", usage)["choices"] == []
+    streamed = translate.usage_chunk(META, "chat.completion.chunk", usage)
+    assert streamed["choices"] == []
+    assert streamed["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+
+
+@pytest.mark.parametrize("chat,reasoning,before_tokens,expected", [
+    (False, None, False, {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}),
+    (True, None, False, {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+                         "completion_tokens_details": None}),
+    (True, 1, False, {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+                      "completion_tokens_details": {"reasoning_tokens": 1}}),
+    (True, 1, True, {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7,
+                     "completion_tokens_details": {"reasoning_tokens": 0}}),
+])
+def test_running_usage_is_vllm_s_continuous_usage(chat, reasoning, before_tokens, expected):
+    choice_usage = llm_pb2.Usage(prompt_tokens=7, completion_tokens=2, reasoning_tokens=reasoning)
+    assert translate.running_usage_json(choice_usage, chat, before_tokens) == expected
 
 
 def test_completion_logprobs_offsets_continue_across_chunks():

@@ -46,7 +46,7 @@ class ParallelEngine:
 
 
 class TokenRenderer:
-    async def engine_input(self, prompt):
+    async def engine_input(self, prompt, tok_params=None):
         return prompt
 
     def decode(self, token_ids):
@@ -109,3 +109,29 @@ def test_a_token_id_prompt_reaches_the_service():
 def test_out_of_range_choices_and_prompt_logprobs_are_refused(sampling, message):
     with pytest.raises(InvalidInput, match=re.escape(message)):
         to_sampling_params(sampling, max_model_len=128)
+
+
+async def test_continuous_usage_counts_each_completion_s_tokens_so_far():
+    service = LanguageService(ParallelEngine(), FakeVision(None, 1), TokenRenderer(), Admission(), DIMS, LIMITS)
+    request = GenerateInput("r1", None, None, [], SamplingParams(n=2, max_tokens=2), 0, prompt_token_ids=PROMPT_IDS,
+                            continuous_usage=True)
+    deltas = [d async for d in service.generate(request, service.admit(0))]
+    # (prompt tokens, that completion's tokens so far, no reasoning parser), as vLLM's continuous usage counts them.
+    assert [(d.index, d.choice_usage) for d in deltas] == [
+        (1, (3, 1, None)), (0, (3, 1, None)), (1, (3, 2, None)), (0, (3, 2, None))]
+    sent = delta_to_pb("r1", deltas[2], 0).choice_usage
+    assert sent == llm_pb2.Usage(prompt_tokens=3, completion_tokens=2) and not sent.HasField("reasoning_tokens")
+
+
+def test_truncation_reaches_the_service_and_is_checked():
+    request = llm_pb2.GenerateRequest(prompt="hi", truncate_prompt_tokens=5, truncation_side="right",
+                                      continuous_usage=True)
+    generate_input = input_from_pb(request, max_model_len=128)
+    assert (generate_input.truncation.tokens, generate_input.truncation.side) == (5, "right")
+    assert generate_input.continuous_usage
+    assert input_from_pb(llm_pb2.GenerateRequest(prompt="hi"), max_model_len=128).truncation is None
+    with pytest.raises(InvalidInput, match="truncate_prompt_tokens=-2"):
+        input_from_pb(llm_pb2.GenerateRequest(prompt="hi", truncate_prompt_tokens=-2), max_model_len=128)
+    with pytest.raises(InvalidInput, match="truncation_side"):
+        input_from_pb(llm_pb2.GenerateRequest(prompt="hi", truncate_prompt_tokens=2, truncation_side="up"),
+                      max_model_len=128)

@@ -41,7 +41,7 @@ class Admission:
     def __init__(self, refusal: str | None = None):
         self.refusal = refusal
 
-    async def check(self, request_id, text, images, max_tiles, sampling):
+    async def check(self, request_id, text, images, max_tiles, sampling, tok_params=None):
         if self.refusal:
             raise InvalidInput(self.refusal)
         return 1
@@ -61,7 +61,7 @@ class FixedRenderer:
     def render(self, messages, options=None):
         return "<image>\nhi"
 
-    async def engine_input(self, prompt):
+    async def engine_input(self, prompt, tok_params=None):
         return prompt
 
     def decode(self, token_ids):
@@ -115,7 +115,7 @@ async def test_abort_while_images_are_encoded_ends_the_request_before_the_engine
 
 
 class SlowRenderer(FixedRenderer):
-    async def engine_input(self, prompt):
+    async def engine_input(self, prompt, tok_params=None):
         await asyncio.sleep(0.3)
         return prompt
 

@@ -43,7 +43,7 @@ class Vision:
 
 
 class Admission:
-    async def check(self, request_id, text, images, max_tiles, sampling):
+    async def check(self, request_id, text, images, max_tiles, sampling, tok_params=None):
         return 1
 
 
