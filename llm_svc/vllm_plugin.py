@@ -29,7 +29,11 @@ ROW_DIMENSIONS = {
 
 def register() -> None:
     for module_name, schemas in ROW_DIMENSIONS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a vLLM without this model
+            logger.warning("vLLM has no %s: its image embeddings are left as vLLM checks them", module_name)
+            continue
         for class_name, dim in schemas:
             schema = getattr(module, class_name, None)
             shape = _data_shape(schema) if schema is not None else None
