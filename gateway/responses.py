@@ -3,11 +3,10 @@
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 from gateway import translate
 from gateway.errors import http_error
-from gateway.llm_client import TokenStream
 from gateway.metrics import GatewayMetrics
 from protos import llm_pb2
 from protos.errors import ServingError
@@ -15,6 +14,8 @@ from protos.errors import ServingError
 log = logging.getLogger(__name__)
 
 RenderChunk = Callable[[llm_pb2.GenerateResponse], dict | None]
+# One call's TokenStream, or the merged calls of several prompts (gateway/fanout.py).
+Messages = AsyncIterable[llm_pb2.GenerateResponse]
 
 
 def record_usage(message: llm_pb2.GenerateResponse, metrics: GatewayMetrics) -> None:
@@ -22,22 +23,25 @@ def record_usage(message: llm_pb2.GenerateResponse, metrics: GatewayMetrics) -> 
     metrics.completion_tokens.inc(message.usage.completion_tokens)
 
 
-async def collect(stream: TokenStream, metrics: GatewayMetrics) -> list[llm_pb2.GenerateResponse]:
+async def collect(stream: Messages, metrics: GatewayMetrics) -> list[llm_pb2.GenerateResponse]:
     messages = [message async for message in stream]
     record_usage(messages[-1], metrics)
     return messages
 
 
-def completion_renderer(meta: translate.ResponseMeta, logprobs: int | None, echo: bool = False) -> RenderChunk:
+def completion_renderer(meta: translate.ResponseMeta, logprobs: int | None, echo: bool = False,
+                        n: int = 1) -> RenderChunk:
     """Chunks of each choice, with its tokens' offsets in its whole text; with `echo`, each choice's first chunk
-    starts with the prompt (which the stream's first message carries)."""
+    starts with its prompt (which the first message of that prompt's call carries; choice i answers prompt i // n)."""
     offsets: dict[int, int] = {}  # choice index -> where its next token starts
-    prompt: translate.PromptEcho | None = None
+    prompts: dict[int, translate.PromptEcho] = {}  # prompt index -> what echo shows of it
 
     def render(message: llm_pb2.GenerateResponse) -> dict | None:
-        nonlocal prompt
-        if echo and prompt is None:
-            prompt = translate.PromptEcho.of(message, logprobs)
+        prompt = None
+        if echo:
+            if message.index // n not in prompts:
+                prompts[message.index // n] = translate.PromptEcho.of(message, logprobs)
+            prompt = prompts[message.index // n]
         first = message.index not in offsets
         chunk = translate.completion_chunk(message, meta, logprobs is not None, offsets.get(message.index, 0),
                                            prompt if first else None)
@@ -55,9 +59,9 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def sse_events(stream: TokenStream, render: RenderChunk, first_chunks: list[dict],
-                     meta: translate.ResponseMeta, obj: str, include_usage: bool,
-                     metrics: GatewayMetrics, continuous_usage: bool = False) -> AsyncIterator[str]:
+async def sse_events(stream: Messages, render: RenderChunk, first_chunks: list[dict], meta: translate.ResponseMeta,
+                     obj: str, include_usage: bool, metrics: GatewayMetrics,
+                     continuous_usage: bool = False) -> AsyncIterator[str]:
     """`first_chunks` go before the first message's; with `continuous_usage` every chunk carries its choice's usage
     so far, which each message brings (GenerateResponse.choice_usage)."""
     chat = obj == "chat.completion.chunk"

@@ -1,10 +1,11 @@
 """The HTTP routes: OpenAI chat and text completions, models, vLLM's tokenize, detokenize and version, health and
 metrics.
 
-A generation route parses the request, loads its images, makes one Generate call and renders the messages it
-gets back. The call starts before the HTTP status is chosen: an error before the first token becomes a real
-HTTP error (429, 503, ...); an error after it arrives as an SSE `error` event, as vLLM's server sends it.
-The request's bytes (body, images) count against the gateway's work limit until the call has been sent.
+A generation route parses the request, loads its images, makes one Generate call (one per prompt, for several
+prompts: gateway/fanout.py) and renders the messages it gets back. The call starts before the HTTP status is
+chosen: an error before the first token becomes a real HTTP error (429, 503, ...); an error after it arrives as an
+SSE `error` event, as vLLM's server sends it.
+The request's bytes (body, images) count against the gateway's work limit until every call has been sent.
 """
 
 import asyncio
@@ -21,8 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
-from gateway import tokenization, translate
+from gateway import fanout, tokenization, translate
 from gateway.errors import PayloadTooLarge, Unauthenticated, http_error, read_capped
+from gateway.fanout import MergedTokenStream
 from gateway.llm_client import TokenStream
 from gateway.responses import collect, completion_renderer, sse_events
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -118,23 +120,25 @@ async def start_chat(request: Request) -> tuple[TokenStream, AnswerOptions]:
 async def completions(request: Request):
     stream, options = await start_completion(request)
     if options.stream:
-        render = completion_renderer(options.meta, options.top_logprobs, options.echo)
+        render = completion_renderer(options.meta, options.top_logprobs, options.echo, options.n)
         chunks = sse_events(stream, render, [], options.meta, "text_completion", options.include_usage,
                             gateway_of(request).metrics, options.continuous_usage)
         return event_stream(chunks, stream)
     messages = await collect_unless_disconnected(request, stream)
-    echo = translate.PromptEcho.of(messages[0], options.top_logprobs) if options.echo else None
-    return JSONResponse(translate.completion(messages, options.meta, options.logprobs, echo))
+    return JSONResponse(translate.completion(messages, options.meta, options.logprobs, options.echo,
+                                             options.top_logprobs, options.n))
 
 
-async def start_completion(request: Request) -> tuple[TokenStream, AnswerOptions]:
+async def start_completion(request: Request) -> tuple[TokenStream | MergedTokenStream, AnswerOptions]:
     gateway = gateway_of(request)
     body = await parse_body(request, CompletionRequest)
     options = answer_options(request, body, "cmpl", await gateway.check_model(body.model), body.logprobs is not None,
                              echo=bool(body.echo), top_logprobs=body.logprobs)
-    generate = translate.completion_generate_request(body, backend_request_id(request),
-                                                     gateway.config.max_tokens_limit)
-    return await start_generation(request, generate, COMPLETIONS_ENDPOINT), options
+    generates = translate.completion_generate_requests(body, backend_request_id(request),
+                                                       gateway.config.max_tokens_limit)
+    if len(generates) == 1:
+        return await start_generation(request, generates[0], COMPLETIONS_ENDPOINT), options
+    return await start_generations(request, generates, COMPLETIONS_ENDPOINT, body.n), options
 
 
 @api.get("/v1/models")
@@ -266,14 +270,15 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def collect_unless_disconnected(request: Request, stream: TokenStream) -> list[llm_pb2.GenerateResponse]:
+async def collect_unless_disconnected(request: Request,
+                                      stream: TokenStream | MergedTokenStream) -> list[llm_pb2.GenerateResponse]:
     try:
         return await until_disconnected(request, collect(stream, gateway_of(request).metrics))
     finally:
         await stream.close()
 
 
-def event_stream(events: AsyncIterator[str], stream: TokenStream) -> StreamingResponse:
+def event_stream(events: AsyncIterator[str], stream: TokenStream | MergedTokenStream) -> StreamingResponse:
     # The close also covers a client gone before the first event, when the generator never ran.
     return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(stream.close))
 
@@ -286,6 +291,20 @@ async def start_generation(request: Request, generate: llm_pb2.GenerateRequest, 
     request.state.work.release_bytes()
     gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
     return stream
+
+
+async def start_generations(request: Request, generates: list[llm_pb2.GenerateRequest], endpoint: str,
+                            n: int) -> MergedTokenStream:
+    """`start_generation` for several prompts: a call each, all started at once, merged as vLLM numbers them."""
+    gateway = gateway_of(request)
+    for generate in generates:
+        await refuse_if_too_large(gateway, generate)
+    streams = await until_disconnected(request, fanout.generate_all(gateway.llm, generates,
+                                                                    gateway.config.request_timeout_s))
+    # Sent, every one: as for one call, the request's bytes are let go only now.
+    request.state.work.release_bytes()
+    gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
+    return MergedTokenStream(streams, n)
 
 
 async def refuse_if_too_large(gateway: "Gateway", message) -> None:

@@ -40,6 +40,9 @@ def proto_range(message: type, field: str, ge: int | None = None, le: int | None
 _SAMPLING = llm_pb2.SamplingParams
 # OpenAI's bound on n, which llm_svc applies too.
 MAX_COMPLETIONS = 128
+# Prompts in one completions request, each a Generate call of its own: vLLM sets no bound; this one keeps a request's
+# share of the gateway's work (one slot, however many calls) within reason.
+MAX_PROMPTS = 64
 CHAT, COMPLETION = "chat", "completion"
 
 
@@ -300,23 +303,29 @@ PromptTokenIds = Annotated[list[Annotated[int, Field(**proto_range(llm_pb2.Promp
 
 class CompletionRequest(_Sampling):
     endpoint: ClassVar[str] = COMPLETION
-    # vLLM's four forms: text, token ids, and a list of either. A list is accepted with one prompt only (several
-    # are refused by name), and validation leaves that one: text or token ids.
+    # vLLM's four forms: text, token ids, and a list of either. Validation leaves a list of one as that one prompt
+    # (text or token ids), and a list of several as it is: each is its own Generate call (gateway/fanout.py).
     prompt: str | PromptTokenIds | list[str] | list[PromptTokenIds]
     logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(COMPLETION_DEFAULT_MAX_TOKENS, **proto_range(_SAMPLING, "max_tokens", ge=1))
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt):
+    def _one_prompt_or_a_few(cls, prompt):
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) > 1:
-                raise ValueError(f"'prompt' with {len(prompt)} prompts is not supported by this server (send one "
-                                 "request per prompt)")
-            return prompt[0]
+            if len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"'prompt' with {len(prompt)} prompts is more than this server takes in one "
+                                 f"request ({MAX_PROMPTS})")
+            return prompt[0] if len(prompt) == 1 else prompt
         if not prompt and isinstance(prompt, list):
             raise ValueError("'prompt' must not be empty")
         return prompt
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request, in order: one, or the several of a list."""
+        several = isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list))
+        return self.prompt if several else [self.prompt]
 
     @property
     def requested_max_tokens(self) -> int | None:

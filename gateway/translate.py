@@ -106,14 +106,27 @@ def chat_generate_request(request: ChatCompletionRequest, images: list[bytes], r
                                    max_tiles=tiles or 0, parse_at_end=not request.stream, **prompt_controls(request))
 
 
-def completion_generate_request(request: CompletionRequest, request_id: str,
-                                max_tokens_limit: int) -> llm_pb2.GenerateRequest:
+def completion_generate_requests(request: CompletionRequest, request_id: str,
+                                 max_tokens_limit: int) -> list[llm_pb2.GenerateRequest]:
+    """One Generate call per prompt; several run as `<request_id>-<prompt index>`, as vLLM's server names them."""
+    prompts = request.prompts
+    if len(prompts) == 1:
+        return [completion_generate_request(request, request_id, max_tokens_limit)]
+    return [completion_generate_request(request, f"{request_id}-{i}", max_tokens_limit, prompt)
+            for i, prompt in enumerate(prompts)]
+
+
+def completion_generate_request(request: CompletionRequest, request_id: str, max_tokens_limit: int,
+                                prompt: str | list[int] | None = None) -> llm_pb2.GenerateRequest:
+    """The call for `prompt`, one of the request's; None: the request's only prompt."""
+    if prompt is None:
+        (prompt,) = request.prompts
     # As vLLM: echo with logprobs asks for the prompt's log-probabilities, to show them before the answer's.
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo:
         prompt_logprobs = request.logprobs
-    prompt = ({"prompt": request.prompt} if isinstance(request.prompt, str)
-              else {"prompt_tokens": llm_pb2.PromptTokens(token_ids=request.prompt)})
+    prompt = ({"prompt": prompt} if isinstance(prompt, str)
+              else {"prompt_tokens": llm_pb2.PromptTokens(token_ids=prompt)})
     return llm_pb2.GenerateRequest(request_id=request_id, **prompt, return_prompt_text=bool(request.echo),
                                    sampling=sampling_params(request, max_tokens_limit, request.logprobs,
                                                             prompt_logprobs), **prompt_controls(request))
@@ -352,9 +365,24 @@ def _completion_choice(responses: list[llm_pb2.GenerateResponse], with_logprobs:
     return choice
 
 
+def first_of_each_prompt(responses: list[llm_pb2.GenerateResponse], n: int) -> dict[int, llm_pb2.GenerateResponse]:
+    """Prompt index -> the first message of its call, which carries the prompt's text and log-probabilities. Choice
+    i answers prompt i // n (as vLLM numbers the choices of several prompts)."""
+    first: dict[int, llm_pb2.GenerateResponse] = {}
+    for response in responses:
+        first.setdefault(response.index // n, response)
+    return first
+
+
 def completion(responses: list[llm_pb2.GenerateResponse], meta: ResponseMeta, with_logprobs: bool,
-               echo: PromptEcho | None = None) -> dict:
-    """vLLM repeats the prompt's log-probabilities in every choice."""
-    prompt_logprobs = prompt_logprobs_json(responses[0].prompt_logprobs) if responses[0].prompt_logprobs else None
-    choices = [_completion_choice(messages, with_logprobs, echo, prompt_logprobs) for messages in by_choice(responses)]
+               echo: bool = False, top_logprobs: int | None = None, n: int = 1) -> dict:
+    """vLLM repeats each prompt's log-probabilities (and, with `echo`, the prompt) in every choice of that prompt;
+    `responses[-1]` carries the usage of the whole request."""
+    first = first_of_each_prompt(responses, n)
+    choices = []
+    for messages in by_choice(responses):
+        prompt = first[messages[0].index // n]
+        echoed = PromptEcho.of(prompt, top_logprobs) if echo else None
+        prompt_logprobs = prompt_logprobs_json(prompt.prompt_logprobs) if prompt.prompt_logprobs else None
+        choices.append(_completion_choice(messages, with_logprobs, echoed, prompt_logprobs))
     return {**_chunk(meta, "text_completion", choices), "usage": usage_json(responses[-1].usage)}

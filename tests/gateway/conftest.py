@@ -40,6 +40,7 @@ class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
     def __init__(self):
         self.requests: list[llm_pb2.GenerateRequest] = []
         self.cancelled = asyncio.Event()
+        self.cancellations = 0  # Generate calls cancelled mid-stream
 
     async def GetModelInfo(self, request, context):
         return llm_pb2.GetModelInfoResponse(model=MODEL, max_model_len=4096, hidden_size=64,
@@ -55,7 +56,7 @@ class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
                 raise errors.Unavailable("scripted vision_svc down",
                                          metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
             cls = {"RESOURCE_EXHAUSTED": errors.Overloaded, "UNAVAILABLE": errors.Unavailable,
-                   "INTERNAL": errors.InternalError}[status]
+                   "INTERNAL": errors.InternalError, "INVALID_ARGUMENT": errors.InvalidInput}[status]
             raise cls(f"scripted {status}")
         if request.sampling.max_tokens > 1000:
             raise errors.InvalidInput(f"max_tokens={request.sampling.max_tokens} exceeds the context length")
@@ -78,6 +79,7 @@ class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
                     choice_usage=llm_pb2.Usage(prompt_tokens=11, completion_tokens=i + 1)
                     if request.continuous_usage else None)
         except asyncio.CancelledError:
+            self.cancellations += 1
             self.cancelled.set()
             raise
 
@@ -126,6 +128,7 @@ async def backend():
 def fake(backend) -> FakeLanguageModel:
     backend.servicer.requests.clear()
     backend.servicer.cancelled.clear()
+    backend.servicer.cancellations = 0
     return backend.servicer
 
 

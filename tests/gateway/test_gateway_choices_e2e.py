@@ -133,7 +133,6 @@ def test_chat_echo_repeats_the_last_message_of_the_answer_s_role(servers):
 
 
 @pytest.mark.parametrize("path,body", [
-    (COMPLETIONS, {"prompt": ["one", "two"]}),
     (COMPLETIONS, {"prompt": PROMPT, "prompt_logprobs": 1, "stream": True}),
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": -2}),
     (COMPLETIONS, {"prompt": [1 << 20]}),

@@ -48,7 +48,7 @@ async def test_bad_json_and_bad_schema_are_400(gateway_url, fake):
     assert_error(await post(gateway_url, chat(functions=[{"name": "f"}])), 400, "'functions' is not supported")
     assert_error(await post(gateway_url, {"messages": [{"role": "tool", "content": "x"}]}), 400, "tool_call_id")
     assert_error(await post(gateway_url, {"messages": [{"role": "critic", "content": "x"}]}), 400, "role")
-    assert_error(await post(gateway_url, {"prompt": ["a", "b"]}, path="/v1/completions"), 400, "prompt")
+    assert_error(await post(gateway_url, {"prompt": ["a"] * 65}, path="/v1/completions"), 400, "prompt")
     assert fake.requests == []
 
 

@@ -21,7 +21,8 @@ CARRIED_BY = {"top_k": (llm_pb2.SamplingParams, "top_k"), "max_tokens": (llm_pb2
               "allowed_token_ids": (llm_pb2.SamplingParams, "allowed_token_ids"),
               "max_dynamic_patch": (llm_pb2.GenerateRequest, "max_tiles"),
               "prompt_logprobs": (llm_pb2.SamplingParams, "prompt_logprobs"),
-              "prompt": (llm_pb2.PromptTokens, "token_ids")}
+              "prompt": (llm_pb2.PromptTokens, "token_ids"),
+              "truncate_prompt_tokens": (llm_pb2.GenerateRequest, "truncate_prompt_tokens")}
 
 
 def integer_fields(schema: dict) -> dict[str, tuple[int | None, int | None]]:

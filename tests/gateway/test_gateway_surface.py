@@ -95,8 +95,8 @@ def test_a_field_neither_vllm_nor_openai_defines_is_ignored_and_logged(caplog):
 
 
 @pytest.mark.parametrize("fields,named", [
-    ({"prompt": ["a", "b"]}, "'prompt' with 2 prompts"),
-    ({"prompt": [[1, 2], [3]]}, "'prompt' with 2 prompts"),
+    ({"prompt": ["a"] * 65}, r"'prompt' with 65 prompts is more than this server takes in one request \(64\)"),
+    ({"prompt": [[1, 2]] * 65}, "'prompt' with 65 prompts"),
     ({"prompt": []}, "'prompt' must not be empty"),
     ({"prompt_logprobs": 1, "stream": True}, "`prompt_logprobs` are not available when `stream=True`."),
     ({"prompt_logprobs": -2}, "prompt_logprobs"),
@@ -188,7 +188,7 @@ def test_chat_template_defaults_are_vllm_s():
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 65}, "'prompt' with 65 prompts"),
     ("/v1/completions", {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ("/v1/completions", {"guided_regex": "a+"}, "guided_regex"),
 ])

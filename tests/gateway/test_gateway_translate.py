@@ -165,8 +165,7 @@ def test_echo_puts_the_prompt_before_each_choice():
     other = llm_pb2.GenerateResponse(index=1, text=" b", finish_reason=llm_pb2.FINISH_REASON_STOP)
     last = llm_pb2.GenerateResponse(text="!", finish_reason=llm_pb2.FINISH_REASON_LENGTH,
                                     usage=llm_pb2.Usage(prompt_tokens=2, completion_tokens=3))
-    body = translate.completion([first, other, last], META, with_logprobs=True,
-                                echo=translate.PromptEcho.of(first, top_logprobs=1))
+    body = translate.completion([first, other, last], META, with_logprobs=True, echo=True, top_logprobs=1, n=2)
     assert [c["text"] for c in body["choices"]] == ["Once upon a!", "Once upon b"]
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
     shown = body["choices"][0]["logprobs"]
