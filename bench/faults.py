@@ -37,19 +37,16 @@ import dataclasses
 import json
 import pathlib
 import re
-import signal
-import sys
 import time
 
 import httpx
 
-from bench import netns
-from bench.common import markdown_table, work_dir
+from bench import netns, stage_runs
+from bench.common import markdown_table
 from bench.fault_phases import PHASE_COUNT, Phase, plan, run_phases
 from bench.fault_stack import Stack, start_stack
 from bench.traffic import HUNG, Outcome, RequestMix, Traffic, latency_summary
 from deploy.local import Stage
-from deploy.tiny_model.build import build
 
 # How long past the gateway's deadline a request may stay open before it counts as hung.
 HANG_MARGIN_S = 10.0
@@ -205,17 +202,9 @@ def write_json(path: pathlib.Path, stack: Stack, phases: list[Phase], outcomes: 
         "checks": [{"expected": c, "holds": ok, "seen": d} for c, ok, d in checks]}, indent=1))
 
 
-def _interrupted(signum, _frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupted)  # cleans up as Ctrl-C does
-    directory = work_dir(args.work_dir)
-    logs = directory / "logs" / f"faults-{time.strftime('%Y%m%d-%H%M%S')}"
-    logs.mkdir(parents=True)
-    model = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
+    logs, model = stage_runs.prepare(args, "faults")
     namespace_problem = "--no-namespace" if args.no_namespace else netns.unavailable_reason()
     netem = namespace_problem is None and netns.netem_available()
     stack = Stack([], [], namespace=None if namespace_problem else netns.VethNamespace())
@@ -250,8 +239,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as interrupt:
-        print(f"\ninterrupted ({interrupt or 'SIGINT'}): stages stopped, network set-up removed", file=sys.stderr)
-        sys.exit(130)
+    stage_runs.run(main, "stages stopped, network set-up removed")

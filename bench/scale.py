@@ -26,12 +26,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import private_hosts
-from bench.common import markdown_table, work_dir
+from bench import private_hosts, stage_runs
+from bench.common import markdown_table
 from bench.stage_probes import scrape_or_empty
 from bench.traffic import COMPLETED, HUNG, RequestMix, Traffic, latency_summary
 from deploy.local import Stage, free_port
-from deploy.tiny_model.build import build
 from protos.endpoints import DEFAULT_REFRESH_S
 
 START_TIMEOUT_S = 300.0
@@ -195,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if (reason := private_hosts.unavailable_reason()) is not None:
         sys.exit(f"bench.scale: cannot run: {reason}")
-    directory = work_dir(args.work_dir)
-    logs = directory / "logs" / f"scale-{time.strftime('%Y%m%d-%H%M%S')}"
-    logs.mkdir(parents=True)
-    model = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
+    logs, model = stage_runs.prepare(args, "scale")
     stack = ScaledStack(model, logs)
     traffic = None
     try:
@@ -225,4 +221,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage_runs.run(main)

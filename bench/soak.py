@@ -29,16 +29,14 @@ import json
 import os
 import pathlib
 import shlex
-import signal
 import statistics
-import sys
 import time
 
-from bench.common import markdown_table, work_dir
+from bench import stage_runs
+from bench.common import markdown_table
 from bench.stage_probes import scrape_or_empty, tree_resident
 from bench.traffic import HUNG, RequestMix, Traffic, latency_summary
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
-from deploy.tiny_model.build import build
 
 MiB = 1 << 20
 HANG_MARGIN_S = 10.0
@@ -187,17 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupted(signum, _frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupted)  # cleans up as Ctrl-C does
-    directory = work_dir(args.work_dir)
-    logs = directory / "logs" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
-    logs.mkdir(parents=True)
-    model = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
+    logs, model = stage_runs.prepare(args, "soak")
     stages: list[StageUnderSoak] = []
     traffic = None
     try:
@@ -235,8 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as interrupt:
-        print(f"\ninterrupted ({interrupt or 'SIGINT'}): stages stopped", file=sys.stderr)
-        sys.exit(130)
+    stage_runs.run(main)

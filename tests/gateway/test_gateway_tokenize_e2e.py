@@ -10,19 +10,10 @@ import base64
 import httpx
 import pytest
 
-from tests.gateway.conftest import API_KEY, MODEL
+from tests.gateway.conftest import MODEL
 from tests.llm_svc.llm_helpers import image, png_bytes
 
 STORY = [{"role": "user", "content": "Tell me a story."}]
-
-
-@pytest.fixture(scope="module")
-def servers(stack, vllm_server):
-    """(ours, vLLM's): plain HTTP clients at the servers' roots."""
-    with httpx.Client(base_url=f"http://{stack['gateway'].address}", timeout=120,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as ours, \
-            httpx.Client(base_url=str(vllm_server.base_url).removesuffix("/v1/"), timeout=120) as theirs:
-        yield ours, theirs
 
 
 def data_url(width: int, height: int, seed: int) -> str:
