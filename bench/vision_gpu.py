@@ -1,7 +1,8 @@
 """Vision encoder on one GPU at the real InternViT sizes: parity with transformers, then tiles/s.
 
 For each size (6B, 300M, random weights, bf16): our cuda-backend encoder against transformers'
-`get_image_features` (max|a-b| / max|ref| <= 1e-2), then tiles/s and the fraction of the matmul ceiling
+`get_image_features` in fp32 on the same weights (ours off by at most 1.5x what transformers' own bf16 model is,
+see `bf16_errors`), then tiles/s and the fraction of the matmul ceiling
 (a large bf16 matmul, measured at the start on the same GPU) for transformers, our reference backend, our
 cuda backend (eager) and torch.compile'd layers (inductor over the plain-torch + SDPA ops). Last, what
 vision_svc runs with `--compile`: `BucketedEncoder` (whole-encoder compile, CUDA graphs up to 16 tiles) at
@@ -9,6 +10,7 @@ its graph buckets, with the compile time each shape costs at start. `--smoke` ru
 """
 
 import argparse
+import copy
 import time
 
 import torch
@@ -38,16 +40,34 @@ def build(size: str, device: torch.device):
     return hf, ours_from(hf, torch.bfloat16, backend), backend
 
 
+def bf16_errors(hf, ours, device: torch.device) -> tuple[float, float]:
+    """max|x - fp32| / max|fp32| of ours and of transformers, both in bf16, against transformers in fp32 on the
+    same (bf16-rounded) weights.
+
+    Two correct bf16 implementations of a deep encoder differ from each other by about as much as each differs
+    from fp32 (1-2% at 24-45 layers), so each is held to the fp32 answer: ours may be off by at most 1.5x what
+    transformers' own bf16 model is.
+    """
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 448, 448, device=device)
+    with torch.inference_mode():
+        reference = copy.deepcopy(hf).float()
+        expected = transformers_fn(reference)(pixel_values).float()
+        del reference
+        errors = [((fn(pixel_values).float() - expected).abs().max() / expected.abs().max()).item()
+                  for fn in (ours, transformers_fn(hf))]
+    release(device)
+    return errors[0], errors[1]
+
+
 def time_implementations(size: str, device: torch.device, batches: list[int], repeats: int, ceiling: float) -> None:
     started = time.perf_counter()
     hf, ours, backend = build(size, device)
-    torch.manual_seed(1)
-    with torch.inference_mode():
-        pixel_values = torch.randn(2, 3, 448, 448, device=device)
-        expected = transformers_fn(hf)(pixel_values).float()
-        error = ((ours(pixel_values).float() - expected).abs().max() / expected.abs().max()).item()
+    ours_error, transformers_error = bf16_errors(hf, ours, device)
+    verdict = "OK" if ours_error <= max(1e-2, 1.5 * transformers_error) else "FAIL"
     print(f"\n[{size}] built in {time.perf_counter() - started:.0f}s; parity with transformers (bf16): "
-          f"relative error {error:.2e} {'OK' if error <= 1e-2 else 'FAIL'}; {tflop_per_tile(size):.3g} TFLOP per tile")
+          f"relative error {ours_error:.2e} against fp32, transformers' own bf16 {transformers_error:.2e} "
+          f"{verdict}; {tflop_per_tile(size):.3g} TFLOP per tile")
     fns = {
         "transformers": transformers_fn(hf),
         "ours reference": ours_from(hf, torch.bfloat16, "reference"),
