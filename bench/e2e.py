@@ -10,14 +10,16 @@ requests, fixed output length (`ignore_eos`). Only one system is loaded at a tim
 Workloads: random text (~200 tokens); random text with one 1280x720 image (InternVL's tiling picks a 4x2
 grid: 8 tiles + thumbnail, 2304 image tokens), distinct per request so no cache hides the vision cost; and
 one image repeated in every request, to show the caches. Reported per system: requests/s, output tokens/s,
-TTFT p50/p99 and TPOT p50, and ours over vLLM. `--parts transfer` adds the embedding transfer
-alone (`bench.embedding_transfer`).
+TTFT p50/p99 and TPOT p50, and ours over vLLM. `--concurrency 1 2 4 8` sweeps the load: one table per
+value and a plot of requests/s and TTFT against concurrency (`e2e.png` in the work directory). `--parts
+transfer` adds the embedding transfer alone (`bench.embedding_transfer`).
 """
 
 import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -29,7 +31,7 @@ import time
 import httpx
 from tokenizers import Tokenizer
 
-from bench import embedding_transfer
+from bench import embedding_transfer, plots
 from bench.common import (image_size, jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
                           work_dir)
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
@@ -144,7 +146,7 @@ def workload_bodies(args, model_dir: pathlib.Path, count: int, seed: int) -> dic
 
 def engine_flags(args) -> list[str]:
     """The same engine flags for both systems; vLLM's server picks no CPU defaults of its own."""
-    return [*CPU_ENGINE_FLAGS, "--dtype", args.dtype, "--max-num-seqs", str(max(8, args.concurrency))]
+    return [*CPU_ENGINE_FLAGS, "--dtype", args.dtype, "--max-num-seqs", str(max(8, *args.concurrency))]
 
 
 def start_ours(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
@@ -193,7 +195,10 @@ def compare_table(results: dict[str, dict[str, Summary]]) -> str:
                            "TPOT p50 ms", "prompt tok"], rows)
 
 
-def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
+Results = dict[str, dict[str, Summary]]  # system -> workload -> summary
+
+
+def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> dict[int, Results]:
     """Both systems up at once but loaded one at a time, alternating in short rounds: on a shared machine the
     background load drifts, and alternation spreads the drift over both systems instead of favouring one."""
     servers: dict[str, list[Stage]] = {}
@@ -202,33 +207,48 @@ def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
             started = time.perf_counter()
             servers[system] = start(args, model_dir, logs)
             print(f"{system}: ready in {time.perf_counter() - started:.0f} s", flush=True)
-        timings = {(s, w): [] for s in SYSTEMS for w in WORKLOADS}
-        seconds = dict.fromkeys(timings, 0.0)
-        for round_ in range(-1, args.rounds):  # round -1 warms both systems up, untimed
-            count = args.warm_up if round_ < 0 else args.requests // args.rounds
-            bodies = workload_bodies(args, model_dir, count, seed=round_ + 1)
-            order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
-            for workload in WORKLOADS:
-                for system in order:
-                    done, elapsed = asyncio.run(run_load(f"http://{servers[system][-1].address}",
-                                                         bodies[workload], args.concurrency))
-                    if round_ >= 0:
-                        timings[system, workload] += done
-                        seconds[system, workload] += elapsed
-            label = "warm-up" if round_ < 0 else f"round {round_ + 1} of {args.rounds}"
-            print(f"{label} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+        return {concurrency: compare_at(args, model_dir, servers, concurrency) for concurrency in args.concurrency}
     finally:
         for stages in servers.values():
             stop(stages)
-    return compare_table({s: {w: Summary.of(timings[s, w], seconds[s, w]) for w in WORKLOADS} for s in SYSTEMS})
 
 
-def vllm_bench_argv(base_url: str, model_dir: pathlib.Path, dataset: str, args) -> list[str]:
+def compare_at(args, model_dir: pathlib.Path, servers: dict[str, list[Stage]], concurrency: int) -> Results:
+    timings = {(s, w): [] for s in SYSTEMS for w in WORKLOADS}
+    seconds = dict.fromkeys(timings, 0.0)
+    for round_ in range(-1, args.rounds):  # round -1 warms both systems up, untimed
+        count = args.warm_up if round_ < 0 else args.requests // args.rounds
+        bodies = workload_bodies(args, model_dir, count, seed=round_ + 1)
+        order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
+        for workload in WORKLOADS:
+            for system in order:
+                done, elapsed = asyncio.run(run_load(f"http://{servers[system][-1].address}",
+                                                     bodies[workload], concurrency))
+                if round_ >= 0:
+                    timings[system, workload] += done
+                    seconds[system, workload] += elapsed
+        label = "warm-up" if round_ < 0 else f"round {round_ + 1} of {args.rounds}"
+        print(f"concurrency {concurrency}: {label} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    return {s: {w: Summary.of(timings[s, w], seconds[s, w]) for w in WORKLOADS} for s in SYSTEMS}
+
+
+def plot_sweep(by_concurrency: dict[int, Results], path: pathlib.Path) -> pathlib.Path:
+    """Requests/s and TTFT p50 against concurrency, one line per system and workload."""
+    def series(field: str) -> plots.Series:
+        return {f"{system}, {workload}": [(c, getattr(results[system][workload], field))
+                                          for c, results in by_concurrency.items()]
+                for system in SYSTEMS for workload in WORKLOADS}
+    return plots.line_panels(path, "this stack against vLLM's server", "concurrency (requests in flight)",
+                             {"requests/s": series("requests_per_s"), "TTFT p50 (ms)": series("ttft_p50_ms")},
+                             log2_x=True)
+
+
+def vllm_bench_argv(base_url: str, model_dir: pathlib.Path, dataset: str, args, concurrency: int) -> list[str]:
     """The `vllm bench serve` command line (after `vllm bench serve`) for one dataset."""
     width, height = args.image_size
     argv = ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
             "--model", model_dir.name, "--tokenizer", str(model_dir), "--dataset-name", dataset,
-            "--num-prompts", str(args.requests), "--max-concurrency", str(args.concurrency),
+            "--num-prompts", str(args.requests), "--max-concurrency", str(concurrency),
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
             "--ignore-eos", "--num-warmups", str(args.warm_up), "--temperature", "0", "--disable-tqdm",
             "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99"]
@@ -256,17 +276,17 @@ def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
         for system, start in zip(SYSTEMS, (start_ours, start_vllm)):
             stages = start(args, model_dir, logs)
             try:
-                for dataset in ("random", "random-mm"):
-                    argv = vllm_bench_argv(f"http://{stages[-1].address}", model_dir, dataset, args)
+                for dataset, concurrency in itertools.product(("random", "random-mm"), args.concurrency):
+                    argv = vllm_bench_argv(f"http://{stages[-1].address}", model_dir, dataset, args, concurrency)
                     print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
                     result = runner.submit(serve_benchmark, argv).result()
-                    rows.append([dataset, system, f"{result['completed']}/{args.requests}",
+                    rows.append([dataset, concurrency, system, f"{result['completed']}/{args.requests}",
                                  result["request_throughput"], result["output_throughput"],
                                  result["p50_ttft_ms"], result["p99_ttft_ms"], result["p50_tpot_ms"]])
             finally:
                 stop(stages)
-    return markdown_table(["dataset", "system", "completed", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                           "TPOT p50 ms"], rows)
+    return markdown_table(["dataset", "concurrency", "system", "completed", "req/s", "out tok/s", "TTFT p50 ms",
+                           "TTFT p99 ms", "TPOT p50 ms"], rows)
 
 
 def parse_args() -> argparse.Namespace:
@@ -283,7 +303,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds the requests are split into, alternating the systems (default 4, quick 2)")
     parser.add_argument("--warm-up", type=int, default=4, help="untimed requests per workload before timing")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4],
+                        help="requests in flight; several values sweep the load (a table each, and a plot)")
     parser.add_argument("--input-len", type=int, default=200, help="random text tokens per request")
     parser.add_argument("--output-len", type=int, default=32, help="generated tokens per request (ignore_eos)")
     parser.add_argument("--image-size", type=image_size, default=(1280, 720), help="WIDTHxHEIGHT of the images")
@@ -306,10 +327,13 @@ def main() -> None:
     print(f"model {model_dir}, logs in {directory / 'logs'}, load average {os.getloadavg()[0]:.1f}", flush=True)
     sections = []
     if "compare" in args.parts:
-        table = run_compare(args, model_dir, directory / "logs")
-        sections.append(f"{args.requests} requests per workload, concurrency {args.concurrency}, "
-                        f"{args.input_len} random tokens in, {args.output_len} out, images "
-                        f"{args.image_size[0]}x{args.image_size[1]}, {args.dtype}\n\n{table}")
+        by_concurrency = run_compare(args, model_dir, directory / "logs")
+        for concurrency, results in by_concurrency.items():
+            sections.append(f"{args.requests} requests per workload, concurrency {concurrency}, "
+                            f"{args.input_len} random tokens in, {args.output_len} out, images "
+                            f"{args.image_size[0]}x{args.image_size[1]}, {args.dtype}\n\n{compare_table(results)}")
+        if len(by_concurrency) > 1:
+            sections.append(f"plot: {plot_sweep(by_concurrency, directory / 'e2e.png')}")
     if "vllm-bench" in args.parts:
         sections.append(run_vllm_bench(args, model_dir, directory / "logs"))
     if "transfer" in args.parts:

@@ -7,14 +7,20 @@ see `bf16_errors`), then tiles/s and the fraction of the matmul ceiling
 cuda backend (eager) and torch.compile'd layers (inductor over the plain-torch + SDPA ops). Last, what
 vision_svc runs with `--compile`: `BucketedEncoder` (whole-encoder compile, CUDA graphs up to 16 tiles) at
 its graph buckets, with the compile time each shape costs at start. `--smoke` runs it all at a tiny size on CPU.
+A plot of tiles/s against batch size, one panel per size, goes beside the table (`--plot`); `--plot-from LOG`
+draws it again from a run's saved output.
 """
 
 import argparse
 import copy
+import pathlib
+import re
 import time
 
 import torch
 
+from bench import plots
+from bench.common import work_dir
 from bench.vision_encoder import (SIZES, build_transformers, matmul_ceiling_tflops, ours_from, tflop_per_tile,
                                   time_interleaved, transformers_fn)
 from vision_svc.encoder_compile import BucketedEncoder
@@ -27,10 +33,35 @@ def compiled_layers(encoder):
     return encoder
 
 
-def print_rows(batch: int, seconds: dict[str, float], tflop: float, ceiling: float) -> None:
+Row = tuple[str, str, int, float]  # size, implementation, batch, tiles/s
+ROW = re.compile(r"^\s*(\d+)  (\S.*?)\s+([\d.]+)\s+[\d.]+%\s+[\d.]+$")  # what print_rows prints
+
+
+def print_rows(size: str, batch: int, seconds: dict[str, float], tflop: float, ceiling: float,
+               rows: list[Row]) -> None:
     for name, s in seconds.items():
         print(f"{batch:>5}  {name:<20} {batch / s:>9.1f}  {batch * tflop / s / ceiling:>9.1%}  {1000 * s:>9.1f}",
               flush=True)
+        rows.append((size, name, batch, batch / s))
+
+
+def rows_from_output(text: str) -> list[Row]:
+    """The rows of a run's printed tables, each under the `[size] ...` line that heads its table."""
+    rows, size = [], None
+    for line in text.splitlines():
+        if line.startswith("["):
+            size = line[1:line.index("]")]
+        elif (match := ROW.match(line)) and size:
+            rows.append((size, match[2], int(match[1]), float(match[3])))
+    return rows
+
+
+def plot(rows: list[Row], path: pathlib.Path) -> pathlib.Path:
+    panels: dict[str, plots.Series] = {}
+    for size, name, batch, tiles_per_s in rows:
+        panels.setdefault(f"InternViT-{size.upper()}: tiles/s", {}).setdefault(name, []).append((batch, tiles_per_s))
+    return plots.line_panels(path, "vision encoder, bf16: tiles/s against batch size", "tiles per call", panels,
+                             log2_x=True)
 
 
 def build(size: str, device: torch.device):
@@ -60,7 +91,8 @@ def bf16_errors(hf, ours, device: torch.device) -> tuple[float, float]:
     return errors[0], errors[1]
 
 
-def time_implementations(size: str, device: torch.device, batches: list[int], repeats: int, ceiling: float) -> None:
+def time_implementations(size: str, device: torch.device, batches: list[int], repeats: int, ceiling: float,
+                         rows: list[Row]) -> None:
     started = time.perf_counter()
     hf, ours, backend = build(size, device)
     ours_error, transformers_error = bf16_errors(hf, ours, device)
@@ -77,12 +109,12 @@ def time_implementations(size: str, device: torch.device, batches: list[int], re
     print(f"{'batch':>5}  {'implementation':<20} {'tiles/s':>9}  {'of ceiling':>9}  {'ms/call':>9}")
     for batch in batches:
         pixel_values = torch.randn(batch, 3, 448, 448, device=device)  # [tiles, 3, 448, 448]
-        print_rows(batch, time_interleaved(fns, pixel_values, repeats), tflop_per_tile(size), ceiling)
+        print_rows(size, batch, time_interleaved(fns, pixel_values, repeats), tflop_per_tile(size), ceiling, rows)
     release(device)
 
 
 def time_vision_svc_compiled(size: str, device: torch.device, buckets: list[int], repeats: int,
-                             ceiling: float) -> None:
+                             ceiling: float, rows: list[Row]) -> None:
     """What `vision_svc --compile` runs: each bucket compiled (and captured) at its first call, then replayed."""
     _, ours, _ = build(size, device)
     bucketed = BucketedEncoder(ours, tuple(buckets), device)
@@ -93,8 +125,8 @@ def time_vision_svc_compiled(size: str, device: torch.device, buckets: list[int]
         with torch.inference_mode():
             bucketed(pixel_values)
         compile_s = time.perf_counter() - compile_started
-        print_rows(batch, time_interleaved({"vision_svc --compile": bucketed}, pixel_values, 3 * repeats),
-                   tflop_per_tile(size), ceiling)
+        print_rows(size, batch, time_interleaved({"vision_svc --compile": bucketed}, pixel_values, 3 * repeats),
+                   tflop_per_tile(size), ceiling, rows)
         print(f"       (first call, compile + capture: {compile_s:.0f}s)", flush=True)
     release(device)
 
@@ -113,7 +145,14 @@ def main() -> None:
     parser.add_argument("--graph-batches", type=int, nargs="+", default=[1, 13],
                         help="buckets timed through vision_svc's compiled encoder (each compiles at first call)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plot", type=pathlib.Path, default=work_dir(None) / "vision_gpu.png",
+                        help="where the PNG of tiles/s against batch size goes")
+    parser.add_argument("--plot-from", type=pathlib.Path, metavar="LOG",
+                        help="only draw the plot, from the saved output of an earlier run")
     args = parser.parse_args()
+    if args.plot_from:
+        print(f"plot: {plot(rows_from_output(args.plot_from.read_text()), args.plot)}")
+        return
     if args.smoke:
         device, sizes, batches, graph_batches, repeats = torch.device("cpu"), ["tiny"], [1, 2], [1, 2], 1
     elif torch.cuda.is_available():
@@ -126,10 +165,12 @@ def main() -> None:
     print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s" if device.type == "cuda" else
           f"measured bf16 matmul ceiling: {ceiling * 1000:.0f} GFLOP/s")
     # Every size's eager table first: they hold the goals, the compiled path's compile time comes last.
+    rows: list[Row] = []
     for size in sizes:
-        time_implementations(size, device, batches, repeats, ceiling)
+        time_implementations(size, device, batches, repeats, ceiling, rows)
     for size in sizes:
-        time_vision_svc_compiled(size, device, graph_batches, repeats, ceiling)
+        time_vision_svc_compiled(size, device, graph_batches, repeats, ceiling, rows)
+    print(f"\nplot: {plot(rows, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ def test_vllm_bench_command_parses_with_vllm_own_parser(tmp_path):
         os.environ.update(environ)
 
     class Args:
-        image_size, requests, concurrency, input_len, output_len, warm_up = (1280, 720), 8, 4, 200, 32, 2
+        image_size, requests, input_len, output_len, warm_up = (1280, 720), 8, 200, 32, 2
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
-    args = parser.parse_args(vllm_bench_argv("http://127.0.0.1:1", tmp_path, "random-mm", Args))
+    args = parser.parse_args(vllm_bench_argv("http://127.0.0.1:1", tmp_path, "random-mm", Args, concurrency=4))
     assert args.backend == "openai-chat" and args.endpoint == "/v1/chat/completions"
     assert args.random_mm_bucket_config == {(720, 1280, 1): 1.0}  # (height, width, frames)
     assert args.random_mm_limit_mm_per_prompt == {"image": 1, "video": 0}
