@@ -238,9 +238,12 @@ def plot_sweep(by_concurrency: dict[int, Results], path: pathlib.Path) -> pathli
         return {f"{system}, {workload}": [(c, getattr(results[system][workload], field))
                                           for c, results in by_concurrency.items()]
                 for system in SYSTEMS for workload in WORKLOADS}
+    # A colour per workload, solid for this stack and dashed for vLLM's server: pairs read side by side.
+    styles = {f"{system}, {workload}": dict(color=f"C{w}", linestyle=("-", "--")[s])
+              for s, system in enumerate(SYSTEMS) for w, workload in enumerate(WORKLOADS)}
     return plots.line_panels(path, "this stack against vLLM's server", "concurrency (requests in flight)",
                              {"requests/s": series("requests_per_s"), "TTFT p50 (ms)": series("ttft_p50_ms")},
-                             log2_x=True)
+                             log2_x=True, styles=styles)
 
 
 def vllm_bench_argv(base_url: str, model_dir: pathlib.Path, dataset: str, args, concurrency: int) -> list[str]:

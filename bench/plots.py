@@ -17,15 +17,18 @@ def _pyplot():
 
 
 def line_panels(path: pathlib.Path, title: str, x_label: str, panels: dict[str, Series],
-                log2_x: bool = False) -> pathlib.Path:
-    """One panel per y quantity (its label is the key), one line per series, the same x axis in each."""
+                log2_x: bool = False, styles: dict[str, dict] | None = None) -> pathlib.Path:
+    """One panel per y quantity (its label is the key), one line per series, the same x axis in each.
+
+    `styles` maps a series name to matplotlib line options (e.g. a colour per workload, a dash per system).
+    """
     pyplot = _pyplot()
     figure, axes = pyplot.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for axis, (y_label, series) in zip(axes[0], panels.items()):
         xs = sorted({x for points in series.values() for x, _ in points})
         for name, points in series.items():
             x, y = zip(*sorted(points))
-            axis.plot(x, y, marker="o", label=name)
+            axis.plot(x, y, marker="o", label=name, **(styles or {}).get(name, {}))
         if log2_x:  # concurrency and batch sizes double: equal steps read better
             axis.set_xscale("log", base=2)
         axis.set_xticks(xs, [f"{x:g}" for x in xs])
