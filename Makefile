@@ -8,7 +8,7 @@ MODEL ?=
 TINY_MODEL := .cache/tiny-internvl
 PORT ?= 8000
 
-.PHONY: serve test install protos clean
+.PHONY: serve test install protos clean accuracy
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ serve: install $(if $(MODEL),,$(TINY_MODEL)/config.json)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# lm_eval against the gateway and against vLLM's own server on the same checkpoint (bench/accuracy.py).
+accuracy: install
+	$(PY) -m bench.accuracy $(ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

@@ -1,25 +1,35 @@
-"""The embedding transfer alone: one 13-tile image of a 38B model (3328 x 5120 bf16, 34 MB) over loopback.
+"""The embedding transfer alone: one 13-tile image of a 38B model (3328 x 5120 bf16, 34 MB) from vision_svc's
+process into a tensor in llm_svc's process, per transport of the data plane.
 
-    python -m bench.embedding_transfer [--repeats 10]
+    python -m bench.embedding_transfer [--repeats 10] [--no-veth] [--plot PNG]
 
-gRPC: a server in its own process (the real bootstrap, `protos.server.GrpcServer`) streams a fixed tensor
-exactly as vision_svc does (`vision_svc.servicer.image_to_pb`, 1 MiB chunks), and llm_svc's real client
-(`llm_svc.vision_client.VisionClient`) reassembles it. Raw TCP: the same bytes from an asyncio stream
-server in its own process, read with `readexactly`. Each side reuses one connection, as llm_svc does.
+The sender is vision_svc's real `EmbeddingSender` behind the real gRPC bootstrap in a spawned process; the
+receiver is llm_svc's real `VisionClient`, forced onto each transport in turn: gRPC inline (the reference),
+shared memory, the direct socket. A plain TCP socket from the same kind of process is the reference for
+sockets: blocking `recv_into` straight into a tensor (the best a socket does here), and asyncio streams'
+`readexactly` (what this bench measured before the data plane). Every received tensor is checked bit for bit.
+As root, the same runs again with the sender in a network namespace behind a veth pair (another host's
+addresses; /dev/shm is still shared, so the probe still proves one host and shared memory still applies). A bar
+chart of GB/s per transport and path goes beside the tables.
 """
 
 import argparse
 import asyncio
-import hashlib
-import multiprocessing
-import time
+import contextlib
+import pathlib
 
 import torch
 
-from bench.common import markdown_table, median, ratio
+from bench import netns, plots
+from bench.common import markdown_table, median, ratio, work_dir
+from protos.transport import mooncake_plane
+from bench.data_plane import (DataPlaneTimer, ServerProcess, serve_data_plane, serve_tcp, time_tcp,
+                              time_tcp_blocking)
 
 SHAPE = (13 * 256, 5120)  # [tiles * tokens_per_tile, llm_hidden] of InternVL3.5-38B
-MiB = 1 << 20
+SHM_DIR = "/dev/shm"
+# Mooncake Transfer Engine (over TCP here) too, where its package imports.
+TRANSPORTS = ("grpc", "shm", "socket") + (("mooncake",) if mooncake_plane.unavailable_reason() is None else ())
 
 
 def fixed_embeddings() -> torch.Tensor:
@@ -27,124 +37,73 @@ def fixed_embeddings() -> torch.Tensor:
     return torch.randn(SHAPE).to(torch.bfloat16)  # [3328, 5120], 34 MB
 
 
-def _serve_grpc(conn, chunk_bytes: int) -> None:
-    from protos import vision_pb2, vision_pb2_grpc
-    from protos.server import GrpcServer
-    from vision_svc.service import EncodedImage
-    from vision_svc.servicer import image_to_pb
-
-    image = EncodedImage(0, "0" * 64, 13, fixed_embeddings(), cache_hit=False)
-
-    class FixedTensorServicer(vision_pb2_grpc.VisionEncoderServicer):
-        async def Encode(self, request, context):
-            for message in image_to_pb(image, chunk_bytes):
-                yield message
-
-    async def serve():
-        server = GrpcServer("127.0.0.1", 0, 64 * MiB, grace_s=0, announce_s=0)
-        server.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server, FixedTensorServicer(),
-                           vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name)
-        conn.send(await server.start())
-        await server.set_serving()
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to stop
-        await server.drain()
-    asyncio.run(serve())
+def measure(host: str, namespace: str | None, repeats: int) -> dict[str, float]:
+    """Median seconds per transfer of each transport and of a plain socket, sender at `host`. The transports take
+    turns, one transfer each per round, so that a load that comes and goes weighs on all of them alike."""
+    expected = fixed_embeddings()
+    with ServerProcess(serve_data_plane, host, SHM_DIR, namespace, fixed_embeddings) as port, \
+            ServerProcess(serve_tcp, host, namespace, fixed_embeddings) as tcp_port:
+        return asyncio.run(_rounds(host, port, tcp_port, expected, repeats))
 
 
-def _serve_tcp(conn) -> None:
-    payload = fixed_embeddings().view(torch.uint8).reshape(-1).numpy().tobytes()
-
-    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        while await reader.read(1):  # one byte asks for one tensor
-            writer.write(payload)
-            await writer.drain()
-        writer.close()
-
-    async def serve():
-        server = await asyncio.start_server(send, "127.0.0.1", 0)
-        conn.send(server.sockets[0].getsockname()[1])
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-        server.close()
-    asyncio.run(serve())
-
-
-class ServerProcess:
-    """A server in a fresh process (spawned, so it shares nothing with this one); yields its port."""
-
-    def __init__(self, target, *args):
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=target, args=(child, *args), daemon=True)
-
-    def __enter__(self) -> int:
-        self._process.start()
-        return self._conn.recv()
-
-    def __exit__(self, *_):
-        self._conn.send("stop")
-        self._process.join(30)
-        if self._process.is_alive():
-            self._process.kill()
-
-
-async def time_grpc(port: int, repeats: int) -> list[float]:
-    from llm_svc.vision_client import ImageBlob, VisionClient
-    client = VisionClient([f"127.0.0.1:{port}"], 64 * MiB, 512 * MiB)
-    seconds = []
+async def _rounds(host: str, port: int, tcp_port: int, expected: torch.Tensor, repeats: int) -> dict[str, float]:
+    timers = [DataPlaneTimer(host, port, transport, SHM_DIR, expected) for transport in TRANSPORTS]
+    seconds: dict[str, list[float]] = {name: [] for name in (*TRANSPORTS, "plain TCP", "plain TCP, asyncio streams")}
     try:
-        for n in range(repeats + 1):  # the first call opens the channel: not timed
-            blob = ImageBlob(hashlib.sha256(str(n).encode()).hexdigest(), data=b"image")
-            started = time.perf_counter()
-            [result] = await client.encode(f"transfer-{n}", [blob], max_tiles=0, timeout_s=60)
-            elapsed = time.perf_counter() - started
-            assert result.embeddings.shape == SHAPE and result.embeddings.dtype == torch.bfloat16
-            seconds += [elapsed] if n else []
+        for n in range(repeats + 1):  # round 0 opens the channels and negotiates: not counted
+            for timer in timers:
+                elapsed = await timer.once()
+                seconds[timer.transport] += [elapsed] if n else []
+            [elapsed] = await asyncio.to_thread(time_tcp_blocking, host, tcp_port, expected.nbytes, SHAPE, 1)
+            seconds["plain TCP"] += [elapsed] if n else []
+            [elapsed] = await time_tcp(host, tcp_port, expected.nbytes, SHAPE, 1)
+            seconds["plain TCP, asyncio streams"] += [elapsed] if n else []
     finally:
-        await client.close()
-    return seconds
+        for timer in timers:
+            await timer.close()
+    return {name: median(values) for name, values in seconds.items()}
 
 
-async def time_tcp(port: int, repeats: int) -> list[float]:
+def table(title: str, seconds: dict[str, float], nbytes: int) -> str:
+    rows = [[name, s * 1e3, nbytes / 1e9 / s, ratio(seconds["grpc"], s), ratio(seconds["plain TCP"], s)]
+            for name, s in seconds.items()]
+    return f"{title}\n\n" + markdown_table(["transport", "ms", "GB/s", "x gRPC inline", "x plain TCP"], rows)
+
+
+def run(repeats: int, veth: bool = True, plot: pathlib.Path | None = None) -> str:
+    """Markdown tables of every transport, measured now (across a veth pair too, when namespaces can be made);
+    with `plot`, a PNG of their rates too."""
     nbytes = SHAPE[0] * SHAPE[1] * 2
-    # A stream limit of the whole tensor: with the 64 KiB default the reader pauses and resumes the socket
-    # every 128 KiB, which measures asyncio's flow control rather than the transport.
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=nbytes)
-    seconds = []
-    try:
-        for n in range(repeats + 1):
-            started = time.perf_counter()
-            writer.write(b"g")
-            data = await reader.readexactly(nbytes)
-            # The same end state as the gRPC client: a bf16 tensor of the right shape.
-            received = torch.frombuffer(bytearray(data), dtype=torch.bfloat16).reshape(SHAPE)
-            elapsed = time.perf_counter() - started
-            assert received.shape == SHAPE
-            seconds += [elapsed] if n else []
-    finally:
-        writer.close()
-    return seconds
-
-
-def run(repeats: int, chunk_bytes: int = MiB) -> str:
-    """Markdown table of both transports, measured now."""
-    nbytes = SHAPE[0] * SHAPE[1] * 2
-    with ServerProcess(_serve_grpc, chunk_bytes) as port:
-        grpc_s = median(asyncio.run(time_grpc(port, repeats)))
-    with ServerProcess(_serve_tcp) as port:
-        tcp_s = median(asyncio.run(time_tcp(port, repeats)))
-    rows = [[f"gRPC stream ({chunk_bytes // 1024} KiB chunks)", grpc_s * 1e3, nbytes / 1e6 / grpc_s],
-            ["raw TCP (asyncio streams)", tcp_s * 1e3, nbytes / 1e6 / tcp_s],
-            ["gRPC / TCP", ratio(grpc_s, tcp_s), ratio(tcp_s, grpc_s)]]
-    return (f"{nbytes / 1e6:.1f} MB ({SHAPE[0]} x {SHAPE[1]} bf16), median of {repeats}\n\n"
-            + markdown_table(["transport", "ms", "MB/s"], rows))
+    measured = {"loopback": measure("127.0.0.1", None, repeats)}
+    sections = [f"{nbytes / 1e6:.1f} MB ({SHAPE[0]} x {SHAPE[1]} bf16), median of {repeats}, bit-exact",
+                table("loopback (127.0.0.1)", measured["loopback"], nbytes)]
+    reason = netns.unavailable_reason() if veth else "not asked (--no-veth)"
+    if reason is None:
+        space = netns.VethNamespace("x").create()
+        try:
+            measured["veth"] = measure(space.inside_address, space.name, repeats)
+            sections.append(table(f"veth pair (sender in namespace {space.name})", measured["veth"], nbytes))
+        finally:
+            with contextlib.suppress(Exception):
+                space.delete()
+    else:
+        sections.append(f"veth pair: skipped ({reason})")
+    if plot:
+        rates = {f"{name}\n{path}": nbytes / 1e9 / s for path, seconds in measured.items()
+                 for name, s in seconds.items()}
+        title = f"{nbytes / 1e6:.0f} MB of embeddings between two processes"
+        sections.append(f"plot: {plots.bars(plot, title, 'GB/s', rates)}")
+    return "\n\n".join(sections)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed transfers per transport")
-    parser.add_argument("--chunk-bytes", type=int, default=MiB, help="bytes per gRPC message (vision_svc's default)")
+    parser.add_argument("--no-veth", action="store_true", help="loopback only, even as root")
+    parser.add_argument("--plot", type=pathlib.Path, default=work_dir(None) / "embedding_transfer.png",
+                        help="where the PNG of GB/s per transport goes")
     args = parser.parse_args()
-    print(run(args.repeats, args.chunk_bytes))
+    print(run(args.repeats, veth=not args.no_veth, plot=args.plot))
 
 
 if __name__ == "__main__":

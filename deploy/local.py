@@ -3,7 +3,8 @@
 Starts vision_svc, llm_svc and the gateway as separate processes on loopback, exactly as they would run
 on separate machines, waits until each is healthy, prints where to send requests, and stops all three on
 Ctrl-C or SIGTERM. Flags after `--llm-args` / `--vision-args` go to that stage unchanged (device, dtype,
-tensor parallelism, ...).
+tensor parallelism, ...). With `--trace` every stage exports its spans to a small OTLP receiver in the launcher,
+which prints them; `--otlp-traces-endpoint` sends them to a collector instead.
 """
 
 from deploy import fork_safe_grpc  # noqa: F401,I001  (first: before anything imports grpc)
@@ -29,6 +30,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.trace_collector import TraceCollector, span_line
 from protos import lifetime
 
 LOG_TAIL_LINES = 40
@@ -243,21 +245,25 @@ def run(args: argparse.Namespace) -> int | None:
     """Serves until interrupted; returns the signal that ended it, or None when a stage failed."""
     stages: list[Stage] = []
     ended_by = None
+    collector = TraceCollector(on_spans=print_spans) if args.trace else None
+    traces_to = collector.start() if collector is not None else args.otlp_traces_endpoint
+    tracing = ["--otlp-traces-endpoint", traces_to] if traces_to else []
     try:
         # Each stage is listed as soon as it exists, so that a failed or interrupted start stops it too.
-        vision = vision_stage(args.model, args.vision_port or free_port(), shlex.split(args.vision_args))
+        vision = vision_stage(args.model, args.vision_port or free_port(), [*shlex.split(args.vision_args), *tracing])
         stages.append(vision)
         vision.wait_ready()
-        llm = llm_stage(args.model, [vision], args.llm_port or free_port(), shlex.split(args.llm_args))
+        llm = llm_stage(args.model, [vision], args.llm_port or free_port(), [*shlex.split(args.llm_args), *tracing])
         stages.append(llm)
         llm.wait_ready()
-        gateway = gateway_stage([llm], args.host, args.port, shlex.split(args.gateway_args))
+        gateway = gateway_stage([llm], args.host, args.port, [*shlex.split(args.gateway_args), *tracing])
         stages.append(gateway)
         gateway.wait_ready()
         model_name = httpx.get(f"http://{gateway.address}/v1/models").json()["data"][0]["id"]
         print(f"\nServing {model_name} at http://{args.host}:{args.port}/v1 "
               f"(vision_svc {vision.address}, llm_svc {llm.address}). Try:\n\n"
-              f"{example_request(args.port, model_name)}\n\nCtrl-C stops all three.", flush=True)
+              f"{example_request(args.port, model_name)}\n\n{tracing_note(collector, traces_to)}"
+              "Ctrl-C stops all three.", flush=True)
         while all(s.proc.poll() is None for s in stages):
             time.sleep(0.5)
         dead = next(s for s in stages if s.proc.poll() is not None)
@@ -270,8 +276,24 @@ def run(args: argparse.Namespace) -> int | None:
               flush=True)
         ended_by = interrupt.signal
     finally:
-        stop_in_order(stages)
+        stop_in_order(stages)  # each stage exports its last spans as it stops
+        if collector is not None:
+            collector.stop()
     return ended_by
+
+
+def print_spans(spans) -> None:
+    for span in spans:
+        print(f"{'trace':<10} | {span_line(span)}", flush=True)
+
+
+def tracing_note(collector: TraceCollector | None, traces_to: str | None) -> str:
+    if collector is not None:
+        return (f"Tracing: the stages export spans to the collector in this launcher ({traces_to}), which prints "
+                "them here, one line each ('trace |').\n")
+    if traces_to:
+        return f"Tracing: the stages export spans over OTLP to {traces_to}; look them up in its UI.\n"
+    return ""
 
 
 def main() -> None:
@@ -285,6 +307,13 @@ def main() -> None:
     parser.add_argument("--vision-args", default="", help="extra flags for vision_svc, one quoted string")
     parser.add_argument("--llm-args", default="", help="extra flags for llm_svc (vLLM engine flags), one string")
     parser.add_argument("--gateway-args", default="", help="extra flags for the gateway, one string")
+    traces = parser.add_mutually_exclusive_group()
+    traces.add_argument("--trace", action="store_true",
+                        help="trace every request: the stages export OpenTelemetry spans to a small collector in "
+                             "this launcher, which prints them")
+    traces.add_argument("--otlp-traces-endpoint", metavar="URL", default=None,
+                        help="trace every request: the stages export OpenTelemetry spans over OTLP to this "
+                             "collector (Jaeger, Tempo, an OpenTelemetry Collector: HOST:4317 for gRPC)")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         parser.error(f"{args.model} has no config.json: not a checkpoint directory")

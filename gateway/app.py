@@ -16,6 +16,7 @@ from gateway.llm_client import LlmClient
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware, WorkLimitMiddleware
 from gateway.routes import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, DETOKENIZE_ENDPOINT, TOKENIZE_ENDPOINT, router
+from gateway.videos import VideoLoader
 from protos import llm_pb2
 from protos.errors import NotFound
 from protos.work_limits import WorkLimit
@@ -31,10 +32,11 @@ class Gateway:
                              tls=config.tls, server_name=config.tls_server_name, token=config.llm_auth_token,
                              retire_s=config.request_timeout_s)
         self.images = ImageLoader(config)
+        self.videos = VideoLoader(config)
         self._model_info: llm_pb2.GetModelInfoResponse | None = None
 
     async def close(self) -> None:
-        await asyncio.gather(self.llm.close(), self.images.close())
+        await asyncio.gather(self.llm.close(), self.images.close(), self.videos.close())
 
     async def model_info(self) -> llm_pb2.GetModelInfoResponse:
         if self._model_info is None:

@@ -8,6 +8,7 @@ import pathlib
 from protos.cli import HelpFormatter, add_security_flags, pop_security_args
 from protos.endpoints import check_targets
 from protos.security import TlsFiles, check_client_settings
+from protos.tracing import add_tracing_flag
 
 MIB = 1 << 20
 # gRPC message lengths are signed 32-bit integers.
@@ -27,6 +28,8 @@ class GatewayConfig:
     allow_private_image_urls: bool = False
     max_image_bytes: int = 20 * MIB
     max_images_per_request: int = 8
+    max_video_bytes: int = 32 * MIB  # per video_url part (gateway/videos.py)
+    max_videos_per_request: int = 2
     image_fetch_timeout_s: float = 10.0
     max_redirects: int = 3
     request_timeout_s: float = 600.0
@@ -44,6 +47,7 @@ class GatewayConfig:
     tls: TlsFiles = TlsFiles()
     tls_server_name: str | None = None
     llm_auth_token: str | None = dataclasses.field(default=None, repr=False)  # a secret: kept out of logs
+    otlp_traces_endpoint: str | None = None  # protos.tracing: with the OTEL_* variables, where spans go
 
     def __post_init__(self):
         if not self.llm_targets:
@@ -52,7 +56,8 @@ class GatewayConfig:
         check_client_settings(self.tls, self.tls_server_name)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty, which would lock nobody out; use None for no key")
-        for name in ("max_image_bytes", "max_images_per_request", "max_request_bytes", "max_tokens_limit",
+        for name in ("max_image_bytes", "max_images_per_request", "max_video_bytes", "max_videos_per_request",
+                     "max_request_bytes", "max_tokens_limit",
                      "max_requests_in_flight", "max_bytes_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -64,18 +69,20 @@ class GatewayConfig:
         if self.allowed_local_media_path is not None and not self.allowed_local_media_path.is_dir():
             raise ValueError(f"--allowed-local-media-path {self.allowed_local_media_path} is not a directory")
         if self.grpc_max_message_bytes > _GRPC_MESSAGE_LIMIT:
-            raise ValueError("max_images_per_request * max_image_bytes + max_request_bytes exceeds gRPC's 2 GiB "
-                             "message limit; lower one of them")
+            raise ValueError("max_images_per_request * max_image_bytes + max_videos_per_request * max_video_bytes + "
+                             "max_request_bytes exceeds gRPC's 2 GiB message limit; lower one of them")
         if self.max_bytes_in_flight < self.grpc_max_message_bytes:
             # Else the largest allowed request could never be admitted, and would get 429s forever.
             raise ValueError(f"max_bytes_in_flight ({self.max_bytes_in_flight}) is below what one request may hold "
-                             f"(max_request_bytes + max_images_per_request * max_image_bytes = "
+                             f"(max_request_bytes + max_images_per_request * max_image_bytes + "
+                             f"max_videos_per_request * max_video_bytes = "
                              f"{self.grpc_max_message_bytes}); raise it or lower those")
 
     @property
     def grpc_max_message_bytes(self) -> int:
-        # The largest GenerateRequest: every image at its limit plus text no longer than the HTTP body.
-        return self.max_images_per_request * self.max_image_bytes + self.max_request_bytes
+        # The largest GenerateRequest: every image and video at its limit plus text no longer than the HTTP body.
+        return (self.max_images_per_request * self.max_image_bytes
+                + self.max_videos_per_request * self.max_video_bytes + self.max_request_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest encoded image accepted, in bytes (413 above it)")
     parser.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
                         help="most images in one request (400 above it)")
+    parser.add_argument("--max-video-bytes", type=int, default=d.max_video_bytes,
+                        help="largest encoded video_url accepted, in bytes (413 above it); fetched like images")
+    parser.add_argument("--max-videos-per-request", type=int, default=d.max_videos_per_request,
+                        help="most videos in one request (400 above it)")
     parser.add_argument("--image-fetch-timeout-s", type=float, default=d.image_fetch_timeout_s,
                         help="time limit for downloading one image URL, redirects included")
     parser.add_argument("--max-redirects", type=int, default=d.max_redirects,
@@ -143,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", help="write logs as one JSON object per line")
     add_security_flags(parser.add_argument_group("security of the gRPC hop to llm_svc"), serves_grpc=False,
                        peer="llm")
+    add_tracing_flag(parser)
     return parser
 
 
@@ -158,12 +170,14 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         host=args.host, port=args.port, api_key=api_key_from(args, parser), served_model_name=args.served_model_name,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_private_image_urls=args.allow_private_image_urls, max_image_bytes=args.max_image_bytes,
-        max_images_per_request=args.max_images_per_request, image_fetch_timeout_s=args.image_fetch_timeout_s,
+        max_images_per_request=args.max_images_per_request, max_video_bytes=args.max_video_bytes,
+        max_videos_per_request=args.max_videos_per_request, image_fetch_timeout_s=args.image_fetch_timeout_s,
         max_redirects=args.max_redirects, request_timeout_s=args.request_timeout_s,
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
         max_requests_in_flight=args.max_requests_in_flight, max_bytes_in_flight=args.max_bytes_in_flight,
         unavailable_cooldown_s=args.unavailable_cooldown_s, health_timeout_s=args.health_timeout_s,
-        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json, **security)
+        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json,
+        otlp_traces_endpoint=args.otlp_traces_endpoint, **security)
 
 
 def api_key_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:

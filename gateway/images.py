@@ -23,6 +23,7 @@ import httpx
 
 from gateway.config import GatewayConfig
 from gateway.errors import PayloadTooLarge, hold_any, read_capped
+from protos import tracing
 from protos.errors import InvalidInput
 
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -75,7 +76,12 @@ class ImageLoader:
 
     async def load(self, url: str, index: int = 0, hold: Hold = hold_any) -> bytes:
         try:
-            return await self._load(url, index, hold)
+            with tracing.span("image_fetch") as span:
+                data = await self._load(url, index, hold)
+                if span.is_recording():
+                    span.set_attributes({"image.index": index, "url.scheme": url.split(":", 1)[0].lower(),
+                                         "bytes": len(data)})
+                return data
         except (ValueError, httpx.InvalidURL) as error:
             # A URL that its parser refuses: a broken IPv6 or octal IPv4 host, a host label over 63 characters,
             # a NUL in a file path, non-ASCII base64. The client's input, not a server failure.

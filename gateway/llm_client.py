@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import llm_pb2, llm_pb2_grpc
+from protos import llm_pb2, llm_pb2_grpc, tracing
 from protos.endpoints import DEFAULT_REFRESH_S, DEFAULT_RETIRE_S, Address, Endpoint, EndpointSet, certificate_name
 from protos.errors import FAILED_STAGE_KEY, InternalError, ServingError, Unavailable, from_rpc_error
 from protos.security import TlsFiles, open_channel
@@ -99,7 +99,8 @@ class LlmClient:
         candidates = await self._pick()
         for attempt, endpoint in enumerate(candidates[:2]):
             target = endpoint.address.target
-            call = endpoint.connection.stub.Generate(request, timeout=timeout_s)
+            call = endpoint.connection.stub.Generate(request, timeout=timeout_s,
+                                                     metadata=tracing.outgoing_metadata())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:

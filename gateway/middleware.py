@@ -8,6 +8,7 @@ import uuid
 
 from gateway.error_handlers import error_response
 from gateway.metrics import GatewayMetrics
+from protos import tracing
 from protos.errors import Overloaded
 from protos.logs import request_id_var
 from protos.work_limits import WorkLimit
@@ -55,13 +56,20 @@ class RequestContextMiddleware:
 
         token = request_id_var.set(request_id)
         self.metrics.in_flight.labels(endpoint).inc()
-        try:
-            await self.app(scope, receive, send_with_request_id)
-        finally:
-            self.metrics.in_flight.labels(endpoint).dec()
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-            request_id_var.reset(token)
+        # The request's trace: a child of the caller's `traceparent`, when it sends one.
+        with tracing.http_server_span(f"{scope['method']} {endpoint}", scope["headers"]) as span:
+            try:
+                await self.app(scope, receive, send_with_request_id)
+            finally:
+                if span.is_recording():
+                    span.set_attributes({"http.response.status_code": status, "request.id": request_id})
+                self._done(endpoint, status, started)
+                request_id_var.reset(token)
+
+    def _done(self, endpoint: str, status: int, started: float) -> None:
+        self.metrics.in_flight.labels(endpoint).dec()
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
 class WorkLimitMiddleware:

@@ -28,7 +28,7 @@ from gateway.fanout import MergedTokenStream
 from gateway.llm_client import TokenStream
 from gateway.responses import collect, completion_renderer, sse_events
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from protos import llm_pb2, server_version
+from protos import llm_pb2, server_version, tracing
 from protos.errors import Cancelled, InvalidInput, ServingError, Unavailable
 from protos.work_limits import AdmittedWork
 
@@ -111,8 +111,9 @@ async def start_chat(request: Request) -> tuple[TokenStream, AnswerOptions]:
                              role=translate.response_role(body), echo_text=translate.chat_echo_text(body))
     images = await until_disconnected(request, gateway.images.load_all(translate.image_urls(body), work.hold))
     gateway.metrics.image_bytes.inc(sum(len(i) for i in images))
+    videos = await until_disconnected(request, gateway.videos.load_all(translate.video_urls(body), work.hold))
     generate = translate.chat_generate_request(body, images, backend_request_id(request),
-                                               gateway.config.max_tokens_limit)
+                                               gateway.config.max_tokens_limit, videos)
     return await start_generation(request, generate, CHAT_ENDPOINT), options
 
 
@@ -214,12 +215,15 @@ router.include_router(api)
 
 async def parse_body(request: Request, model: type[Model]) -> Model:
     limit = gateway_of(request).config.max_request_bytes
-    body = await read_capped(request.stream(), request.headers.get("content-length"), limit, "request body",
-                             request.state.work.hold)
-    try:
-        return model.model_validate_json(body)
-    except pydantic.ValidationError as error:
-        raise InvalidInput(describe_validation_error(error)) from None
+    with tracing.span("parse") as span:  # reading the body included: a slow client shows here
+        body = await read_capped(request.stream(), request.headers.get("content-length"), limit, "request body",
+                                 request.state.work.hold)
+        if span.is_recording():
+            span.set_attribute("bytes", len(body))
+        try:
+            return model.model_validate_json(body)
+        except pydantic.ValidationError as error:
+            raise InvalidInput(describe_validation_error(error)) from None
 
 
 def validated(parse: Callable[[dict], T], data: dict) -> T:

@@ -101,7 +101,6 @@ UNIMPLEMENTED_FIELDS: dict[str, Refused | Ignored] = {
     "add_special_tokens": Refused((None, False), completion_unchanged=(None, True)),
     "documents": _PLANNED,
     "chat_template": _PLANNED,
-    "media_io_kwargs": _EMPTY,
     # Output extras.
     "logprob_token_ids": _EMPTY,
     "return_tokens_as_token_ids": _OFF,
@@ -172,7 +171,16 @@ class ImagePart(BaseModel):
     image_url: ImageUrl
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoUrl(BaseModel):
+    url: str
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class SystemMessage(BaseModel):
@@ -273,12 +281,28 @@ class MmProcessorKwargs(BaseModel):
     max_dynamic_patch: int | None = Field(None, **proto_range(llm_pb2.GenerateRequest, "max_tiles", ge=1))
 
 
+class VideoIoKwargs(BaseModel):
+    # Other keys of vLLM's video loader (its backend, frame recovery) are refused by name.
+    model_config = ConfigDict(extra="forbid")
+    # Frames sampled per video, evenly over the clip (-1 or 0: every frame; vLLM's default 32).
+    num_frames: int | None = Field(None, **proto_range(llm_pb2.VideoOptions, "num_frames", ge=-1))
+    # At most this many frames per second of the clip (<= 0: no cap).
+    fps: float | None = Field(None, allow_inf_nan=False, le=1e6)
+
+
+class MediaIoKwargs(BaseModel):
+    # vLLM's per-request media loading options, keyed by modality; only videos have any here.
+    model_config = ConfigDict(extra="forbid")
+    video: VideoIoKwargs | None = None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, **proto_range(_SAMPLING, "max_tokens", ge=1))
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     mm_processor_kwargs: MmProcessorKwargs | None = None
+    media_io_kwargs: MediaIoKwargs | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

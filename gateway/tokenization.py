@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 from gateway import translate
 from gateway.schemas import Message, MmProcessorKwargs, Refused, proto_range
 from protos import llm_pb2
+from protos.errors import InvalidInput
 
 # Fields of vLLM's tokenize requests not carried, each a 400 naming it unless sent with a value that changes nothing.
 REFUSED_FIELDS: dict[str, Refused] = {
@@ -71,6 +72,9 @@ def tokenize_to_proto(request: TokenizeChatRequest | TokenizeCompletionRequest, 
                   return_token_strs=bool(request.return_token_strs))
     if isinstance(request, TokenizeCompletionRequest):
         return llm_pb2.TokenizeRequest(prompt=request.prompt, **common)
+    if translate.video_urls(request):
+        # Counting a video's tokens means decoding it; the vision stage does that for generation only.
+        raise InvalidInput("video_url parts are not supported by /tokenize on this server")
     tiles = request.mm_processor_kwargs.max_dynamic_patch if request.mm_processor_kwargs else None
     # The chat's messages and template controls are those of a chat completion, and travel the same way.
     return llm_pb2.TokenizeRequest(chat=translate.chat_to_proto(request, images), max_tiles=tiles or 0, **common)

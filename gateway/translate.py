@@ -6,7 +6,7 @@ Nothing here does I/O: image bytes arrive already loaded, in the order `image_ur
 import dataclasses
 import json
 
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart, VideoPart
 from gateway.structured_outputs import structured_outputs_to_proto
 from gateway.tools import parsed_delta_json, tool_call_json, tool_calls_to_proto, tools_to_proto
 from protos import llm_pb2
@@ -67,8 +67,28 @@ def image_urls(request: ChatCompletionRequest) -> list[str]:
             for part in message.content if isinstance(part, ImagePart)]
 
 
-def chat_to_proto(request: ChatCompletionRequest, images: list[bytes]) -> llm_pb2.Chat:
+def video_urls(request: ChatCompletionRequest) -> list[str]:
+    """The request's video URLs in message order: the order their bytes must be passed to `chat_to_proto`."""
+    return [part.video_url.url for message in request.messages if isinstance(message.content, list)
+            for part in message.content if isinstance(part, VideoPart)]
+
+
+def video_options(request: ChatCompletionRequest) -> llm_pb2.VideoOptions | None:
+    video = request.media_io_kwargs.video if request.media_io_kwargs else None
+    return llm_pb2.VideoOptions(num_frames=video.num_frames, fps=video.fps) if video else None
+
+
+def _media_part(part, images, videos) -> llm_pb2.ContentPart:
+    if isinstance(part, TextPart):
+        return llm_pb2.ContentPart(text=part.text)
+    if isinstance(part, VideoPart):
+        return llm_pb2.ContentPart(video=llm_pb2.VideoPart(data=next(videos)))
+    return llm_pb2.ContentPart(image=llm_pb2.ImagePart(data=next(images)))
+
+
+def chat_to_proto(request: ChatCompletionRequest, images: list[bytes], videos: list[bytes] = ()) -> llm_pb2.Chat:
     remaining = iter(images)
+    remaining_videos = iter(videos)
     messages = []
     for message in request.messages:
         content = message.content
@@ -78,12 +98,11 @@ def chat_to_proto(request: ChatCompletionRequest, images: list[bytes]) -> llm_pb
         elif content is None or isinstance(content, str):
             parts = [llm_pb2.ContentPart(text=content or "")]
         else:
-            parts = [llm_pb2.ContentPart(text=part.text) if isinstance(part, TextPart)
-                     else llm_pb2.ContentPart(image=llm_pb2.ImagePart(data=next(remaining)))
-                     for part in content]
+            parts = [_media_part(part, remaining, remaining_videos) for part in content]
         messages.append(llm_pb2.ChatMessage(role=_ROLES[message.role], content=parts, tool_calls=tool_calls,
                                             tool_call_id=getattr(message, "tool_call_id", "")))
     assert next(remaining, None) is None, "more images than image parts"
+    assert next(remaining_videos, None) is None, "more videos than video parts"
     template_kwargs = json.dumps(request.chat_template_kwargs) if request.chat_template_kwargs else ""
     return llm_pb2.Chat(messages=messages, add_generation_prompt=request.add_generation_prompt,
                         continue_final_message=request.continue_final_message,
@@ -93,17 +112,18 @@ def chat_to_proto(request: ChatCompletionRequest, images: list[bytes]) -> llm_pb
 
 
 def chat_generate_request(request: ChatCompletionRequest, images: list[bytes], request_id: str,
-                          max_tokens_limit: int) -> llm_pb2.GenerateRequest:
+                          max_tokens_limit: int, videos: list[bytes] = ()) -> llm_pb2.GenerateRequest:
     top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
     # As vLLM: echo asks for the prompt's log-probabilities too, top_logprobs of them (0 when absent).
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo:
         prompt_logprobs = request.top_logprobs or 0
     tiles = request.mm_processor_kwargs.max_dynamic_patch if request.mm_processor_kwargs else None
-    return llm_pb2.GenerateRequest(request_id=request_id, chat=chat_to_proto(request, images),
+    return llm_pb2.GenerateRequest(request_id=request_id, chat=chat_to_proto(request, images, videos),
                                    sampling=sampling_params(request, max_tokens_limit, top_logprobs,
                                                             prompt_logprobs),
-                                   max_tiles=tiles or 0, parse_at_end=not request.stream, **prompt_controls(request))
+                                   max_tiles=tiles or 0, parse_at_end=not request.stream,
+                                   video_options=video_options(request), **prompt_controls(request))
 
 
 def completion_generate_requests(request: CompletionRequest, request_id: str,

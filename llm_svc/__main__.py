@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import sys
 
 from llm_svc import vllm_plugin
@@ -14,6 +15,7 @@ from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
 from protos.malloc import limit_fragmentation
 from protos.server import wait_for_shutdown_signal
+from protos.tracing import configure, settings_from
 
 log = logging.getLogger("llm_svc")
 
@@ -46,7 +48,22 @@ def main(argv: list[str] | None = None) -> None:
     if config.cpu_defaults is not None:
         config.cpu_defaults.apply(log)  # logs what llm_svc picked; the engine's workers inherit its environment
     start_orphan_guard(config.log_json)  # before any child process exists
-    asyncio.run(serve(config, engine_args))
+    try:
+        tracing = settings_from(engine_args.otlp_traces_endpoint, "llm_svc")
+    except ValueError as error:
+        sys.exit(f"llm_svc: cannot start: {error}")
+    if tracing is not None:
+        # vLLM's --otlp-traces-endpoint is this stage's flag. Set from OTEL_* alone, vLLM gets it too: only then
+        # does it take the trace context, so that its own span of each request joins the trace.
+        engine_args.otlp_traces_endpoint = tracing.endpoint
+        # vLLM's engine and worker processes set up their own tracing (start-up spans) from the environment.
+        os.environ.setdefault("OTEL_SERVICE_NAME", tracing.service_name)
+    # Before the engine, so that vLLM's spans go through it too (vLLM's own attempt to set one only logs a warning).
+    stop_tracing = configure(tracing)
+    try:
+        asyncio.run(serve(config, engine_args))
+    finally:
+        stop_tracing()  # exports the spans still queued
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from vllm.platforms import current_platform
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from llm_svc.cpu_defaults import CpuDefaults, GiB, MiB, pick_cpu_defaults, read_cpu_machine
+from llm_svc.embedding_receiver import TRANSPORT_CHOICES
 from protos.cli import add_security_flags, pop_security_args
 from protos.endpoints import check_targets
 from protos.security import TlsFiles, check_client_settings, check_server_settings
@@ -37,6 +38,11 @@ class LlmConfig:
     max_requests_in_flight: int = 1024
     max_bytes_in_flight: int = 2 * GiB
     grace_s: float = 30.0
+    # The embedding data plane (llm_svc/embedding_receiver.py).
+    embedding_transport: str = "auto"
+    shm_dir: str = "/dev/shm"
+    shm_max_bytes: int = 2 * GiB
+    mooncake_protocol: str | None = None
     # vLLM's OpenAI-server flags for tool calls (its --reasoning-parser is an engine argument, passed through).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
@@ -68,6 +74,10 @@ class LlmConfig:
             raise ValueError(f"--max-bytes-in-flight ({self.max_bytes_in_flight}) is below what one request may hold, "
                              f"--max-message-bytes + --max-embedding-bytes ({self.max_message_bytes} + "
                              f"{self.max_embedding_bytes}); raise it or lower those")
+        if self.embedding_transport not in TRANSPORT_CHOICES:
+            raise ValueError(f"--embedding-transport must be one of {', '.join(TRANSPORT_CHOICES)}")
+        if self.shm_max_bytes < 0:
+            raise ValueError("--shm-max-bytes must be >= 0")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's server
         check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
@@ -121,6 +131,19 @@ def build_parser() -> FlexibleArgumentParser:
     own.add_argument("--grace-s", type=float, default=d.grace_s,
                      help="on SIGTERM, seconds that in-flight streams get to finish before the engine stops")
     own.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    own.add_argument("--embedding-transport", choices=TRANSPORT_CHOICES, default=d.embedding_transport,
+                     help="how embedding bytes come from vision_svc: auto takes, per replica, the best both accept "
+                          "(shm when on one host, proven by a probe; then mooncake when --mooncake-protocol is set; "
+                          "then socket; then grpc, inline in the stream); a name forces one (a replica that cannot "
+                          "use it fails the call)")
+    own.add_argument("--shm-dir", default=d.shm_dir,
+                     help="shared-memory directory (tmpfs) for the shm transport; vision_svc must see the same one")
+    own.add_argument("--shm-max-bytes", type=int, default=d.shm_max_bytes,
+                     help="most bytes of shared-memory slots (one per image in flight, each the largest embedding "
+                          "of one image); calls beyond it go inline. Slots are sparse until written")
+    own.add_argument("--mooncake-protocol", choices=("tcp", "rdma"), default=None,
+                     help="offer the mooncake transport (Mooncake Transfer Engine, when its package is installed) "
+                          "with this protocol; --embedding-transport mooncake alone uses tcp")
     own.add_argument("--enable-auto-tool-choice", action="store_true",
                      help="as vLLM's server: let the model decide to call tools (tool_choice auto); needs "
                           "--tool-call-parser")

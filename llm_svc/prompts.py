@@ -27,6 +27,13 @@ class ImageRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoRef:
+    """A video, placed as vLLM places a `video_url` part: its `<video>` placeholder, expanded into one
+    `FrameN: <img>...</img>` per frame when the embeddings arrive."""
+    content_hash: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ToolCall:
     id: str
     name: str
@@ -36,7 +43,7 @@ class ToolCall:
 @dataclasses.dataclass(frozen=True)
 class Message:
     role: str
-    parts: tuple[str | ImageRef, ...]
+    parts: tuple[str | ImageRef | VideoRef, ...]
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant's
     tool_call_id: str = ""  # a tool message's: the call it answers
 
@@ -48,15 +55,21 @@ def to_openai_messages(messages: list[Message], with_images: bool = True) -> lis
     for message in messages:
         if message.role not in ROLES:
             raise InvalidInput(f"role {message.role!r} is not one of {', '.join(ROLES)}")
-        if message.role != "user" and any(isinstance(p, ImageRef) for p in message.parts):
-            raise InvalidInput(f"images are allowed in user messages only, not in {message.role} messages")
-        content = [{"type": "text", "text": p} if isinstance(p, str)
-                   else {"type": "image_embeds", "image_embeds": None, "uuid": p.content_hash}
-                   for p in message.parts if with_images or isinstance(p, str)]
+        if message.role != "user" and any(isinstance(p, (ImageRef, VideoRef)) for p in message.parts):
+            raise InvalidInput(f"images and videos are allowed in user messages only, not in {message.role} messages")
+        content = [_content_part(p) for p in message.parts if with_images or isinstance(p, str)]
         # An assistant's tool calls without text: no content at all, as OpenAI clients send it (null).
         no_content = not message.parts and message.tool_calls
         out.append({"role": message.role, "content": None if no_content else content, **_tool_fields(message)})
     return out
+
+
+def _content_part(part: str | ImageRef | VideoRef) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if isinstance(part, VideoRef):
+        return {"type": "video_embeds", "video_embeds": None, "uuid": part.content_hash}
+    return {"type": "image_embeds", "image_embeds": None, "uuid": part.content_hash}
 
 
 def _tool_fields(message: Message) -> dict:

@@ -19,6 +19,7 @@ from llm_svc.prompts import ImageRef, Message, PromptRenderer
 from llm_svc.service import LanguageService
 from llm_svc.servicer import LanguageModelServicer
 from llm_svc.tokenization import TokenizationService
+from llm_svc.embedding_receiver import ReceiverSettings, largest_embedding_bytes
 from llm_svc.vision_client import VisionClient
 from protos import llm_pb2, llm_pb2_grpc, server_version
 from protos.server import GrpcServer
@@ -39,7 +40,10 @@ class LlmServer:
         self.engine_args = engine_args
         self.vision = VisionClient(list(config.vision), config.max_message_bytes, config.max_embedding_bytes,
                                    tls=config.tls, server_name=config.tls_server_name, token=config.vision_auth_token,
-                                   retire_s=config.vision_timeout_s)
+                                   retire_s=config.vision_timeout_s,
+                                   data_plane=ReceiverSettings(config.embedding_transport, config.shm_dir,
+                                                               config.shm_max_bytes,
+                                                               mooncake_protocol=config.mooncake_protocol))
         self.engine: AsyncLLM | None = None
         self.grpc: GrpcServer | None = None
         self._engine_watch: asyncio.Task | None = None
@@ -48,6 +52,7 @@ class LlmServer:
         """Checks the vision stage, starts the engine, warms it, then serves; returns the bound port."""
         await self.vision.start()
         info = await self.vision.get_info(self.config.vision_start_timeout_s)
+        self.vision.receiver.set_slot_bytes(largest_embedding_bytes(info))
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
         model_config = self.engine.model_config
         hidden = model_config.hf_text_config.hidden_size
@@ -71,7 +76,10 @@ class LlmServer:
         model_info = llm_pb2.GetModelInfoResponse(
             model=model_config.served_model_name, max_model_len=dims.max_model_len, hidden_size=hidden,
             max_images_per_request=limits.max_images_per_request, vocab_size=model_config.get_vocab_size(),
-            max_request_bytes=limits.max_request_bytes)
+            max_request_bytes=limits.max_request_bytes,
+            # Videos are the vision stage's to limit; its figures, so that a client can refuse early.
+            max_videos_per_request=info.max_videos_per_request, max_video_frames=info.max_video_frames,
+            max_video_bytes=info.max_video_bytes)
         self.grpc = GrpcServer(self.config.host, self.config.port, self.config.max_message_bytes,
                                self.config.grace_s, tls=self.config.tls, auth_token=self.config.auth_token,
                                reflection=self.config.reflection, health_port=self.config.health_port)

@@ -27,11 +27,14 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from llm_svc import metrics
 from llm_svc.admission import AdmissionCheck
+from llm_svc.engine_spans import record_engine_phases
 from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.output_parsing import ChatParsing, ChoiceParser, OutputParsers, ParsedOutput, ToolRequest
 from llm_svc.prompts import ChatOptions, Message, PromptRenderer, PromptTruncation, to_openai_messages
+from llm_svc.video_client import VideoBlob, VideoEmbedding, VideoOptions, check_video_bytes
 from llm_svc.vision_client import ImageBlob, VisionClient
 from llm_svc.vllm_messages import client_message
+from protos import tracing
 from protos.errors import InternalError, InvalidInput, Overloaded, ServingError, Unavailable
 from protos.work_limits import AdmittedWork, WorkLimit
 
@@ -53,6 +56,8 @@ class GenerateInput:
     parse_at_end: bool = False  # parse each completion once, whole (else delta by delta)
     truncation: PromptTruncation | None = None  # vLLM's truncate_prompt_tokens, truncation_side
     continuous_usage: bool = False  # every delta carries its completion's usage so far (choice_usage)
+    videos: list[VideoBlob] = dataclasses.field(default_factory=list)  # a chat's, in placeholder order
+    video_options: VideoOptions = VideoOptions()  # how the videos' frames are sampled
 
 
 @dataclasses.dataclass
@@ -107,6 +112,7 @@ class LanguageService:
         if request.request_id in self._running:
             raise InvalidInput(f"request id {request.request_id!r} is already running")
         self.limits.check_images(request.images)
+        check_video_bytes(request.videos, self.limits.max_image_bytes_per_request)
         started = time.perf_counter()
         self._running[request.request_id] = False
         try:
@@ -114,8 +120,14 @@ class LanguageService:
             options = request.chat_options
             if parsing is not None:
                 options = dataclasses.replace(options, tools=parsing.template_tools)
-            text = self.renderer.render(request.messages, options) if request.messages is not None else request.prompt
-            embeddings = await self._embeddings(request, text, work) if request.images else []
+            with tracing.span("render"):
+                text = (self.renderer.render(request.messages, options) if request.messages is not None
+                        else request.prompt)
+            embeddings = []
+            if request.images:
+                with tracing.span("vision_wait"):  # the admission checks, then the vision call (which annotates it)
+                    embeddings = await self._embeddings(request, text, work)
+            videos = await self._video_embeddings(request, text, work) if request.videos else []
             vision_s = time.perf_counter() - started
             if self._running[request.request_id]:  # aborted while its images were being encoded
                 for delta in _aborted_before_the_engine(vision_s, request.sampling.n):
@@ -126,6 +138,10 @@ class LanguageService:
                 metrics.VISION_SECONDS.observe(vision_s)
                 prompt["multi_modal_data"] = {"image": embeddings}
                 prompt["multi_modal_uuids"] = {"image": [img.content_hash for img in request.images]}
+            if videos:
+                prompt.setdefault("multi_modal_data", {})["video"] = [video.embeddings for video in videos]
+                prompt.setdefault("multi_modal_uuids", {})["video"] = [
+                    request.video_options.uuid(video.content_hash) for video in videos]
             prompt_text = self._prompt_text(request, text) if request.return_prompt_text else None
             async for delta in self._stream(request, prompt, started, vision_s, parsing):
                 # The prompt's extras ride on the stream's first delta.
@@ -173,6 +189,22 @@ class LanguageService:
                                     f"model needs [{expected}, {self.dims.hidden_size}]")
         return [r.embeddings for r in results]
 
+    async def _video_embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[VideoEmbedding]:
+        if not request.images:  # else checked with the images
+            await self._admission.check(request.request_id, text, [], request.max_tiles, request.sampling,
+                                        self._tok_params(request))
+        with tracing.span("vision_wait"):
+            results = await self._vision.encode_videos(request.request_id, request.videos, request.video_options,
+                                                       self.limits.vision_timeout_s, hold_bytes=work.hold)
+        for i, result in enumerate(results):
+            rows, width = result.embeddings.shape if result.embeddings.dim() == 2 else (-1, -1)
+            expected = result.num_frames * self.dims.tokens_per_tile
+            if result.num_frames < 1 or rows != expected or width != self.dims.hidden_size:
+                raise InternalError(f"video {i}: the vision stage sent embeddings of shape "
+                                    f"{tuple(result.embeddings.shape)} for {result.num_frames} frames; the language "
+                                    f"model needs [{expected}, {self.dims.hidden_size}]")
+        return results
+
     async def _stream(self, request: GenerateInput, prompt: dict, started: float, vision_s: float,
                       parsing: ChatParsing | None) -> AsyncIterator[Delta]:
         first_token_s = None
@@ -191,6 +223,8 @@ class LanguageService:
                 return
             prompt_logprobs_sent = False
             choice_tokens: dict[int, int] = {}  # completion index -> its tokens so far
+            if (trace_headers := tracing.trace_headers()) is not None:
+                engine_kwargs["trace_headers"] = trace_headers  # vLLM's own span of the request joins the trace
             async for output in self._engine.generate(engine_input, request.sampling, request.request_id,
                                                       **engine_kwargs):
                 if self._running[request.request_id] and not output.finished:
@@ -229,6 +263,8 @@ class LanguageService:
                         delta.reasoning_tokens = answers.reasoning_tokens() if answers is not None else None
                         delta.timings = {"vision_s": vision_s, "queue_s": _queue_seconds(output),
                                          "first_token_s": first_token_s or total_s, "total_s": total_s}
+                        record_engine_phases(output.metrics, delta.prompt_tokens, delta.cached_tokens,
+                                             completion_tokens)
                         metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
                     metrics.COMPLETION_TOKENS.inc(len(completion.token_ids))
                     yield delta

@@ -11,13 +11,15 @@ from vllm.exceptions import VLLMClientError
 
 from llm_svc import metrics
 from llm_svc.output_parsing import ParsedOutput, ToolRequest, tools_from_pb
-from llm_svc.prompts import ImageRef, Message, ToolCall, chat_options_from_pb, truncation_from_pb
+from llm_svc.prompts import ImageRef, Message, ToolCall, VideoRef, chat_options_from_pb, truncation_from_pb
 from llm_svc.sampling import to_sampling_params
 from llm_svc.service import Delta, GenerateInput, LanguageService
 from llm_svc.tokenization import TokenizationService, TokenizeInput, Tokens
+from llm_svc.video_client import VideoBlob, video_from_pb
+from llm_svc.video_client import options_from_pb as video_options_from_pb
 from llm_svc.vision_client import ImageBlob
 from llm_svc.vllm_messages import client_message
-from protos import llm_pb2, llm_pb2_grpc
+from protos import llm_pb2, llm_pb2_grpc, tracing
 from protos.errors import InvalidInput, ServingError
 from protos.logs import request_id_var
 from protos.work_limits import AdmittedWork
@@ -43,7 +45,9 @@ def image_from_pb(part: llm_pb2.ImagePart) -> ImageBlob:
     raise InvalidInput("an image part has neither bytes nor a content hash")
 
 
-def chat_from_pb(chat: llm_pb2.Chat) -> tuple[list[Message], list[ImageBlob]]:
+def chat_from_pb(chat: llm_pb2.Chat, videos: list[VideoBlob] | None = None
+                 ) -> tuple[list[Message], list[ImageBlob]]:
+    """The chat's messages and images; its videos go into `videos` (None: a video part is refused)."""
     messages, images = [], []
     for n, message in enumerate(chat.messages):
         if message.role not in _ROLES:
@@ -53,6 +57,11 @@ def chat_from_pb(chat: llm_pb2.Chat) -> tuple[list[Message], list[ImageBlob]]:
             if part.WhichOneof("part") == "image":
                 images.append(image_from_pb(part.image))
                 parts.append(ImageRef(images[-1].content_hash))
+            elif part.WhichOneof("part") == "video":
+                if videos is None:
+                    raise InvalidInput("videos are not taken here")
+                videos.append(video_from_pb(part.video))
+                parts.append(VideoRef(videos[-1].content_hash))
             else:
                 parts.append(part.text)
         calls = tuple(ToolCall(call.id, call.name, call.arguments) for call in message.tool_calls)
@@ -68,11 +77,12 @@ def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int) -> Gener
                   continuous_usage=request.continuous_usage)
     kind = request.WhichOneof("input")
     if kind == "chat":
-        messages, images = chat_from_pb(request.chat)
+        videos = []
+        messages, images = chat_from_pb(request.chat, videos)
         tools = tools_from_pb(request.chat.tools) if request.chat.HasField("tools") else ToolRequest()
         return GenerateInput(request_id, messages, None, images, sampling, request.max_tiles,
                              chat_options_from_pb(request.chat), tools=tools, parse_at_end=request.parse_at_end,
-                             **common)
+                             videos=videos, video_options=video_options_from_pb(request), **common)
     if kind == "prompt":
         if not request.prompt:
             raise InvalidInput("the prompt is empty")
@@ -209,7 +219,10 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
         metrics.RUNNING.inc()
         try:
             # Admitted before any work (its images are not even hashed yet); whatever it holds returns however it ends.
-            with self._service.admit(request.ByteSize()) as work:
+            with tracing.grpc_server_span("LanguageModel/Generate", context) as span, \
+                    self._service.admit(request.ByteSize()) as work:
+                if span.is_recording():
+                    span.set_attribute("request.id", request.request_id)
                 async for response in self._generate(request, work):
                     yield response
         except BaseException as error:

@@ -8,6 +8,8 @@
   replica) the request is resent with bytes.
 - On UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED (replica full) the request is retried once on the
   hash's second replica; UNAVAILABLE also asks for a new resolution of the names.
+- Embedding bytes come over the data plane negotiated with each replica (`embedding_receiver`): shared
+  memory, a direct socket, or inline in the stream.
 - Bytes held: each embedding's size is counted against the caller's budget (`hold_bytes`) when its header
   arrives, before anything is allocated for it; past the budget the call ends with Overloaded.
 """
@@ -23,10 +25,13 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from protos import errors, tensors, vision_pb2, vision_pb2_grpc
+from llm_svc.embedding_receiver import INLINE_ONLY, CallReceiver, EmbeddingReceiver, ReceiverSettings
+from llm_svc.video_client import VideoBlob, VideoEmbedding, VideoOptions, encode_videos
+from protos import errors, tensors, tracing, vision_pb2, vision_pb2_grpc
 from protos.endpoints import (DEFAULT_RETIRE_S, MIN_REFRESH_GAP_S, Address, Endpoint, EndpointSet, certificate_name,
                               rendezvous_order)
 from protos.security import TlsFiles, open_channel
+from protos.transport.errors import TransferError
 from protos.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -63,7 +68,7 @@ class VisionReplica:
 class VisionClient:
     def __init__(self, targets: list[str], max_message_bytes: int, max_embedding_bytes: int, *,
                  tls: TlsFiles = TlsFiles(), server_name: str | None = None, token: str | None = None,
-                 retire_s: float = DEFAULT_RETIRE_S):
+                 retire_s: float = DEFAULT_RETIRE_S, data_plane: ReceiverSettings = INLINE_ONLY):
         if not targets:
             raise ValueError("no vision_svc address given")
         options = channel_options(max_message_bytes)
@@ -77,6 +82,7 @@ class VisionClient:
 
         self._endpoints = EndpointSet(targets, connect, close, retire_s=retire_s)
         self._max_embedding_bytes = max_embedding_bytes
+        self._receiver = EmbeddingReceiver(data_plane, max_embedding_bytes)
         # (replica address, content hash) pairs recently encoded there: those may travel as hash only.
         self._recent: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
@@ -152,10 +158,17 @@ class VisionClient:
         results: list[ImageEmbedding | None] = [None] * len(images)
         assembling: dict[int, tuple[vision_pb2.ImageHeader, tensors.TensorAssembler]] = {}
         target = replica.address.target
-        call = replica.connection.stub.Encode(request, timeout=timeout_s)
+        plane = await self._receiver.plane(target, replica.connection.stub)
+        receiving = self._receiver.open_call(target, replica.address.host, plane, len(images), timeout_s)
+        if receiving.offer is not None:
+            request.data_plane.CopyFrom(receiving.offer)
+        call = replica.connection.stub.Encode(request, timeout=timeout_s, metadata=tracing.outgoing_metadata())
         try:
             async for message in call:
                 index = message.image_index
+                if receiving.carries(message):
+                    results[index] = await self._receive(target, message, receiving, hold_bytes)
+                    continue
                 if message.HasField("header"):
                     assembling[index] = (message.header, self._assembler(message.header.tensor, hold_bytes))
                 header, assembler = assembling[index]
@@ -164,15 +177,45 @@ class VisionClient:
                     results[index] = ImageEmbedding(header.content_hash, header.num_tiles, assembler.finish(),
                                                     header.cache_hit)
                     self._remember(target, header.content_hash)
+            receiving.writer_finished()
         except grpc.aio.AioRpcError as error:
+            self._receiver.forget(target)
             raise errors.from_rpc_error(error, f"vision_svc {target}", stage="vision_svc") from error
+        except TransferError as error:
+            self._receiver.forget(target)  # the data path broke (a replica killed mid-transfer): negotiate again
+            raise errors.Unavailable(f"vision_svc {target}: {error}", peer=f"vision_svc {target}",
+                                     metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),)) from error
         except (KeyError, IndexError, tensors.TensorFormatError) as error:
             raise errors.InternalError(f"vision_svc {target} sent a malformed stream: {error}") from error
         finally:
             call.cancel()  # the replica drops the work of a stream left early (a no-op once it has ended)
+            receiving.close()
         if any(r is None for r in results):
             raise errors.InternalError(f"vision_svc {target} ended the stream before sending every image")
+        _annotate_wait(target, results)
         return results
+
+    async def _receive(self, target: str, message: vision_pb2.EncodeResponse, receiving: CallReceiver,
+                       hold_bytes: Callable[[int], None]) -> ImageEmbedding:
+        """An image whose bytes came over the data plane: held, like an inline one, before it is received."""
+        header = message.header
+        dtype, shape, nbytes = tensors.checked_spec(header.tensor, self._max_embedding_bytes)
+        hold_bytes(nbytes)
+        embeddings = await receiving.receive(message, dtype, shape, nbytes)
+        self._remember(target, header.content_hash)
+        return ImageEmbedding(header.content_hash, header.num_tiles, embeddings, header.cache_hit)
+
+    async def encode_videos(self, request_id: str, videos: list[VideoBlob], options: VideoOptions,
+                            timeout_s: float, hold_bytes: Callable[[int], None] = hold_nothing
+                            ) -> list[VideoEmbedding]:
+        """Embeddings of `videos`, in order, from one Encode call of videos only (`video_client`)."""
+        replicas = rendezvous_order(videos[0].content_hash, await self._endpoints.ensure_some())
+        if not replicas:
+            raise errors.Unavailable("vision_svc: no replica resolved",
+                                     metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
+        replica = replicas[0]
+        return await encode_videos(replica.connection.stub, replica.address.target, request_id, videos, options,
+                                   timeout_s, lambda header: self._assembler(header, hold_bytes))
 
     def _assembler(self, header: vision_pb2.TensorHeader,
                    hold_bytes: Callable[[int], None]) -> tensors.TensorAssembler:
@@ -189,8 +232,13 @@ class VisionClient:
         while len(self._recent) > RECENT_HASHES:
             self._recent.popitem(last=False)
 
+    @property
+    def receiver(self) -> EmbeddingReceiver:
+        return self._receiver
+
     async def close(self) -> None:
         await self._endpoints.close()
+        self._receiver.close()
 
 
 async def _fail_fast(stub: vision_pb2_grpc.VisionEncoderStub) -> grpc.aio.AioRpcError | None:
@@ -199,3 +247,13 @@ async def _fail_fast(stub: vision_pb2_grpc.VisionEncoderStub) -> grpc.aio.AioRpc
     except grpc.aio.AioRpcError as error:
         return error
     return None
+
+
+def _annotate_wait(target: str, results: list[ImageEmbedding]) -> None:
+    """What the wait for the vision stage brought, on the current span (llm_svc's vision_wait)."""
+    span = tracing.current_span()
+    if span.is_recording():
+        span.set_attributes({"vision.replica": target, "images": len(results),
+                             "tiles": sum(r.num_tiles for r in results),
+                             "bytes": sum(r.embeddings.nbytes for r in results),
+                             "cache_hits": sum(r.cache_hit for r in results)})

@@ -1,12 +1,12 @@
 """A vLLM general plugin (entry point `vllm.general_plugins`, see pyproject.toml): vLLM loads it in every
 process it starts (front, engine core, each worker), before any model runs.
 
-It lets one engine step hold images of different sizes given as embeddings. InternVL's embedding-input
-schemas declare every image of a step with the same number of rows, so two concurrent requests whose images
-have different tile counts (a 448x448 and an 896x448 image: 256 and 768 rows) fail the schema's check in the
-worker, which kills the engine. The models themselves take the embeddings as a list of tensors, one per
-image, and never need them to agree; only the check is wrong. The plugin marks that one dimension dynamic,
-as vLLM already does for the pixel inputs.
+It lets videos be given as embeddings (`video_embeddings`), and one engine step hold images of different sizes
+given as embeddings. InternVL's embedding-input schemas declare every image of a step with the same number of
+rows, so two concurrent requests whose images have different tile counts (a 448x448 and an 896x448 image: 256
+and 768 rows) fail the schema's check in the worker, which kills the engine. The models themselves take the
+embeddings as a list of tensors, one per image, and never need them to agree; only the check is wrong. The plugin
+marks that one dimension dynamic, as vLLM already does for the pixel inputs.
 """
 
 import importlib
@@ -28,6 +28,7 @@ ROW_DIMENSIONS = {
 
 
 def register() -> None:
+    video_embeddings()
     for module_name, schemas in ROW_DIMENSIONS.items():
         try:
             module = importlib.import_module(module_name)
@@ -42,6 +43,54 @@ def register() -> None:
                                "may not share an engine step", module_name, class_name)
                 continue
             shape.dynamic_dims = set(shape.dynamic_dims) | {dim}
+
+
+def video_embeddings() -> None:
+    """InternVL's processor expands a video's `<video>` placeholder into one `FrameN: <img>...</img>` per frame, the
+    frame count read from the pixel inputs; for a video given as embeddings there are none and it fails with an
+    IndexError. A video's embeddings hold 256 rows (`image_seq_length`) per frame, so the count is read from them.
+    And its fields leave out `video_embeds` (the image fields hold `image_embeds`), so the embeddings never reached
+    the model: it is added, batched per video as the images' are, and the model is made to read it."""
+    try:
+        from vllm.model_executor.models.internvl import InternVLChatModel, InternVLMultiModalProcessor
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+        from vllm.multimodal.parse import VideoEmbeddingItems
+        from vllm.multimodal.processing import PromptReplacement
+    except ImportError:
+        logger.warning("vLLM has no InternVL video processor: videos given as embeddings are left as vLLM takes them")
+        return
+    original = InternVLMultiModalProcessor._get_prompt_repl_video
+    if getattr(original, "_frames_from_rows", False):
+        return
+
+    def repl_video(self, mm_items, hf_processor, out_mm_data):
+        replacement = original(self, mm_items, hf_processor, out_mm_data)
+        videos = mm_items.get("video")
+        if "video_num_patches" in out_mm_data or not isinstance(videos, VideoEmbeddingItems):
+            return replacement
+
+        def frames_from_rows(item_idx: int):
+            return hf_processor.get_video_repl(videos.get_feature_size(item_idx) // hf_processor.image_seq_length)
+
+        return PromptReplacement(modality="video", target=replacement.target, replacement=frames_from_rows)
+
+    original_fields = InternVLMultiModalProcessor._get_video_fields_config
+
+    def video_fields(self, hf_inputs):
+        return {**original_fields(self, hf_inputs), "video_embeds": MultiModalFieldConfig.batched("video")}
+
+    original_inputs = InternVLChatModel._parse_and_validate_multimodal_inputs
+
+    def model_inputs(self, **kwargs):
+        modalities = original_inputs(self, **kwargs)
+        if "video_embeds" in kwargs and "videos" not in modalities:  # the engine embeds one modality per call
+            modalities["videos"] = self._parse_and_validate_video_input(**kwargs)
+        return modalities
+
+    repl_video._frames_from_rows = True
+    InternVLChatModel._parse_and_validate_multimodal_inputs = model_inputs
+    InternVLMultiModalProcessor._get_prompt_repl_video = repl_video
+    InternVLMultiModalProcessor._get_video_fields_config = video_fields
 
 
 def keep_enabled(environ=os.environ) -> None:

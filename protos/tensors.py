@@ -52,19 +52,24 @@ def to_chunks(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> I
         yield bytes(raw[start:start + chunk_bytes])
 
 
+def checked_spec(header: vision_pb2.TensorHeader, max_bytes: int) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """The dtype, shape and byte size that `header` announces; TensorFormatError when malformed or over `max_bytes`."""
+    dtype = dtype_from_proto(header.dtype)
+    shape = tuple(header.shape)
+    if any(d < 0 for d in shape):
+        raise TensorFormatError(f"negative dimension in shape {shape}")
+    # Python integers: a hostile shape cannot wrap around to a small size.
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise TensorFormatError(f"tensor of shape {shape} needs {nbytes} bytes, over the limit of {max_bytes}")
+    return dtype, shape, nbytes
+
+
 class TensorAssembler:
     """Collects the chunks of one tensor announced by a header and checks they add up exactly."""
 
     def __init__(self, header: vision_pb2.TensorHeader, max_bytes: int):
-        self.dtype = dtype_from_proto(header.dtype)
-        self.shape = tuple(header.shape)
-        if any(d < 0 for d in self.shape):
-            raise TensorFormatError(f"negative dimension in shape {self.shape}")
-        # Python integers: a hostile shape cannot wrap around to a small size.
-        self.nbytes = math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
-        if self.nbytes > max_bytes:
-            raise TensorFormatError(f"tensor of shape {self.shape} needs {self.nbytes} bytes, over the "
-                                    f"limit of {max_bytes}")
+        self.dtype, self.shape, self.nbytes = checked_spec(header, max_bytes)
         self._buffer = np.empty(self.nbytes, dtype=np.uint8)
         self._filled = 0
 

@@ -24,33 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x12internvl.vision.v1\">\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"X\n\x11PreprocessOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12\x30\n\tthumbnail\x18\x02 \x01(\x0e\x32\x1d.internvl.vision.v1.Thumbnail\"\x8b\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.internvl.vision.v1.ImageInput\x12\x36\n\x07options\x18\x03 \x01(\x0b\x32%.internvl.vision.v1.PreprocessOptions\"G\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"{\n\x0bImageHeader\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x30\n\x06tensor\x18\x03 \x01(\x0b\x32 .internvl.vision.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"r\n\x0e\x45ncodeResponse\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1f.internvl.vision.v1.ImageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xb6\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nllm_hidden\x18\x02 \x01(\r\x12(\n\x05\x64type\x18\x03 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x12\n\nimage_size\x18\x05 \x01(\r\x12\x11\n\tmax_tiles\x18\x06 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x11\n\tmin_tiles\x18\x0b \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0c \x01(\x04*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*K\n\tThumbnail\x12\x19\n\x15THUMBNAIL_UNSPECIFIED\x10\x00\x12\x10\n\x0cTHUMBNAIL_ON\x10\x01\x12\x11\n\rTHUMBNAIL_OFF\x10\x02\x32\xb6\x01\n\rVisionEncoder\x12Q\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse0\x01\x12R\n\x07GetInfo\x12\".internvl.vision.v1.GetInfoRequest\x1a#.internvl.vision.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x12internvl.vision.v1\"\x92\x01\n\x19NegotiateDataPlaneRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12.\n\x07offered\x18\x03 \x03(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x16\n\x0eshm_probe_name\x18\x04 \x01(\t\"\xbc\x01\n\x1aNegotiateDataPlaneResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12/\n\x08\x61\x63\x63\x65pted\x18\x03 \x03(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x17\n\x0fshm_probe_nonce\x18\x04 \x01(\x0c\x12\x13\n\x0bsocket_port\x18\x05 \x01(\r\x12\x10\n\x08refusals\x18\x06 \x01(\t\"4\n\x10SharedMemorySlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xf2\x01\n\x0e\x44\x61taPlaneOffer\x12\x30\n\ttransport\x18\x01 \x01(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x33\n\x05slots\x18\x02 \x03(\x0b\x32$.internvl.vision.v1.SharedMemorySlot\x12\x14\n\x0csocket_token\x18\x03 \x01(\x0c\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10mooncake_session\x18\x05 \x01(\t\x12\x18\n\x10mooncake_buffers\x18\x06 \x03(\x04\x12\x1d\n\x15mooncake_buffer_bytes\x18\x07 \x01(\x04\">\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"X\n\x11PreprocessOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12\x30\n\tthumbnail\x18\x02 \x01(\x0e\x32\x1d.internvl.vision.v1.Thumbnail\"\xac\x02\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.internvl.vision.v1.ImageInput\x12\x36\n\x07options\x18\x03 \x01(\x0b\x32%.internvl.vision.v1.PreprocessOptions\x12\x36\n\ndata_plane\x18\x14 \x01(\x0b\x32\".internvl.vision.v1.DataPlaneOffer\x12.\n\x06videos\x18\n \x03(\x0b\x32\x1e.internvl.vision.v1.VideoInput\x12\x37\n\rvideo_options\x18\x0b \x01(\x0b\x32 .internvl.vision.v1.VideoOptions\">\n\nVideoInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"P\n\x0cVideoOptions\x12\x17\n\nnum_frames\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03\x66ps\x18\x02 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_num_framesB\x06\n\x04_fps\"G\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"{\n\x0bImageHeader\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x30\n\x06tensor\x18\x03 \x01(\x0b\x32 .internvl.vision.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"\xb3\x01\n\x0e\x45ncodeResponse\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1f.internvl.vision.v1.ImageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\r\n\x05video\x18\n \x01(\x08\x12\x30\n\ttransport\x18\x14 \x01(\x0e\x32\x1d.internvl.vision.v1.Transport\"\x10\n\x0eGetInfoRequest\"\xe2\x03\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nllm_hidden\x18\x02 \x01(\r\x12(\n\x05\x64type\x18\x03 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x12\n\nimage_size\x18\x05 \x01(\r\x12\x11\n\tmax_tiles\x18\x06 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x11\n\tmin_tiles\x18\x0b \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16max_videos_per_request\x18\x14 \x01(\r\x12\x17\n\x0fmax_video_bytes\x18\x15 \x01(\x04\x12\x18\n\x10max_video_frames\x18\x16 \x01(\r\x12\x19\n\x11max_video_seconds\x18\x17 \x01(\x02\x12\x1e\n\x16max_video_frame_pixels\x18\x18 \x01(\x04\x12\x1c\n\x14\x64\x65\x66\x61ult_video_frames\x18\x19 \x01(\r*\x8c\x01\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSPORT_GRPC_INLINE\x10\x01\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x02\x12\x14\n\x10TRANSPORT_SOCKET\x10\x03\x12\x16\n\x12TRANSPORT_MOONCAKE\x10\x04*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*K\n\tThumbnail\x12\x19\n\x15THUMBNAIL_UNSPECIFIED\x10\x00\x12\x10\n\x0cTHUMBNAIL_ON\x10\x01\x12\x11\n\rTHUMBNAIL_OFF\x10\x02\x32\xab\x02\n\rVisionEncoder\x12Q\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse0\x01\x12R\n\x07GetInfo\x12\".internvl.vision.v1.GetInfoRequest\x1a#.internvl.vision.v1.GetInfoResponse\x12s\n\x12NegotiateDataPlane\x12-.internvl.vision.v1.NegotiateDataPlaneRequest\x1a..internvl.vision.v1.NegotiateDataPlaneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=984
-  _globals['_DTYPE']._serialized_end=1072
-  _globals['_THUMBNAIL']._serialized_start=1074
-  _globals['_THUMBNAIL']._serialized_end=1149
-  _globals['_IMAGEINPUT']._serialized_start=43
-  _globals['_IMAGEINPUT']._serialized_end=105
-  _globals['_PREPROCESSOPTIONS']._serialized_start=107
-  _globals['_PREPROCESSOPTIONS']._serialized_end=195
-  _globals['_ENCODEREQUEST']._serialized_start=198
-  _globals['_ENCODEREQUEST']._serialized_end=337
-  _globals['_TENSORHEADER']._serialized_start=339
-  _globals['_TENSORHEADER']._serialized_end=410
-  _globals['_IMAGEHEADER']._serialized_start=412
-  _globals['_IMAGEHEADER']._serialized_end=535
-  _globals['_ENCODERESPONSE']._serialized_start=537
-  _globals['_ENCODERESPONSE']._serialized_end=651
-  _globals['_GETINFOREQUEST']._serialized_start=653
-  _globals['_GETINFOREQUEST']._serialized_end=669
-  _globals['_GETINFORESPONSE']._serialized_start=672
-  _globals['_GETINFORESPONSE']._serialized_end=982
-  _globals['_VISIONENCODER']._serialized_start=1152
-  _globals['_VISIONENCODER']._serialized_end=1334
+  _globals['_TRANSPORT']._serialized_start=2169
+  _globals['_TRANSPORT']._serialized_end=2309
+  _globals['_DTYPE']._serialized_start=2311
+  _globals['_DTYPE']._serialized_end=2399
+  _globals['_THUMBNAIL']._serialized_start=2401
+  _globals['_THUMBNAIL']._serialized_end=2476
+  _globals['_NEGOTIATEDATAPLANEREQUEST']._serialized_start=44
+  _globals['_NEGOTIATEDATAPLANEREQUEST']._serialized_end=190
+  _globals['_NEGOTIATEDATAPLANERESPONSE']._serialized_start=193
+  _globals['_NEGOTIATEDATAPLANERESPONSE']._serialized_end=381
+  _globals['_SHAREDMEMORYSLOT']._serialized_start=383
+  _globals['_SHAREDMEMORYSLOT']._serialized_end=435
+  _globals['_DATAPLANEOFFER']._serialized_start=438
+  _globals['_DATAPLANEOFFER']._serialized_end=680
+  _globals['_IMAGEINPUT']._serialized_start=682
+  _globals['_IMAGEINPUT']._serialized_end=744
+  _globals['_PREPROCESSOPTIONS']._serialized_start=746
+  _globals['_PREPROCESSOPTIONS']._serialized_end=834
+  _globals['_ENCODEREQUEST']._serialized_start=837
+  _globals['_ENCODEREQUEST']._serialized_end=1137
+  _globals['_VIDEOINPUT']._serialized_start=1139
+  _globals['_VIDEOINPUT']._serialized_end=1201
+  _globals['_VIDEOOPTIONS']._serialized_start=1203
+  _globals['_VIDEOOPTIONS']._serialized_end=1283
+  _globals['_TENSORHEADER']._serialized_start=1285
+  _globals['_TENSORHEADER']._serialized_end=1356
+  _globals['_IMAGEHEADER']._serialized_start=1358
+  _globals['_IMAGEHEADER']._serialized_end=1481
+  _globals['_ENCODERESPONSE']._serialized_start=1484
+  _globals['_ENCODERESPONSE']._serialized_end=1663
+  _globals['_GETINFOREQUEST']._serialized_start=1665
+  _globals['_GETINFOREQUEST']._serialized_end=1681
+  _globals['_GETINFORESPONSE']._serialized_start=1684
+  _globals['_GETINFORESPONSE']._serialized_end=2166
+  _globals['_VISIONENCODER']._serialized_start=2479
+  _globals['_VISIONENCODER']._serialized_end=2778
 # @@protoc_insertion_point(module_scope)

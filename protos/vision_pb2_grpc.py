@@ -45,6 +45,11 @@ class VisionEncoderStub:
                 request_serializer=protos_dot_vision__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_vision__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.NegotiateDataPlane = channel.unary_unary(
+                '/internvl.vision.v1.VisionEncoder/NegotiateDataPlane',
+                request_serializer=protos_dot_vision__pb2.NegotiateDataPlaneRequest.SerializeToString,
+                response_deserializer=protos_dot_vision__pb2.NegotiateDataPlaneResponse.FromString,
+                _registered_method=True)
 
 
 class VisionEncoderServicer:
@@ -66,6 +71,14 @@ class VisionEncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NegotiateDataPlane(self, request, context):
+        """Agrees with one caller on how embedding bytes may travel besides this stream (see Transport); the caller
+        then offers that transport in each EncodeRequest. Callers that never ask get gRPC inline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionEncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_VisionEncoderServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=protos_dot_vision__pb2.GetInfoRequest.FromString,
                     response_serializer=protos_dot_vision__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'NegotiateDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.NegotiateDataPlane,
+                    request_deserializer=protos_dot_vision__pb2.NegotiateDataPlaneRequest.FromString,
+                    response_serializer=protos_dot_vision__pb2.NegotiateDataPlaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class VisionEncoder:
             '/internvl.vision.v1.VisionEncoder/GetInfo',
             protos_dot_vision__pb2.GetInfoRequest.SerializeToString,
             protos_dot_vision__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NegotiateDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internvl.vision.v1.VisionEncoder/NegotiateDataPlane',
+            protos_dot_vision__pb2.NegotiateDataPlaneRequest.SerializeToString,
+            protos_dot_vision__pb2.NegotiateDataPlaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
 from protos.malloc import limit_fragmentation
 from protos.server import wait_for_shutdown_signal
+from protos.tracing import start_tracing
 from vision_svc.config import parse_config
 from vision_svc.server import VisionServer
 
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
     start_orphan_guard(config.log_json)  # before any child process exists
-    asyncio.run(serve(config))
+    stop_tracing = start_tracing(config.otlp_traces_endpoint, "vision_svc")
+    try:
+        asyncio.run(serve(config))
+    finally:
+        stop_tracing()  # exports the spans still queued
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import pathlib
 
 from protos.cli import HelpFormatter, add_security_flags, pop_security_args
 from protos.security import TlsFiles, check_server_settings
+from protos.tracing import add_tracing_flag
 from vision_svc.image_decode import MIB, ImageLimits
+from vision_svc.video_decode import VideoLimits
 
 GIB = 1 << 30
 # What an EncodeResponse carries besides its chunk of embedding bytes: the image index, its header, flags.
@@ -31,6 +33,12 @@ class VisionConfig:
     max_images_per_request: int = 16
     max_image_bytes: int = ImageLimits.max_image_bytes
     max_image_pixels: int = ImageLimits.max_image_pixels
+    # Videos (vision_svc/video_decode.py): each sampled frame is one tile.
+    max_videos_per_request: int = 2
+    max_video_bytes: int = VideoLimits.max_video_bytes
+    max_video_frames: int = VideoLimits.max_frames
+    max_video_seconds: float = VideoLimits.max_seconds
+    max_video_frame_pixels: int = VideoLimits.max_frame_pixels
     cache_bytes: int = 2 * GIB
     preprocess_workers: int = 2
     preprocess_on: str = "host"
@@ -48,6 +56,12 @@ class VisionConfig:
     health_port: int | None = None
     reflection: bool = True
     auth_token: str | None = dataclasses.field(default=None, repr=False)  # a secret: kept out of logs
+    # The embedding data plane (vision_svc/transport_sender.py): transports served besides gRPC inline.
+    embedding_transports: str = "shm,socket"
+    shm_dir: str = "/dev/shm"
+    data_port: int = 0
+    mooncake_protocol: str = "tcp"
+    otlp_traces_endpoint: str | None = None  # protos.tracing: with the OTEL_* variables, where spans go
 
     def __post_init__(self):
         check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
@@ -78,6 +92,16 @@ class VisionConfig:
         if self.decode_on == "device" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"--decode-on device decodes with torchvision, which runs on cpu or cuda, "
                              f"not on {self.device}")
+        if not set(filter(None, self.embedding_transports.split(","))) <= {"shm", "socket", "grpc", "mooncake"}:
+            raise ValueError(f"--embedding-transports takes shm, socket, mooncake and grpc, got "
+                             f"{self.embedding_transports!r}")
+        if not 0 <= self.data_port <= 65535:
+            raise ValueError(f"--data-port must be in [0, 65535], got {self.data_port}")
+        if self.max_videos_per_request < 0:
+            raise ValueError(f"--max-videos-per-request must be >= 0, got {self.max_videos_per_request}")
+        for name in ("max_video_bytes", "max_video_frames", "max_video_seconds", "max_video_frame_pixels"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_wait_ms < 0 or self.grace_s < 0 or self.preprocess_workers < 0 or self.cache_bytes < 0:
             raise ValueError("--batch-wait-ms, --grace-s, --preprocess-workers and --cache-bytes must be >= 0")
 
@@ -118,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="most encoded bytes per image")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="most pixels (width x height) per image, checked before decoding (decompression bombs)")
+    p.add_argument("--max-videos-per-request", type=int, default=d.max_videos_per_request,
+                   help="most videos in one request (0: videos are refused)")
+    p.add_argument("--max-video-bytes", type=int, default=d.max_video_bytes, help="most encoded bytes per video")
+    p.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
+                   help="most frames sampled per video (one tile, 256 prompt tokens each)")
+    p.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds,
+                   help="longest video, by its header, in seconds")
+    p.add_argument("--max-video-frame-pixels", type=int, default=d.max_video_frame_pixels,
+                   help="most pixels (width x height) per video frame, checked from the header before decoding")
     p.add_argument("--cache-bytes", type=int, default=d.cache_bytes,
                    help="embedding cache size in bytes (0 disables it)")
     p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers,
@@ -145,9 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "--max-message-bytes, what one request may hold")
     p.add_argument("--grace-s", type=float, default=d.grace_s,
                    help="on SIGTERM, seconds that in-flight requests get to finish")
+    p.add_argument("--embedding-transports", default=d.embedding_transports,
+                   help="how embedding bytes may reach callers besides gRPC inline (always served), comma-separated: "
+                        "shm (shared memory, callers on this host, proven by a probe), socket (a TCP connection "
+                        "to --data-port; not served with TLS, as its bytes are not encrypted) and mooncake (Mooncake "
+                        "Transfer Engine, when its package is installed); '' for inline only")
+    p.add_argument("--shm-dir", default=d.shm_dir,
+                   help="shared-memory directory that callers on this host create their slots in (tmpfs)")
+    p.add_argument("--data-port", type=int, default=d.data_port,
+                   help="TCP port of the socket transport, on --host (0 picks a free one, told to callers)")
+    p.add_argument("--mooncake-protocol", choices=("tcp", "rdma"), default=d.mooncake_protocol,
+                   help="protocol of the mooncake transport's engine")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     add_security_flags(p.add_argument_group("security"), serves_grpc=True, peer=None)
+    add_tracing_flag(p)
     return p
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from kernels.preprocess import resize_and_tile
+from protos import tracing
 from vision_svc import metrics
 from vision_svc.image_decode import ImageLimits, decode_image, open_image
 from vision_svc.preprocess import PreprocessPool
@@ -130,7 +131,8 @@ class DevicePreprocessPool(PreprocessPool):
             if tiles is not None:
                 metrics.DECODED.labels(on="device").inc()
                 return tiles
-        image = await self.in_worker(decode_image, data, self.limits)
+        with tracing.span("image_decode"):
+            image = await self.in_worker(decode_image, data, self.limits)
         metrics.DECODED.labels(on="host").inc()
         return await loop.run_in_executor(self._device_thread, self._stream.run, image_tiles_on_device, image,
                                           options, self.device, self.dtype)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from protos import tracing
 from protos.errors import Overloaded
 from vision_svc import metrics
 
@@ -32,6 +33,11 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     next_tile: int = 0
     done_tiles: int = 0
+    # For its spans (nanoseconds since the epoch): queued, first pass started, last pass ended; each pass's size.
+    queued_ns: int = 0
+    first_pass_ns: int = 0
+    done_ns: int = 0
+    batch_tiles: list[int] = dataclasses.field(default_factory=list)
 
 
 class EncoderRunner:
@@ -54,7 +60,7 @@ class EncoderRunner:
     async def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """`[n, 3, H, W]` float pixels -> `[n * tokens, hidden]` embeddings on the CPU."""
         loop = asyncio.get_running_loop()
-        job = _Job(tiles=tiles, output=None, future=loop.create_future(), loop=loop)
+        job = _Job(tiles=tiles, output=None, future=loop.create_future(), loop=loop, queued_ns=time.time_ns())
         with self._cond:
             if self._stopping:
                 raise Overloaded("vision encoder is shutting down")
@@ -71,6 +77,10 @@ class EncoderRunner:
         except asyncio.CancelledError:
             job.future.cancel()  # the worker skips what is left of a cancelled job
             raise
+        if tracing.current_span().is_recording():  # within a request (not the warm-up)
+            tracing.record_span("batch_wait", job.queued_ns, job.first_pass_ns, {"tiles": len(tiles)})
+            tracing.record_span("encode", job.first_pass_ns, job.done_ns,
+                                {"tiles": len(tiles), "batch_tiles": job.batch_tiles})
         return output.reshape(-1, output.shape[-1])
 
     def stop(self) -> None:
@@ -117,6 +127,7 @@ class EncoderRunner:
     def _forward(self, batch: list[tuple[_Job, int, int]]) -> None:
         pixels = torch.cat([job.tiles[start:end] for job, start, end in batch])  # [tiles, 3, H, W]
         started = time.perf_counter()
+        started_ns = time.time_ns()
         with torch.inference_mode():
             embeddings = self._encode(pixels.to(self._device, self._dtype)).cpu()  # [tiles, tokens, hidden]
         metrics.BATCH_TILES.observe(len(pixels))
@@ -129,7 +140,10 @@ class EncoderRunner:
             job.output[start:end] = embeddings[offset:offset + end - start]
             offset += end - start
             job.done_tiles += end - start
+            job.first_pass_ns = job.first_pass_ns or started_ns
+            job.batch_tiles.append(len(pixels))
             if job.done_tiles == len(job.tiles):
+                job.done_ns = time.time_ns()
                 job.loop.call_soon_threadsafe(_resolve, job.future, job.output)
 
 

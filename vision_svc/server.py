@@ -18,6 +18,9 @@ from vision_svc.limits import RequestLimits
 from vision_svc.preprocess import PreprocessPool
 from vision_svc.service import TileSettings, VisionService
 from vision_svc.servicer import VisionEncoderServicer
+from vision_svc.transport_sender import EmbeddingSender, sender_settings
+from vision_svc.video_servicer import VideoEncoding
+from vision_svc.video_service import VideoService, video_info, video_settings
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,12 @@ class VisionServer:
         self.grpc = GrpcServer(config.host, config.port, limits.max_request_bytes, config.grace_s, tls=config.tls,
                                auth_token=config.auth_token, reflection=config.reflection,
                                health_port=config.health_port)
+        self.sender = EmbeddingSender(sender_settings(config), config.chunk_bytes)
+        videos = VideoEncoding(VideoService(video_settings(config, tiling), self.runner, self.pool, self.cache),
+                               config.chunk_bytes)
+        self.info.MergeFrom(video_info(videos.service.settings))
         self.grpc.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server,
-                              VisionEncoderServicer(self.service, self.info, config.chunk_bytes), SERVICE_NAME)
+                              VisionEncoderServicer(self.service, self.info, self.sender, videos), SERVICE_NAME)
 
     async def start(self) -> int:
         port = await self.grpc.start()
@@ -76,6 +83,7 @@ class VisionServer:
             start_http_server(self.config.metrics_port, addr=self.config.host)
         await self.pool.warm_up()
         await self._warm_up()
+        await self.sender.start()
         await self.grpc.set_serving()
         return port
 
@@ -94,5 +102,6 @@ class VisionServer:
 
     async def stop(self) -> None:
         await self.grpc.drain()
+        await self.sender.stop()
         self.runner.stop()
         self.pool.close()

@@ -18,6 +18,8 @@ from deploy.tiny_model.tokenizer import write_tokenizer
 
 LAYOUTS = ("original", "hf")
 BUILD_STAMP = "tiny_model_build.json"
+# Bumped when what a build writes changes (2: the video context token), so cached older builds are rebuilt.
+BUILD_VERSION = 2
 _REMOTE_CODE = pathlib.Path(__file__).parent / "remote_code"
 _REMOTE_CODE_FILES = ("configuration_internvl_chat.py", "configuration_intern_vit.py")
 
@@ -27,7 +29,7 @@ def build(out_dir: str | os.PathLike, layout: str = "original", llm: str = "dens
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out_dir = pathlib.Path(out_dir).absolute()
-    stamp = {"layout": layout, "llm": llm, "vision": vision, "seed": seed}
+    stamp = {"layout": layout, "llm": llm, "vision": vision, "seed": seed, "version": BUILD_VERSION}
     if _stamp_of(out_dir) == stamp:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,11 @@ END_IMAGE_TOKEN = "</img>"
 CONTEXT_IMAGE_TOKEN = "<IMG_CONTEXT>"
 # transformers' InternVLProcessor requires a video token; vLLM's original-layout InternVL code does not use it.
 VIDEO_TOKEN = "<video>"
+# vLLM's InternVL serves videos only when the tokenizer holds the Qwen frame-context token (each frame's
+# 256 embedding rows take its place); appended last, so the ids of the tokens above stay as they were.
+CONTEXT_VIDEO_TOKEN = "<|video_pad|>"
 SPECIAL_TOKENS = (PAD_TOKEN, "<|im_start|>", EOS_TOKEN,
-                  START_IMAGE_TOKEN, END_IMAGE_TOKEN, CONTEXT_IMAGE_TOKEN, VIDEO_TOKEN)
+                  START_IMAGE_TOKEN, END_IMAGE_TOKEN, CONTEXT_IMAGE_TOKEN, VIDEO_TOKEN, CONTEXT_VIDEO_TOKEN)
 
 # Qwen2/Qwen3's pre-tokenization pattern: words, single digits, punctuation runs, newlines, spaces.
 _QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

