@@ -1,7 +1,8 @@
 """A vLLM general plugin (entry point `vllm.general_plugins`, see pyproject.toml): vLLM loads it in every
 process it starts (front, engine core, each worker), before any model runs.
 
-It lets videos be given as embeddings (`video_embeddings`), and one engine step hold images of different sizes
+It lets videos be given as embeddings (`video_embeddings`), image tiling options reach a checkpoint that also
+serves videos (`image_options_with_videos`), and one engine step hold images of different sizes
 given as embeddings. InternVL's embedding-input schemas declare every image of a step with the same number of
 rows, so two concurrent requests whose images have different tile counts (a 448x448 and an 896x448 image: 256
 and 768 rows) fail the schema's check in the worker, which kills the engine. The models themselves take the
@@ -29,6 +30,7 @@ ROW_DIMENSIONS = {
 
 def register() -> None:
     video_embeddings()
+    image_options_with_videos()
     for module_name, schemas in ROW_DIMENSIONS.items():
         try:
             module = importlib.import_module(module_name)
@@ -91,6 +93,31 @@ def video_embeddings() -> None:
     InternVLChatModel._parse_and_validate_multimodal_inputs = model_inputs
     InternVLMultiModalProcessor._get_prompt_repl_video = repl_video
     InternVLMultiModalProcessor._get_video_fields_config = video_fields
+
+
+def image_options_with_videos() -> None:
+    """For a checkpoint whose tokenizer has the video context token (InternVL3.5's have it), vLLM builds its
+    processor's video half with the request's processor options too, and the image-only ones
+    (`max_dynamic_patch`, ...) make it fail with a TypeError: a request that limits its images' tiles could not be
+    served. The video processor is given only the options it takes (frames are single tiles, the options do not
+    apply to them)."""
+    try:
+        from vllm.model_executor.models import internvl
+    except ImportError:
+        return
+    processor_class = getattr(internvl, "InternVLVideoProcessor", None)
+    info_class = getattr(internvl, "InternVLProcessingInfo", None)
+    if processor_class is None or info_class is None:
+        logger.warning("vLLM's InternVL processors are not as expected: image options may fail with videos")
+        return
+
+    def video_processor(self, **kwargs):  # vLLM's own, but for the options the video processor does not take
+        options = self.ctx.get_merged_mm_kwargs(kwargs)  # the request's over the server's --mm-processor-kwargs
+        if "image_size" not in options:
+            options["image_size"] = self.get_hf_config().vision_config.image_size
+        return processor_class(image_size=options["image_size"])
+
+    info_class.get_video_processor = video_processor
 
 
 def keep_enabled(environ=os.environ) -> None:

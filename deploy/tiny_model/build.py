@@ -14,12 +14,13 @@ import tempfile
 from deploy.tiny_model import configs, weights
 from deploy.tiny_model.chat_template import chat_template
 from deploy.tiny_model.processor import write_processor
-from deploy.tiny_model.tokenizer import write_tokenizer
+from deploy.tiny_model.tokenizer import CONTEXT_VIDEO_TOKEN, write_tokenizer
 
 LAYOUTS = ("original", "hf")
 BUILD_STAMP = "tiny_model_build.json"
-# Bumped when what a build writes changes (2: the video context token), so cached older builds are rebuilt.
-BUILD_VERSION = 2
+# Bumped when what a build writes changes (3: the video context token, other weights as before), so cached
+# older builds are rebuilt.
+BUILD_VERSION = 3
 _REMOTE_CODE = pathlib.Path(__file__).parent / "remote_code"
 _REMOTE_CODE_FILES = ("configuration_internvl_chat.py", "configuration_intern_vit.py")
 
@@ -65,13 +66,15 @@ def _stamp_of(out_dir: pathlib.Path) -> dict | None:
 
 def _write_checkpoint(out: pathlib.Path, layout: str, llm: str, vision: str, seed: int) -> None:
     special_ids = write_tokenizer(out, chat_template(layout))
-    vocab_size = max(special_ids.values()) + 1
-    config = configs.hf_config(llm, vision, vocab_size, special_ids)
-    model = weights.random_model(config, seed)
+    # The weights are drawn for the vocabulary before the video context token, whose rows are added after, so
+    # that every other weight keeps its value (and the model writes what it wrote before the token came).
+    first_vocab_size = special_ids[CONTEXT_VIDEO_TOKEN]
+    model = weights.random_model(configs.hf_config(llm, vision, first_vocab_size, special_ids), seed)
+    weights.add_token_rows(model, max(special_ids.values()) + 1, seed)
     if layout == "hf":
         _write_hf(out, model)
     else:
-        _write_original(out, model, config)
+        _write_original(out, model, model.config)
 
 
 def _write_hf(out: pathlib.Path, model) -> None:

@@ -33,6 +33,19 @@ def random_model(config: InternVLConfig, seed: int) -> InternVLForConditionalGen
     return model
 
 
+def add_token_rows(model: InternVLForConditionalGeneration, vocab_size: int, seed: int) -> None:
+    """Grows the vocabulary to `vocab_size` without changing a weight already drawn: the new tokens' embeddings
+    come from a generator of their own, their LM-head rows are zero (a logit of 0: never the likeliest token)."""
+    old_size = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        rows = torch.randn(vocab_size - old_size, embeddings.shape[1], generator=generator) * embeddings.std()
+        embeddings[old_size:] = rows.to(embeddings.dtype)
+        model.lm_head.weight[old_size:] = 0.0
+
+
 def randomize_(model: torch.nn.Module, std: float, language_model: bool = True) -> None:
     """Random values in place, norms and layer scales included: their default init (0 or 1) would hide a
     mistake in how they are applied. The language model is left alone unless `language_model`."""

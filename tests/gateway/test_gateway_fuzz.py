@@ -22,7 +22,8 @@ CARRIED_BY = {"top_k": (llm_pb2.SamplingParams, "top_k"), "max_tokens": (llm_pb2
               "max_dynamic_patch": (llm_pb2.GenerateRequest, "max_tiles"),
               "prompt_logprobs": (llm_pb2.SamplingParams, "prompt_logprobs"),
               "prompt": (llm_pb2.PromptTokens, "token_ids"),
-              "truncate_prompt_tokens": (llm_pb2.GenerateRequest, "truncate_prompt_tokens")}
+              "truncate_prompt_tokens": (llm_pb2.GenerateRequest, "truncate_prompt_tokens"),
+              "num_frames": (llm_pb2.VideoOptions, "num_frames")}
 
 
 def integer_fields(schema: dict) -> dict[str, tuple[int | None, int | None]]:
@@ -49,6 +50,8 @@ def body_with(path: str, field: str, value: int) -> dict:
         return {**body, field: [value]}
     if field == "max_dynamic_patch":
         return {**body, "mm_processor_kwargs": {field: value}}
+    if field == "num_frames":
+        return {**body, "media_io_kwargs": {"video": {field: value}}}
     return {**body, field: value}
 
 

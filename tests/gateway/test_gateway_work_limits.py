@@ -55,7 +55,8 @@ async def test_past_the_request_limit_a_request_gets_429_with_retry_after(start_
 
 async def test_a_flood_of_large_requests_gets_answers_and_429s_never_an_error(start_gateway, fake):
     # One request may hold 3 MiB (a 1 MiB body and a 1 MiB image); 4 MiB in flight fit one such request at a time.
-    limits = dict(max_request_bytes=2 * MIB, max_image_bytes=MIB, max_images_per_request=1)
+    limits = dict(max_request_bytes=2 * MIB, max_image_bytes=MIB, max_images_per_request=1, max_video_bytes=1,
+                  max_videos_per_request=1)
     image = base64.b64encode(bytes(700_000)).decode()
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "sleep"}, {
         "type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}]}

@@ -32,3 +32,22 @@ def test_a_restricted_plugin_list_keeps_this_plugin(before, after):
     environ = {} if before is None else {"VLLM_PLUGINS": before}
     vllm_plugin.keep_enabled(environ)
     assert environ.get("VLLM_PLUGINS") == after
+
+
+def test_image_tiling_options_build_the_processor_of_a_checkpoint_that_serves_videos():
+    from vllm.model_executor.models.internvl import InternVLProcessingInfo
+
+    vllm_plugin.register()
+
+    class Context:
+        def get_merged_mm_kwargs(self, kwargs):
+            return {"max_dynamic_patch": 12, **kwargs}  # as if the server was started with it too
+
+    class Info:
+        ctx = Context()
+
+        def get_hf_config(self):
+            raise AssertionError("the request's image size is used")
+
+    processor = InternVLProcessingInfo.get_video_processor(Info(), max_dynamic_patch=6, image_size=448)
+    assert processor.image_size == 448
