@@ -181,12 +181,7 @@ class LanguageService:
         results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
                                             self.limits.vision_timeout_s, hold_bytes=work.hold)
         for i, result in enumerate(results):
-            rows, width = result.embeddings.shape if result.embeddings.dim() == 2 else (-1, -1)
-            expected = result.num_tiles * self.dims.tokens_per_tile
-            if result.num_tiles < 1 or rows != expected or width != self.dims.hidden_size:
-                raise InternalError(f"image {i}: the vision stage sent embeddings of shape "
-                                    f"{tuple(result.embeddings.shape)} for {result.num_tiles} tiles; the language "
-                                    f"model needs [{expected}, {self.dims.hidden_size}]")
+            self._check_rows(f"image {i}", result.embeddings, result.num_tiles, "tiles")
         return [r.embeddings for r in results]
 
     async def _video_embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[VideoEmbedding]:
@@ -197,13 +192,16 @@ class LanguageService:
             results = await self._vision.encode_videos(request.request_id, request.videos, request.video_options,
                                                        self.limits.vision_timeout_s, hold_bytes=work.hold)
         for i, result in enumerate(results):
-            rows, width = result.embeddings.shape if result.embeddings.dim() == 2 else (-1, -1)
-            expected = result.num_frames * self.dims.tokens_per_tile
-            if result.num_frames < 1 or rows != expected or width != self.dims.hidden_size:
-                raise InternalError(f"video {i}: the vision stage sent embeddings of shape "
-                                    f"{tuple(result.embeddings.shape)} for {result.num_frames} frames; the language "
-                                    f"model needs [{expected}, {self.dims.hidden_size}]")
+            self._check_rows(f"video {i}", result.embeddings, result.num_frames, "frames")
         return results
+
+    def _check_rows(self, what: str, embeddings: torch.Tensor, tiles: int, unit: str) -> None:
+        """[tiles * tokens_per_tile, hidden] (a video's frames are one tile each), or the vision stage is wrong."""
+        rows, width = embeddings.shape if embeddings.dim() == 2 else (-1, -1)
+        expected = tiles * self.dims.tokens_per_tile
+        if tiles < 1 or rows != expected or width != self.dims.hidden_size:
+            raise InternalError(f"{what}: the vision stage sent embeddings of shape {tuple(embeddings.shape)} for "
+                                f"{tiles} {unit}; the language model needs [{expected}, {self.dims.hidden_size}]")
 
     async def _stream(self, request: GenerateInput, prompt: dict, started: float, vision_s: float,
                       parsing: ChatParsing | None) -> AsyncIterator[Delta]:
