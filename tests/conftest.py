@@ -88,3 +88,21 @@ def vllm_engine(tiny_checkpoint, vllm_engines):
         return vllm_engines.get(tiny_checkpoint(layout=layout, llm=llm, vision=vision), **engine_args)
 
     return get
+
+
+@pytest.fixture
+def recorded():
+    """Spans made while the test runs, kept in memory: tracing on for this process, off again after."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from protos import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use_provider(provider)
+    yield exporter
+    tracing.use_provider(None)
+    provider.shutdown()

@@ -3,13 +3,7 @@
 import dataclasses
 import time
 
-import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from llm_svc.engine_spans import record_engine_phases
-from protos import tracing
 
 
 @dataclasses.dataclass
@@ -19,16 +13,6 @@ class Stats:
     scheduled_ts: float = 0.0
     first_token_ts: float = 0.0
     last_token_ts: float = 0.0
-
-
-@pytest.fixture
-def recorded():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use_provider(provider)
-    yield exporter
-    tracing.use_provider(None)
 
 
 def test_queue_prefill_and_decode_follow_each_other(recorded):

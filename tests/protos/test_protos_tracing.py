@@ -4,9 +4,6 @@ OTLP export itself (to the receiver of deploy.trace_collector)."""
 import time
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from deploy.trace_collector import TraceCollector
 from protos import tracing
@@ -49,17 +46,6 @@ def test_off_everything_is_the_shared_no_op():
     assert tracing.outgoing_metadata() is None and tracing.trace_headers() is None
     assert not tracing.current_span().is_recording()
     tracing.record_span("z", 1, 2)  # nothing to record into, and no error
-
-
-@pytest.fixture
-def recorded():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use_provider(provider)
-    yield exporter
-    tracing.use_provider(None)
-    provider.shutdown()
 
 
 class _Context:
