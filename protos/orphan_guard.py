@@ -2,11 +2,12 @@
 left running.
 
 Started by each stage beside itself (`protos.lifetime.start_orphan_guard`). While the stage lives, the guard
-notes its descendants and the shared-memory segments they map, every `SCAN_INTERVAL_S`. Once the stage is
-gone (a pidfd tells at once), its orphans get SIGTERM, then SIGKILL after `GRACE_S`; then the segments that
-no living process maps any more are removed, and so is the stage's own temporary directory. After a clean
-stop there is nothing else to do. Light: it starts in milliseconds, and a scan reads /proc in a millisecond
-or two.
+notes its descendants every `SCAN_INTERVAL_S`, and the shared-memory segments they map whenever the processes or
+the names in /dev/shm change (and every `MAPS_INTERVAL_S` regardless): the kernel takes milliseconds to render a
+large process's maps, and an idle replica should cost nothing. Once the stage is gone (a pidfd tells at once), its
+orphans get SIGTERM, then SIGKILL after `GRACE_S`; then the segments that no living process maps any more are
+removed, and so is the stage's own temporary directory. After a clean stop there is nothing else to do. Light: it
+starts in milliseconds, and a scan reads /proc in a millisecond or two.
 """
 
 import contextlib
@@ -22,6 +23,8 @@ from protos.lifetime import descendants, mapped_shared_memory, snapshot, still_r
 from protos.logs import configure_logging
 
 SCAN_INTERVAL_S = 0.5
+MAPS_INTERVAL_S = 5.0
+SHM_DIR = "/dev/shm"
 # After a clean stop, helpers such as multiprocessing's resource tracker take a moment to notice and exit.
 SETTLE_S = 2.0
 GRACE_S = 5.0
@@ -36,17 +39,33 @@ class Watched:
         self.stage = stage
         self.processes: dict[int, int] = {}
         self.shared_memory: set[str] = set()
+        self._seen: tuple[frozenset[int], frozenset[str]] | None = None  # processes and names at the last maps read
+        self._maps_read_at = 0.0
+        self._read_again = False
 
     def scan(self) -> None:
         below = [pid for pid in descendants(self.stage) if pid != os.getpid()]
         self.processes.update(snapshot(below))
-        for pid in [self.stage, *below]:
-            self.shared_memory |= mapped_shared_memory(pid)
+        seen = (frozenset(below), frozenset(_shared_memory_names()))
+        changed = seen != self._seen
+        if changed or self._read_again or time.monotonic() - self._maps_read_at >= MAPS_INTERVAL_S:
+            for pid in [self.stage, *below]:
+                self.shared_memory |= mapped_shared_memory(pid)
+            self._seen, self._maps_read_at = seen, time.monotonic()
+            # A segment is created, then mapped: read once more next time in case the first read fell between.
+            self._read_again = changed
 
     def alive(self) -> list[int]:
         """Watched processes still running, and their children."""
         living = still_running(self.processes)
         return list(dict.fromkeys(living + [child for pid in living for child in descendants(pid)]))
+
+
+def _shared_memory_names() -> list[str]:
+    try:
+        return os.listdir(SHM_DIR)
+    except OSError:
+        return []
 
 
 def stop(pids: list[int]) -> None:

@@ -138,3 +138,28 @@ def test_descendants_and_start_times(tmp_path):
         stage.kill()
         stage.wait()
     wait_until(lambda: not running(child))
+
+
+def test_guard_reads_the_maps_only_when_processes_or_segments_change(tmp_path, monkeypatch):
+    from protos import orphan_guard
+    reads = []
+    monkeypatch.setattr(orphan_guard, "SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(orphan_guard, "mapped_shared_memory", lambda pid: reads.append(pid) or set())
+    stage = subprocess.Popen(["sleep", "60"])  # a stage without children: one maps read per scan that reads
+    watched = orphan_guard.Watched(stage.pid)
+    watched.scan()
+    watched.scan()  # once more after a change: a new segment may be mapped a moment after it is created
+    assert len(reads) == 2
+    watched.scan()
+    watched.scan()
+    assert len(reads) == 2
+    (tmp_path / "psm_new").touch()
+    watched.scan()
+    watched.scan()
+    watched.scan()
+    assert len(reads) == 4
+    monkeypatch.setattr(orphan_guard, "MAPS_INTERVAL_S", 0.0)
+    watched.scan()
+    assert len(reads) == 5
+    stage.kill()
+    stage.wait()
