@@ -149,14 +149,15 @@ def engine_flags(args) -> list[str]:
     return [*CPU_ENGINE_FLAGS, "--dtype", args.dtype, "--max-num-seqs", str(max(8, *args.concurrency))]
 
 
-def start_ours(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
+def start_ours(args, model_dir: pathlib.Path, logs: pathlib.Path, gateway_flags: tuple[str, ...] = ()) -> list[Stage]:
     stages: list[Stage] = []
     try:
         vision = vision_stage(model_dir, free_port(), ["--dtype", args.dtype, "--grace-s", "2"], logs / "vision.log")
         stages.append(vision.wait_ready())
         llm = llm_stage(model_dir, [vision], free_port(), [*engine_flags(args), "--grace-s", "2"], logs / "llm.log")
         stages.append(llm.wait_ready())
-        stages.append(gateway_stage([llm], "127.0.0.1", free_port(), [], logs / "gateway.log").wait_ready())
+        stages.append(gateway_stage([llm], "127.0.0.1", free_port(), list(gateway_flags),
+                                    logs / "gateway.log").wait_ready())
         return stages
     except BaseException:
         stop(stages)

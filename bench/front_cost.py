@@ -14,6 +14,9 @@ per second, not per token, and would otherwise look like a per-token cost that g
 CPU time per token depends much less on what else the machine runs than the latencies do (the load average is
 printed), but not at all is too much to claim: contention for caches and cores inflates it too.
 
+`--systems` may add a third system, this stack with one Generate call per request instead of the gateway's
+GenerateStream (`--no-multiplex-llm-calls`), to show what sharing gRPC messages between requests saves.
+
 `--profile` then samples the fronts with py-spy (non-blocking, so the sampled process is not paused) during one
 more run at the highest concurrency and prints the functions where they spend their CPU time.
 """
@@ -144,7 +147,15 @@ def idle_cpu(stages: list[Stage], front: dict[str, int], seconds: float) -> dict
     return idle
 
 
-SYSTEMS = {"DvD (gateway)": (start_ours, OURS_FRONT), "vLLM server": (start_vllm, VLLM_FRONT)}
+def start_ours_unmultiplexed(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
+    (logs / "unmultiplexed").mkdir(parents=True, exist_ok=True)
+    return start_ours(args, model_dir, logs / "unmultiplexed", ("--no-multiplex-llm-calls",))
+
+
+VLLM = "vLLM server"
+SYSTEMS = {"DvD (gateway)": (start_ours, OURS_FRONT), VLLM: (start_vllm, VLLM_FRONT),
+           "DvD, a Generate call per request": (start_ours_unmultiplexed, OURS_FRONT)}
+DEFAULT_SYSTEMS = ["DvD (gateway)", VLLM]
 
 
 def cost_table(results: dict[int, dict[str, Measured]]) -> str:
@@ -157,9 +168,12 @@ def cost_table(results: dict[int, dict[str, Measured]]) -> str:
             rows.append([concurrency, system, m.output_tokens, m.front_per_1000(), m.front_per_1000(True), parts,
                          per_1000_tokens(m.engine_cpu_s, m.output_tokens), m.summary.requests_per_s,
                          m.summary.ttft_p50_ms, m.summary.tpot_p50_ms])
-        if len(by_system) == 2:
-            ours, theirs = by_system.values()
-            rows.append([concurrency, "**DvD / vLLM**", "", ratio(ours.front_per_1000(), theirs.front_per_1000()),
+        theirs = by_system.get(VLLM)
+        for system, ours in by_system.items():
+            if theirs is None or system == VLLM:
+                continue
+            label = "**DvD / vLLM**" if system == DEFAULT_SYSTEMS[0] else f"**{system} / vLLM**"
+            rows.append([concurrency, label, "", ratio(ours.front_per_1000(), theirs.front_per_1000()),
                          ratio(ours.front_per_1000(True), theirs.front_per_1000(True)), "",
                          ratio(per_1000_tokens(ours.engine_cpu_s, ours.output_tokens),
                                per_1000_tokens(theirs.engine_cpu_s, theirs.output_tokens)),
@@ -272,8 +286,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-s", type=float, default=5.0, help="seconds each front's idle CPU use is read")
     parser.add_argument("--profile", action="store_true", help="then profile each front with py-spy")
     parser.add_argument("--top", type=int, default=12, help="frames shown per profile")
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS),
-                        help="measure only these (a ratio needs both)")
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=DEFAULT_SYSTEMS,
+                        help="measure only these (ratios need vLLM's server); the third is this stack with its "
+                             "gateway on --no-multiplex-llm-calls, to show what GenerateStream saves")
     return parser.parse_args()
 
 

@@ -30,7 +30,7 @@ class Gateway:
         self.metrics = metrics
         self.llm = LlmClient(config.llm_targets, config.grpc_max_message_bytes, config.unavailable_cooldown_s,
                              tls=config.tls, server_name=config.tls_server_name, token=config.llm_auth_token,
-                             retire_s=config.request_timeout_s)
+                             retire_s=config.request_timeout_s, multiplex=config.multiplex_llm_calls)
         self.images = ImageLoader(config)
         self.videos = VideoLoader(config)
         self._model_info: llm_pb2.GetModelInfoResponse | None = None

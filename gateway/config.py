@@ -39,6 +39,7 @@ class GatewayConfig:
     max_requests_in_flight: int = 1024
     max_bytes_in_flight: int = 1024 * MIB
     unavailable_cooldown_s: float = 5.0
+    multiplex_llm_calls: bool = True  # the calls to a replica share one GenerateStream (gateway/llm_client.py)
     health_timeout_s: float = 2.0
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "--max-image-bytes, what one request may hold")
     parser.add_argument("--unavailable-cooldown-s", type=float, default=d.unavailable_cooldown_s,
                         help="how long a replica that answered UNAVAILABLE is skipped by the balancer")
+    parser.add_argument("--multiplex-llm-calls", action=argparse.BooleanOptionalAction, default=d.multiplex_llm_calls,
+                        help="carry the requests to each llm_svc replica on one GenerateStream, so that the tokens "
+                             "of requests that arrive together cost one gRPC message; --no-multiplex-llm-calls: "
+                             "one Generate call per request (replicas without GenerateStream get that anyway)")
     parser.add_argument("--health-timeout-s", type=float, default=d.health_timeout_s,
                         help="time limit of the gRPC health checks behind GET /health and of GetModelInfo")
     parser.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
@@ -175,7 +180,8 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         max_redirects=args.max_redirects, request_timeout_s=args.request_timeout_s,
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
         max_requests_in_flight=args.max_requests_in_flight, max_bytes_in_flight=args.max_bytes_in_flight,
-        unavailable_cooldown_s=args.unavailable_cooldown_s, health_timeout_s=args.health_timeout_s,
+        unavailable_cooldown_s=args.unavailable_cooldown_s, multiplex_llm_calls=args.multiplex_llm_calls,
+        health_timeout_s=args.health_timeout_s,
         shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json,
         otlp_traces_endpoint=args.otlp_traces_endpoint, **security)
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from google.protobuf.descriptor import FieldDescriptor
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gateway.structured_outputs import ResponseFormatField, StructuredOutputs
 from gateway.tools import ToolCall
@@ -35,6 +36,12 @@ def proto_range(message: type, field: str, ge: int | None = None, le: int | None
         descriptor = descriptor.message_type.fields_by_name["key"]
     low, high = _CPP_RANGES[descriptor.cpp_type]
     return {"ge": low if ge is None else max(ge, low), "le": high if le is None else min(le, high)}
+
+
+def vllm_refusal(message: str, parameter: str, value: Any = None) -> PydanticCustomError:
+    """A refusal worded as vLLM's server words it (the text of its VLLMValidationError), so the two 400s read alike."""
+    extras = [f"parameter={parameter}", *([f"value={value}"] if value is not None else [])]
+    return PydanticCustomError("vllm_validation", "{message}", {"message": f"{message} ({', '.join(extras)})"})
 
 
 _SAMPLING = llm_pb2.SamplingParams
@@ -263,15 +270,31 @@ class _Sampling(_Base):
     truncate_prompt_tokens: int | None = Field(None, **proto_range(llm_pb2.GenerateRequest, "truncate_prompt_tokens",
                                                                    ge=-1))
     truncation_side: Literal["left", "right"] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    # Fields that vLLM's request models refuse, as sent, unless they are JSON numbers (a string "3" included).
+    numbers_as_sent: ClassVar[tuple[str, ...]] = ("prompt_logprobs",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checks_vllm_makes_on_the_body_as_sent(cls, data):
+        # vLLM's, with its messages, made before the fields are parsed: an empty or null stream_options passes.
+        if not isinstance(data, dict):
+            return data
+        for name in cls.numbers_as_sent:
+            if data.get(name) is not None and not isinstance(data[name], (int, float)):
+                raise vllm_refusal(f"`{name}` must be an integer.", name, data[name])
+        if data.get("stream_options") and not data.get("stream"):
+            raise vllm_refusal("Stream options can only be defined when `stream=True`.", "stream_options")
+        return data
 
     @model_validator(mode="after")
     def _prompt_logprobs_need_a_whole_answer(self):
         # vLLM's check, with its message (prompt_logprobs 0 passes it, and streams nothing of them).
         if self.stream and self.prompt_logprobs is not None and self.prompt_logprobs != 0:
-            raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
+            raise vllm_refusal("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         return self
-    stream: bool = False
-    stream_options: StreamOptions | None = None
 
 
 class MmProcessorKwargs(BaseModel):
@@ -310,6 +333,17 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    numbers_as_sent: ClassVar[tuple[str, ...]] = ("prompt_logprobs", "top_logprobs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, data):
+        # vLLM's check on the body as sent, before the range check, with its message: top_logprobs 0 (or null)
+        # passes without logprobs.
+        top = data.get("top_logprobs") if isinstance(data, dict) else None
+        if isinstance(top, (int, float)) and (top > 0 or top == -1) and not data.get("logprobs"):
+            raise vllm_refusal("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+        return data
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -327,6 +361,7 @@ PromptTokenIds = Annotated[list[Annotated[int, Field(**proto_range(llm_pb2.Promp
 
 class CompletionRequest(_Sampling):
     endpoint: ClassVar[str] = COMPLETION
+    numbers_as_sent: ClassVar[tuple[str, ...]] = ("prompt_logprobs", "logprobs")
     # vLLM's four forms: text, token ids, and a list of either. Validation leaves a list of one as that one prompt
     # (text or token ids), and a list of several as it is: each is its own Generate call (gateway/fanout.py).
     prompt: str | PromptTokenIds | list[str] | list[PromptTokenIds]

@@ -10,6 +10,7 @@ import math
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
+from llm_svc.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from llm_svc.structured_outputs import structured_outputs_from_pb
 from protos import llm_pb2
 from protos.errors import InvalidInput
@@ -84,24 +85,21 @@ def _optional(p: llm_pb2.SamplingParams, name: str, default):
     return getattr(p, name) if p.HasField(name) else default
 
 
-def to_sampling_params(p: llm_pb2.SamplingParams, max_model_len: int) -> SamplingParams:
-    """Unset max_tokens means "up to the end of the context", which the engine works out per prompt."""
+def to_sampling_params(p: llm_pb2.SamplingParams, max_model_len: int,
+                       defaults: SamplingDefaults | None = None) -> SamplingParams:
+    """Unset fields take the server's `defaults` (the generation config's), else vLLM's neutral values. Unset
+    max_tokens without a default means "up to the end of the context", which the engine works out per prompt."""
     _check_ranges(p, max_model_len)
     _check_lists(p)
+    defaults = defaults or NO_DEFAULTS
     return SamplingParams(
         n=_optional(p, "n", 1),
-        temperature=_optional(p, "temperature", 1.0),
-        top_p=_optional(p, "top_p", 1.0),
-        top_k=_optional(p, "top_k", 0),
-        min_p=_optional(p, "min_p", 0.0),
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=_optional(p, "repetition_penalty", 1.0),
+        **defaults.sampling_fields(p),
         seed=_optional(p, "seed", None),
         stop=list(p.stop) or None,
         stop_token_ids=list(p.stop_token_ids) or None,
         ignore_eos=p.ignore_eos,
-        max_tokens=_optional(p, "max_tokens", None),
+        max_tokens=defaults.max_tokens(_optional(p, "max_tokens", None)),
         min_tokens=p.min_tokens,
         logprobs=_optional(p, "logprobs", None),
         prompt_logprobs=_optional(p, "prompt_logprobs", None),

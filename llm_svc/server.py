@@ -16,6 +16,7 @@ from llm_svc.image_tokens import ImageTokenCounter, TilingPolicy
 from llm_svc.limits import ModelDimensions, RequestLimits, check_work_limit
 from llm_svc.output_parsing import OutputParsers, ParserFlags
 from llm_svc.prompts import ImageRef, Message, PromptRenderer
+from llm_svc.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from llm_svc.service import LanguageService
 from llm_svc.servicer import LanguageModelServicer
 from llm_svc.tokenization import TokenizationService
@@ -72,7 +73,11 @@ class LlmServer:
                                    self.config.tool_call_parser, self.config.enable_auto_tool_choice)
         parsers = OutputParsers(parser_flags, self.engine.renderer.get_tokenizer(), model_config)
         self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), admission,
-                                       dims, limits, parsers)
+        sampling_defaults = SamplingDefaults.from_model_config(model_config)
+        if sampling_defaults != NO_DEFAULTS:
+            log.info("sampling defaults (--generation-config %s): %s, max_tokens cap %s",
+                     model_config.generation_config, sampling_defaults.values, sampling_defaults.max_tokens_cap)
+                                       dims, limits, parsers, sampling_defaults)
         model_info = llm_pb2.GetModelInfoResponse(
             model=model_config.served_model_name, max_model_len=dims.max_model_len, hidden_size=hidden,
             max_images_per_request=limits.max_images_per_request, vocab_size=model_config.get_vocab_size(),

@@ -31,6 +31,7 @@ from llm_svc.engine_spans import record_engine_phases
 from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.output_parsing import ChatParsing, ChoiceParser, OutputParsers, ParsedOutput, ToolRequest
 from llm_svc.prompts import ChatOptions, Message, PromptRenderer, PromptTruncation, to_openai_messages
+from llm_svc.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from llm_svc.video_client import VideoBlob, VideoEmbedding, VideoOptions, check_video_bytes
 from llm_svc.vision_client import ImageBlob, VisionClient
 from llm_svc.vllm_messages import client_message
@@ -83,8 +84,11 @@ class Delta:
 
 class LanguageService:
     def __init__(self, engine, vision: VisionClient, renderer: PromptRenderer, admission: AdmissionCheck,
-                 dims: ModelDimensions, limits: RequestLimits, parsers: OutputParsers | None = None):
+                 dims: ModelDimensions, limits: RequestLimits, parsers: OutputParsers | None = None,
+                 sampling_defaults: SamplingDefaults = NO_DEFAULTS):
         self._engine = engine
+        # What the sampling fields a request leaves unset take (the generation config's), read by the servicer.
+        self.sampling_defaults = sampling_defaults
         self._parsers = parsers
         self._vision = vision
         self.renderer = renderer

@@ -20,6 +20,7 @@ from llm_svc.video_client import options_from_pb as video_options_from_pb
 from llm_svc.vision_client import ImageBlob
 from llm_svc.vllm_messages import client_message
 from protos import llm_pb2, llm_pb2_grpc, tracing
+from protos.call_stream import ServesCallStreams
 from protos.errors import InvalidInput, ServingError
 from protos.logs import request_id_var
 from protos.work_limits import AdmittedWork
@@ -69,9 +70,9 @@ def chat_from_pb(chat: llm_pb2.Chat, videos: list[VideoBlob] | None = None
     return messages, images
 
 
-def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int) -> GenerateInput:
+def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int, sampling_defaults=None) -> GenerateInput:
     request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
-    sampling = to_sampling_params(request.sampling, max_model_len)
+    sampling = to_sampling_params(request.sampling, max_model_len, sampling_defaults)
     # What every input form takes alike.
     common = dict(return_prompt_text=request.return_prompt_text, truncation=truncation_from_pb(request),
                   continuous_usage=request.continuous_usage)
@@ -183,7 +184,7 @@ def tokens_to_pb(tokens: Tokens, max_model_len: int) -> llm_pb2.TokenizeResponse
                                     token_strs=tokens.token_strs or [])
 
 
-class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
+class LanguageModelServicer(ServesCallStreams, llm_pb2_grpc.LanguageModelServicer):
     def __init__(self, service: LanguageService, info: llm_pb2.GetModelInfoResponse,
                  tokenization: TokenizationService | None = None,
                  version: llm_pb2.GetVersionResponse | None = None):
@@ -235,7 +236,8 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
     async def _generate(self, request: llm_pb2.GenerateRequest, work: AdmittedWork):
         try:
             # Off the event loop: hashing the images' bytes (16 x 20 MB take ~200 ms; hashlib lets go of the GIL).
-            generate_input = await asyncio.to_thread(input_from_pb, request, self._info.max_model_len)
+            generate_input = await asyncio.to_thread(input_from_pb, request, self._info.max_model_len,
+                                                     self._service.sampling_defaults)
             request_id_var.set(generate_input.request_id)
             log.info("generate: %d images", len(generate_input.images))
             async for delta in self._service.generate(generate_input, work):

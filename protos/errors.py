@@ -84,11 +84,26 @@ def from_rpc_error(error: grpc.aio.AioRpcError, peer: str, stage: str | None = N
     """The typed error for a status received from another stage, `peer` (kept for logs, out of the message that
     clients read); `stage`, when given, names the stage in the message and travels on as FAILED_STAGE_KEY
     metadata to whoever receives this error next."""
-    cls = _BY_CODE.get(error.code(), InternalError)
-    metadata = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if isinstance(v, str))
+    return from_status(error.code(), error.details(), error.trailing_metadata() or (), peer, stage)
+
+
+def from_status(code: grpc.StatusCode, details: str, metadata, peer: str, stage: str | None = None) -> ServingError:
+    """`from_rpc_error` for a status that came as fields (a call of `protos.call_stream`)."""
+    cls = _BY_CODE.get(code, InternalError)
+    metadata = tuple((k, v) for k, v in metadata if isinstance(v, str))
     if stage is None:
-        return cls(error.details(), metadata, peer=peer)
-    return cls(f"{stage}: {error.details()}", (*metadata, (FAILED_STAGE_KEY, stage)), peer=peer)
+        return cls(details, metadata, peer=peer)
+    return cls(f"{stage}: {details}", (*metadata, (FAILED_STAGE_KEY, stage)), peer=peer)
+
+
+def status_of(error: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status a call that failed with `error` ends with: a ServingError's own, anything else INTERNAL (logged
+    with its traceback: a bug, not the caller's doing)."""
+    if isinstance(error, ServingError):
+        log.info("%s -> %s: %s", method, error.code.name, error.for_log())
+        return error.code, str(error), error.metadata
+    log.exception("%s failed with an unexpected error", method, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", ()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -138,11 +153,7 @@ def _check_decoded(request) -> None:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str):
-    if isinstance(error, ServingError):
-        log.info("%s -> %s: %s", method, error.code.name, error.for_log())
-        await context.abort(error.code, str(error), error.metadata)
-    log.exception("%s failed with an unexpected error", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+    await context.abort(*status_of(error, method))
 
 
 def _guard_unary(behavior, method):

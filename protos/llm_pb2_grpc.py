@@ -40,6 +40,11 @@ class LanguageModelStub:
                 request_serializer=protos_dot_llm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_llm__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/internvl.llm.v1.LanguageModel/GenerateStream',
+                request_serializer=protos_dot_llm__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=protos_dot_llm__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/internvl.llm.v1.LanguageModel/Abort',
                 request_serializer=protos_dot_llm__pb2.AbortRequest.SerializeToString,
@@ -73,6 +78,16 @@ class LanguageModelServicer:
 
     def Generate(self, request, context):
         """Streams token deltas; the last message carries the finish reason, usage and timings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
+        """Many Generate calls on one stream, for a caller that serves many clients (the gateway): each call is started,
+        and may be cancelled, by a message of its own, and the deltas of the calls that are ready together travel in
+        one message, so that a step of the engine costs one message per stream rather than one per request. A call's
+        events are those of Generate: its messages, then its status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +136,11 @@ def add_LanguageModelServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_llm__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_llm__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=protos_dot_llm__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=protos_dot_llm__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -176,6 +196,33 @@ class LanguageModel:
             '/internvl.llm.v1.LanguageModel/Generate',
             protos_dot_llm__pb2.GenerateRequest.SerializeToString,
             protos_dot_llm__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/internvl.llm.v1.LanguageModel/GenerateStream',
+            protos_dot_llm__pb2.GenerateStreamRequest.SerializeToString,
+            protos_dot_llm__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,9 +41,12 @@ def test_cost_per_1000_tokens_and_ratio_row():
     ours = Measured({"gateway": 1.0, "llm_svc front": 2.0}, 10.0, 2000, summary, idle_cpu_s=1.0)
     theirs = Measured({"vLLM API server": 2.0}, 10.0, 2000, summary)
     assert per_1000_tokens(3.0, 2000) == 1.5 and per_1000_tokens(1.0, 0) != per_1000_tokens(1.0, 0)  # nan
-    rows = cost_table({4: {"ours": ours, "vllm": theirs}}).splitlines()[2:]
-    assert rows[0].startswith("| 4 | ours | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 5 |")
-    assert rows[2].startswith("| 4 | **DvD / vLLM** |  | 1.50x | 1.00x |")
+    unmultiplexed = Measured({"gateway": 2.0, "llm_svc front": 4.0}, 10.0, 2000, summary)
+    rows = cost_table({4: {"DvD (gateway)": ours, "vLLM server": theirs,
+                           "DvD, a Generate call per request": unmultiplexed}}).splitlines()[2:]
+    assert rows[0].startswith("| 4 | DvD (gateway) | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 5 |")
+    assert rows[3].startswith("| 4 | **DvD / vLLM** |  | 1.50x | 1.00x |")
+    assert rows[4].startswith("| 4 | **DvD, a Generate call per request / vLLM** |  | 3.00x |")
 
 
 RAW = """\

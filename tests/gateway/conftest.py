@@ -23,6 +23,7 @@ from deploy.trace_collector import TraceCollector
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from protos import errors, llm_pb2, llm_pb2_grpc
+from protos.call_stream import ServesCallStreams
 from protos.server import GrpcServer
 
 MODEL = "tiny-internvl"
@@ -30,7 +31,7 @@ REPLY = ["Hello", " from", " the", " fake", "."]
 MAX_REQUEST_BYTES = 6 << 20  # what the fake reports as the largest Generate request it takes
 
 
-class FakeLanguageModel(llm_pb2_grpc.LanguageModelServicer):
+class FakeLanguageModel(ServesCallStreams, llm_pb2_grpc.LanguageModelServicer):
     """Records every GenerateRequest; the first text part picks a behaviour:
     'error:<STATUS>' fails with that status, 'slow' streams a token every 50 ms for 10 s,
     'sleep' waits 2 s before its first token, 'crash' fails after its second token; anything else streams REPLY."""
@@ -248,6 +249,7 @@ def stack(tiny_checkpoint, tmp_path_factory):
                                           "--otlp-traces-endpoint", endpoint).wait_ready()
         llm_metrics = free_port()
         env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{endpoint}")
+        # Started with vision_svc, not after it: llm_svc waits for vision_svc by itself.
         llm = real_stages.start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port",
                                     str(llm_metrics), *TOOL_FLAGS).wait_ready()
         env.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")

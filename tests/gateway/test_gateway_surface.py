@@ -13,6 +13,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletionRequest
 
 from gateway import translate
+from gateway.routes import describe_validation_error
 from gateway.schemas import (COMPLETION_DEFAULT_MAX_TOKENS, UNIMPLEMENTED_FIELDS, ChatCompletionRequest,
                              CompletionRequest, Ignored, Refused, StreamOptions)
 from protos import llm_pb2
@@ -126,6 +127,46 @@ def test_a_non_finite_logit_bias_is_refused():
         ChatCompletionRequest.model_validate_json(body)
 
 
+# ---- vLLM's checks on the body as sent ----------------------------------------------------------------------
+
+VLLMS = {"chat": VllmChatRequest, "completion": VllmCompletionRequest}
+REFUSED_AS_SENT = [
+    ("chat", {"stream_options": {"include_usage": True}}),
+    ("chat", {"stream": False, "stream_options": {"include_usage": False}}),
+    ("completion", {"stream_options": {"include_usage": True}}),
+    ("chat", {"top_logprobs": 3}), ("chat", {"top_logprobs": 3, "logprobs": False}), ("chat", {"top_logprobs": -1}),
+    ("chat", {"top_logprobs": 25}),  # vLLM's logprobs check comes before any range check
+    ("chat", {"logprobs": True, "top_logprobs": "3"}), ("chat", {"prompt_logprobs": "1"}),
+    ("completion", {"logprobs": "2"}), ("completion", {"prompt_logprobs": 1, "stream": True}),
+]
+ACCEPTED_AS_SENT = [
+    ("chat", {"stream_options": {}}), ("chat", {"stream_options": None}), ("completion", {"stream_options": {}}),
+    ("chat", {"stream": True, "stream_options": {"include_usage": True}}),
+    ("completion", {"stream": True, "stream_options": {"include_usage": True}}),
+    ("chat", {"top_logprobs": 0}), ("chat", {"top_logprobs": None}), ("chat", {"logprobs": True, "top_logprobs": 3}),
+]
+
+
+def vllm_message(endpoint: str, fields: dict) -> str:
+    """The message of the 400 vLLM's server answers (its request model raises VLLMValidationError, sent as is)."""
+    with pytest.raises(Exception) as refused:
+        VLLMS[endpoint].model_validate({**OURS[endpoint][1], **fields})
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("endpoint,fields", REFUSED_AS_SENT)
+def test_what_vllm_refuses_as_sent_is_refused_with_vllm_s_message(endpoint, fields):
+    with pytest.raises(ValidationError) as refused:
+        validate(endpoint, **fields)
+    assert describe_validation_error(refused.value) == vllm_message(endpoint, fields)
+
+
+@pytest.mark.parametrize("endpoint,fields", ACCEPTED_AS_SENT)
+def test_what_vllm_accepts_as_sent_is_accepted(endpoint, fields):
+    VLLMS[endpoint].model_validate({**OURS[endpoint][1], **fields})
+    validate(endpoint, **fields)
+
+
 # ---- carried to the proto -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("endpoint", OURS)
@@ -145,6 +186,15 @@ def test_absent_controls_stay_unset_on_the_wire_for_vllm_defaults():
     sampling = translate.sampling_params(validate("chat"), max_tokens_limit=100, top_logprobs=None)
     assert sampling == llm_pb2.SamplingParams(n=1)
     assert not sampling.HasField("skip_special_tokens") and not sampling.HasField("spaces_between_special_tokens")
+
+
+@pytest.mark.parametrize("endpoint", OURS)
+def test_the_generation_config_s_fields_stay_unset_on_the_wire(endpoint):
+    # llm_svc gives an unset field the checkpoint's generation-config default, as vLLM's server does; a neutral value
+    # filled in here would hide it.
+    sampling = translate.sampling_params(validate(endpoint), max_tokens_limit=100, top_logprobs=None)
+    assert not [name for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty") if sampling.HasField(name)]
 
 
 def test_completions_default_to_vllm_s_16_tokens_and_null_means_the_context():

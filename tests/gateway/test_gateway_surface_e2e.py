@@ -136,6 +136,17 @@ def test_what_vllm_refuses_is_a_400_here_too(servers, fields):
         == 400
 
 
+@pytest.mark.parametrize("path,fields", [(CHAT, {"stream_options": {"include_usage": True}}),
+                                         (COMPLETIONS, {"stream_options": {"include_usage": True}}),
+                                         (CHAT, {"top_logprobs": 2})])
+def test_what_vllm_refuses_as_sent_is_a_400_with_its_message(servers, path, fields):
+    ours, theirs = servers
+    body = chat(**fields) if path == CHAT else {**GREEDY, "prompt": "Once upon a time", **fields}
+    mine, vllms = ours.post(path, json=body), theirs.post(path, json=body)
+    assert mine.status_code == vllms.status_code == 400, (mine.text, vllms.text)
+    assert mine.json()["error"]["message"] == vllms.json()["error"]["message"]
+
+
 def test_streamed_text_with_the_controls_equals_the_plain_answer(servers):
     ours, _ = servers
     body = chat(min_tokens=4, logit_bias={str(WORDS[2]): 3}, include_stop_str_in_output=True)

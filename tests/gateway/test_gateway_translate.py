@@ -30,7 +30,7 @@ def chat_request(**fields) -> ChatCompletionRequest:
                             ignore_eos=True)),
     ({"logprobs": True}, llm_pb2.SamplingParams(n=1, logprobs=0)),
     ({"logprobs": True, "top_logprobs": 3}, llm_pb2.SamplingParams(n=1, logprobs=3)),
-    ({"logprobs": False, "top_logprobs": 3}, llm_pb2.SamplingParams(n=1)),
+    ({"logprobs": False, "top_logprobs": 0}, llm_pb2.SamplingParams(n=1)),
 ])
 def test_chat_sampling_fields(fields, expected):
     generate = translate.chat_generate_request(chat_request(**fields), [], "r1", max_tokens_limit=100)

@@ -246,6 +246,8 @@ def test_images_only_in_user_messages():
 
 
 class EmptyService:
+    sampling_defaults = None
+
     def admit(self, request_bytes):
         return contextlib.nullcontext()
 
@@ -257,9 +259,9 @@ class EmptyService:
 async def test_requests_are_converted_and_their_images_hashed_off_the_event_loop(monkeypatch):
     converted_on = []
 
-    def recording_input_from_pb(request, max_model_len):
+    def recording_input_from_pb(request, max_model_len, sampling_defaults):
         converted_on.append(threading.current_thread())
-        return input_from_pb(request, max_model_len)
+        return input_from_pb(request, max_model_len, sampling_defaults)
 
     monkeypatch.setattr("llm_svc.servicer.input_from_pb", recording_input_from_pb)
     servicer = LanguageModelServicer(EmptyService(), llm_pb2.GetModelInfoResponse(max_model_len=128))

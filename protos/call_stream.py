@@ -1,0 +1,280 @@
+"""GenerateStream: many Generate calls on one gRPC stream (see `llm.proto`), both ends.
+
+Each streamed token of a Generate call costs a gRPC message on each side, and grpcio's asyncio layer spends tens of
+microseconds of CPU on every message; with many requests in flight the engine's every step becomes as many messages.
+On one GenerateStream the deltas of all the calls that are ready together travel as one message.
+
+Server (`serve_calls`): each call runs as its own task, exactly as Generate runs it (the servicer's own `Generate`,
+given a context whose metadata is the call's trace context), and its events go to the stream's outbox, which the
+stream writes as one message whenever gRPC takes the next. A call takes its next delta from the engine only once
+its previous one was handed to gRPC, as a Generate call waits for its write: meanwhile vLLM merges the request's
+outputs, so a slow stream means fewer, larger messages, not a queue. The end of the stream cancels every call.
+
+Client (`CallStream`): one stream per replica; `start` sends a call's request and returns a `StreamedCall`, read
+like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
+`protos.errors`). Cancelling a call cancels its request in llm_svc, and so in the engine.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from protos import llm_pb2
+from protos.errors import Cancelled, DeadlineExceeded, ServingError, Unavailable, from_rpc_error, from_status, status_of
+
+log = logging.getLogger(__name__)
+
+METHOD = "LanguageModel/GenerateStream"
+# A message of the stream holds events up to this size (a longer one travels alone): far below any message limit.
+MAX_MESSAGE_EVENT_BYTES = 1 << 20
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+Generate = Callable[[llm_pb2.GenerateRequest, object], AsyncIterator[llm_pb2.GenerateResponse]]
+
+
+class _CallContext:
+    """What a Generate handler is given for a streamed call: the stream's context, with the call's trace context
+    as its invocation metadata."""
+
+    def __init__(self, stream_context, trace_context: dict[str, str]):
+        self._stream_context = stream_context
+        self._metadata = tuple(trace_context.items())
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
+        """Ends this call, not the stream, with the status."""
+        raise from_status(code, details, trailing_metadata, peer="")
+
+    def __getattr__(self, name):
+        return getattr(self._stream_context, name)
+
+
+class _Outbox:
+    """The events waiting for the stream's next message, and the future that says they were handed to gRPC."""
+
+    def __init__(self):
+        self._events: list[llm_pb2.GenerateStreamEvent] = []
+        self._sent = asyncio.get_running_loop().create_future()
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    def put(self, event: llm_pb2.GenerateStreamEvent) -> asyncio.Future:
+        self._events.append(event)
+        self._ready.set()
+        return self._sent
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def take(self) -> tuple[list[llm_pb2.GenerateStreamEvent], asyncio.Future]:
+        """Everything queued (waiting for something first), and the future to resolve once it is written; nothing
+        once closed and empty."""
+        await self._ready.wait()
+        self._ready.clear()
+        events, sent = self._events, self._sent
+        self._events, self._sent = [], asyncio.get_running_loop().create_future()
+        return events, sent
+
+
+def _messages(events: list[llm_pb2.GenerateStreamEvent]) -> list[llm_pb2.GenerateStreamResponse]:
+    if len(events) == 1:
+        return [llm_pb2.GenerateStreamResponse(events=events)]
+    messages, batch, size = [], [], 0
+    for event in events:
+        event_size = event.ByteSize()
+        if batch and size + event_size > MAX_MESSAGE_EVENT_BYTES:
+            messages.append(llm_pb2.GenerateStreamResponse(events=batch))
+            batch, size = [], 0
+        batch.append(event)
+        size += event_size
+    messages.append(llm_pb2.GenerateStreamResponse(events=batch))
+    return messages
+
+
+async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], context,
+                      generate: Generate) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
+    """The messages of one GenerateStream whose calls `generate` (a servicer's Generate) serves."""
+    outbox = _Outbox()
+    calls: dict[int, asyncio.Task] = {}
+
+    async def run(call_id: int, request: llm_pb2.GenerateRequest, trace_context: dict[str, str]) -> None:
+        try:
+            # Closed at once however the call ends: a cancelled call's engine request is aborted now, not whenever
+            # the generator is collected.
+            async with contextlib.aclosing(generate(request, _CallContext(context, trace_context))) as responses:
+                async for response in responses:
+                    await outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, message=response))
+            status = llm_pb2.CallStatus(code=grpc.StatusCode.OK.value[0])
+        except asyncio.CancelledError:
+            return  # cancelled by the caller, or the stream ended: nobody waits for its status
+        except Exception as error:  # noqa: BLE001 - every error becomes the call's status, as on Generate
+            code, details, metadata = status_of(error, METHOD)
+            status = llm_pb2.CallStatus(code=code.value[0], details=details,
+                                        metadata=[llm_pb2.MetadataEntry(key=k, value=v) for k, v in metadata])
+        finally:
+            calls.pop(call_id, None)
+            if outbox.closed and not calls:
+                outbox.close()  # wakes the writer to end the stream
+        outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, status=status))
+
+    async def read() -> None:
+        try:
+            async for message in requests:
+                action = message.WhichOneof("action")
+                if action == "start":
+                    if message.call_id in calls:
+                        log.warning("%s: call %d started twice; the second is ignored", METHOD, message.call_id)
+                        continue
+                    calls[message.call_id] = asyncio.create_task(
+                        run(message.call_id, message.start, dict(message.trace_context)))
+                elif action == "cancel" and (task := calls.get(message.call_id)) is not None:
+                    task.cancel()
+        finally:
+            outbox.close()  # the caller sends no more: the stream ends once its calls have
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            events, sent = await outbox.take()
+            for message in _messages(events) if events else ():
+                yield message
+            sent.set_result(None)
+            if reader.done() and (reader.exception() is not None or not calls):
+                break
+        reader.result()  # a failure to read the requests fails the stream
+    finally:
+        reader.cancel()
+        for task in list(calls.values()):
+            task.cancel()
+
+
+class StreamedCall:
+    """One call of a CallStream, read like grpcio's UnaryStreamCall."""
+
+    def __init__(self, stream: "CallStream", call_id: int):
+        self._stream = stream
+        self.call_id = call_id
+        self.events: asyncio.Queue = asyncio.Queue()  # GenerateResponse, then None (OK) or a ServingError
+        self.ended = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def set_timeout(self, timeout_s: float) -> None:
+        self._deadline = asyncio.get_running_loop().call_later(timeout_s, self._expire)
+
+    async def read(self) -> llm_pb2.GenerateResponse | object:
+        item = await self.events.get()
+        if isinstance(item, llm_pb2.GenerateResponse):
+            return item
+        if item is None:
+            return grpc.aio.EOF
+        self.end()
+        raise item
+
+    def cancel(self) -> None:
+        """Stops the call in llm_svc; a no-op once it has ended."""
+        if not self.ended:
+            self.end()
+            self._stream.send_cancel(self.call_id)
+
+    def end(self) -> None:
+        """Nothing more to send for the call: it ended, or failed here."""
+        self.ended = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def _expire(self) -> None:
+        self.events.put_nowait(DeadlineExceeded("Deadline Exceeded"))
+        self.cancel()
+
+
+class CallStream:
+    """One GenerateStream to a replica, carrying many calls; `failed` once the stream has ended (open another)."""
+
+    def __init__(self, stub, target: str):
+        self.target = target
+        self._call = stub.GenerateStream()
+        self._calls: dict[int, StreamedCall] = {}
+        self._ids = itertools.count(1)
+        self._write_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
+        self.failed: ServingError | None = None
+        self.unimplemented = False  # the replica has no GenerateStream (an older llm_svc)
+        self._reader = asyncio.create_task(self._read())
+
+    async def start(self, request: llm_pb2.GenerateRequest, timeout_s: float,
+                    trace_context: dict[str, str] | None) -> StreamedCall:
+        if self.failed is not None:
+            raise self.failed
+        call = StreamedCall(self, next(self._ids))
+        self._calls[call.call_id] = call
+        call.set_timeout(timeout_s)
+        try:
+            await self._write(llm_pb2.GenerateStreamRequest(call_id=call.call_id, start=request,
+                                                            trace_context=trace_context or {}))
+        except BaseException:
+            call.cancel()  # the start may have gone out before the write was interrupted
+            raise
+        return call
+
+    def send_cancel(self, call_id: int) -> None:
+        if self._calls.pop(call_id, None) is None or self.failed is not None:
+            return
+        task = asyncio.ensure_future(self._write(llm_pb2.GenerateStreamRequest(call_id=call_id, cancel=True)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write(self, message: llm_pb2.GenerateStreamRequest) -> None:
+        async with self._write_lock:
+            try:
+                await self._call.write(message)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+                raise self.failed or Unavailable(f"{self.target}: the call stream ended ({error})") from None
+
+    async def _read(self) -> None:
+        try:
+            while (message := await self._call.read()) is not grpc.aio.EOF:
+                for event in message.events:
+                    call = self._calls.get(event.call_id)
+                    if call is None:
+                        continue  # cancelled here; its last events were on their way
+                    if event.HasField("message"):
+                        call.events.put_nowait(event.message)
+                        continue
+                    del self._calls[event.call_id]
+                    call.end()
+                    status = event.status
+                    call.events.put_nowait(None if status.code == 0 else from_status(
+                        _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.details,
+                        [(entry.key, entry.value) for entry in status.metadata], self.target))
+            error: ServingError = Unavailable(f"{self.target} ended the call stream")
+        except grpc.aio.AioRpcError as rpc_error:
+            self.unimplemented = rpc_error.code() == grpc.StatusCode.UNIMPLEMENTED
+            error = from_rpc_error(rpc_error, self.target)
+        except asyncio.CancelledError:
+            error = Cancelled(f"{self.target}: the call stream was closed")
+        self.failed = error
+        for call in self._calls.values():
+            call.end()
+            call.events.put_nowait(error)
+        self._calls.clear()
+
+    async def close(self) -> None:
+        self._call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class ServesCallStreams:
+    """For a LanguageModel servicer: GenerateStream, its calls served by the servicer's own Generate."""
+
+    async def GenerateStream(self, request_iterator, context):
+        async for message in serve_calls(request_iterator, context, self.Generate):
+            yield message

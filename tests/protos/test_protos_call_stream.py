@@ -1,0 +1,165 @@
+"""GenerateStream (protos/call_stream.py): both ends over a real gRPC server on loopback, with a scripted Generate."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from protos import errors, llm_pb2, llm_pb2_grpc
+from protos.call_stream import CallStream, ServesCallStreams, serve_calls
+from protos.server import GrpcServer
+
+
+class ScriptedLanguageModel(ServesCallStreams, llm_pb2_grpc.LanguageModelServicer):
+    """The prompt picks a behaviour: 'count N' streams N tokens, 'slow' one every 50 ms for ever, 'full' fails
+    RESOURCE_EXHAUSTED with a retry-after, 'bug' raises a RuntimeError after one token."""
+
+    def __init__(self):
+        self.cancelled: list[str] = []
+        self.metadata: list[tuple] = []
+
+    async def Generate(self, request, context):
+        self.metadata.append(tuple(context.invocation_metadata()))
+        try:
+            if request.prompt.startswith("count"):
+                for i in range(int(request.prompt.split()[1])):
+                    await asyncio.sleep(0)
+                    yield llm_pb2.GenerateResponse(request_id=request.request_id, text=str(i))
+            elif request.prompt == "slow":
+                while True:
+                    yield llm_pb2.GenerateResponse(request_id=request.request_id, text="x")
+                    await asyncio.sleep(0.05)
+            elif request.prompt == "full":
+                raise errors.Overloaded("replica full", retry_after_s=7)
+            elif request.prompt == "bug":
+                yield llm_pb2.GenerateResponse(request_id=request.request_id, text="a")
+                raise RuntimeError("engine crashed")
+        except asyncio.CancelledError:
+            self.cancelled.append(request.request_id)
+            raise
+
+
+@pytest.fixture
+async def replica():
+    servicer = ScriptedLanguageModel()
+    server = GrpcServer("127.0.0.1", 0, max_message_bytes=64 << 20, grace_s=0.1, announce_s=0)
+    server.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, servicer, "internvl.llm.v1.LanguageModel")
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    calls = CallStream(llm_pb2_grpc.LanguageModelStub(channel), f"127.0.0.1:{port}")
+    yield servicer, calls, server
+    await calls.close()
+    await channel.close()
+    await server.drain()
+
+
+def generate(prompt: str, request_id: str = "") -> llm_pb2.GenerateRequest:
+    return llm_pb2.GenerateRequest(request_id=request_id or prompt, prompt=prompt)
+
+
+async def read_all(call) -> list[str]:
+    texts = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        texts.append(message.text)
+    return texts
+
+
+async def test_concurrent_calls_each_get_their_own_messages_in_order(replica):
+    servicer, calls, _ = replica
+    started = [await calls.start(generate(f"count {n}", f"r{n}"), 10, {"traceparent": f"t{n}"}) for n in range(1, 9)]
+    answers = await asyncio.gather(*(read_all(call) for call in started))
+    assert answers == [[str(i) for i in range(n)] for n in range(1, 9)]
+    assert sorted(servicer.metadata) == sorted((("traceparent", f"t{n}"),) for n in range(1, 9))
+
+
+async def test_an_error_ends_the_call_with_its_status_and_metadata_and_leaves_the_others(replica):
+    _, calls, _ = replica
+    full, bug, fine = [await calls.start(generate(p), 10, None) for p in ("full", "bug", "count 3")]
+    with pytest.raises(errors.Overloaded, match="replica full") as overloaded:
+        await full.read()
+    assert overloaded.value.retry_after_s == 7
+    assert (await bug.read()).text == "a"
+    with pytest.raises(errors.InternalError, match="RuntimeError: engine crashed"):
+        await bug.read()
+    assert await read_all(fine) == ["0", "1", "2"]
+
+
+async def test_cancelling_a_call_cancels_its_generate_and_no_other(replica):
+    servicer, calls, _ = replica
+    slow, other = await calls.start(generate("slow"), 10, None), await calls.start(generate("slow", "other"), 10, None)
+    await slow.read()
+    slow.cancel()
+    for _ in range(20):
+        if servicer.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert servicer.cancelled == ["slow"]
+    assert (await other.read()).text == "x"
+    other.cancel()
+
+
+async def test_a_call_past_its_deadline_fails_and_its_generate_is_cancelled(replica):
+    servicer, calls, _ = replica
+    call = await calls.start(generate("slow"), 0.2, None)
+    with pytest.raises(errors.DeadlineExceeded):
+        await read_all(call)
+    for _ in range(20):
+        if servicer.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert servicer.cancelled == ["slow"]
+
+
+async def test_a_stream_whose_server_goes_fails_its_calls_unavailable(replica):
+    servicer, calls, server = replica
+    call = await calls.start(generate("slow"), 10, None)
+    await call.read()
+    await server.drain()
+    with pytest.raises((errors.Unavailable, errors.Cancelled)):
+        await read_all(call)
+    assert calls.failed is not None
+    with pytest.raises(errors.ServingError):
+        await calls.start(generate("count 1"), 10, None)
+
+
+async def test_a_replica_without_the_method_says_unimplemented():
+    server = GrpcServer("127.0.0.1", 0, max_message_bytes=1 << 20, grace_s=0.1, announce_s=0)
+    server.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, llm_pb2_grpc.LanguageModelServicer(),
+                       "internvl.llm.v1.LanguageModel")
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        calls = CallStream(llm_pb2_grpc.LanguageModelStub(channel), "old")
+        call = await calls.start(generate("count 1"), 10, None)
+        with pytest.raises(errors.ServingError):
+            await call.read()
+        assert calls.unimplemented
+    await server.drain()
+
+
+async def test_calls_ready_together_share_a_message_and_each_waits_for_its_write():
+    progress = []
+
+    async def generate_tokens(request, context):
+        for i in range(3):
+            yield llm_pb2.GenerateResponse(request_id=request.request_id, text=str(i))
+            progress.append((request.request_id, i))  # resumed: its message was handed on
+
+    async def requests():
+        for call_id in range(1, 5):
+            yield llm_pb2.GenerateStreamRequest(call_id=call_id, start=generate("x", f"r{call_id}"))
+        await asyncio.Event().wait()  # the caller keeps the stream open
+
+    messages = serve_calls(requests(), None, generate_tokens)
+    first = await anext(messages)
+    await asyncio.sleep(0.05)  # time for every call to run as far as it may
+    assert len(first.events) == 4 and {e.message.text for e in first.events} == {"0"}
+    assert len(progress) <= 4  # no call produced its second token before its first was taken
+    events, count = list(first.events), 1
+    while sum(e.HasField("status") for e in events) < 4:
+        events += (await anext(messages)).events
+        count += 1
+    await messages.aclose()
+    for call_id in range(1, 5):
+        own = [e for e in events if e.call_id == call_id]
+        assert [e.message.text for e in own[:3]] == ["0", "1", "2"] and own[3].status.code == 0
+    assert count <= 5  # 16 events; one message per call and token would be 16
