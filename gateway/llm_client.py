@@ -47,7 +47,7 @@ class Replica:
     calls: CallStream | None = None
 
     def call_stream(self, target: str) -> CallStream:
-        if self.calls is None or self.calls.failed is not None:
+        if self.calls is None or not self.calls.open_for_calls:
             self.calls = CallStream(self.stub, target)
         return self.calls
 

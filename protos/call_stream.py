@@ -12,7 +12,9 @@ outputs, so a slow stream means fewer, larger messages, not a queue. The end of 
 
 Client (`CallStream`): one stream per replica; `start` sends a call's request and returns a `StreamedCall`, read
 like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
-`protos.errors`). Cancelling a call cancels its request in llm_svc, and so in the engine.
+`protos.errors`). Cancelling a call cancels its request in llm_svc, and so in the engine. A stream takes new calls
+for `NEW_CALLS_S` only, then ends once its calls have: servers recycle connections (`protos.server`) and cut the
+streams still open on one after a grace, so a stream must not outlive the calls it took.
 """
 
 import asyncio
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 METHOD = "LanguageModel/GenerateStream"
 # A message of the stream holds events up to this size (a longer one travels alone): far below any message limit.
 MAX_MESSAGE_EVENT_BYTES = 1 << 20
+# How long a client's stream takes new calls; the server's connection grace must cover this plus a call's deadline.
+NEW_CALLS_S = 60.0
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -196,9 +200,9 @@ class StreamedCall:
 
 
 class CallStream:
-    """One GenerateStream to a replica, carrying many calls; `failed` once the stream has ended (open another)."""
+    """One GenerateStream to a replica, carrying many calls; open another once it is not `open_for_calls`."""
 
-    def __init__(self, stub, target: str):
+    def __init__(self, stub, target: str, new_calls_s: float = NEW_CALLS_S):
         self.target = target
         self._call = stub.GenerateStream()
         self._calls: dict[int, StreamedCall] = {}
@@ -207,7 +211,31 @@ class CallStream:
         self._background: set[asyncio.Task] = set()
         self.failed: ServingError | None = None
         self.unimplemented = False  # the replica has no GenerateStream (an older llm_svc)
+        self._retire_at = asyncio.get_running_loop().time() + new_calls_s
+        self._retired = False
         self._reader = asyncio.create_task(self._read())
+
+    @property
+    def open_for_calls(self) -> bool:
+        if self.failed is None and not self._retired and asyncio.get_running_loop().time() >= self._retire_at:
+            self._retired = True
+            self._end_when_idle()
+        return self.failed is None and not self._retired
+
+    def _end_when_idle(self) -> None:
+        """Once retired and without calls: tells the server no more calls come, which ends the stream."""
+        if self._retired and not self._calls and self.failed is None:
+            self._in_background(self._done_writing())
+
+    async def _done_writing(self) -> None:
+        async with self._write_lock:  # after any cancel still on its way
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                await self._call.done_writing()
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def start(self, request: llm_pb2.GenerateRequest, timeout_s: float,
                     trace_context: dict[str, str] | None) -> StreamedCall:
@@ -227,9 +255,12 @@ class CallStream:
     def send_cancel(self, call_id: int) -> None:
         if self._calls.pop(call_id, None) is None or self.failed is not None:
             return
-        task = asyncio.ensure_future(self._write(llm_pb2.GenerateStreamRequest(call_id=call_id, cancel=True)))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._write_quietly(llm_pb2.GenerateStreamRequest(call_id=call_id, cancel=True)))
+        self._end_when_idle()
+
+    async def _write_quietly(self, message: llm_pb2.GenerateStreamRequest) -> None:
+        with contextlib.suppress(ServingError):  # the stream ended: the server cancelled the call itself
+            await self._write(message)
 
     async def _write(self, message: llm_pb2.GenerateStreamRequest) -> None:
         async with self._write_lock:
@@ -249,6 +280,7 @@ class CallStream:
                         call.events.put_nowait(event.message)
                         continue
                     del self._calls[event.call_id]
+                    self._end_when_idle()
                     call.end()
                     status = event.status
                     call.events.put_nowait(None if status.code == 0 else from_status(

@@ -53,9 +53,10 @@ class GrpcServer:
         self._tls = tls
         self._reflection = reflection
         # Connections are recycled every few minutes so that clients re-resolve DNS and find new replicas;
-        # streams in flight on a recycled connection keep up to 10 minutes to finish.
+        # streams in flight on a recycled connection keep 11 minutes to finish: a call's deadline (the gateway's
+        # 10 minutes) after a GenerateStream's last new call (`protos.call_stream.NEW_CALLS_S`).
         options = [*channel_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000),
-                   ("grpc.max_connection_age_grace_ms", 600_000),
+                   ("grpc.max_connection_age_grace_ms", 660_000),
                    # Accept the clients' keepalive pings on idle connections (every 30 s); gRPC's default
                    # minimum of 5 minutes answers them with GOAWAY "too_many_pings".
                    ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]

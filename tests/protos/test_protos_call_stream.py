@@ -163,3 +163,20 @@ async def test_calls_ready_together_share_a_message_and_each_waits_for_its_write
         own = [e for e in events if e.call_id == call_id]
         assert [e.message.text for e in own[:3]] == ["0", "1", "2"] and own[3].status.code == 0
     assert count <= 5  # 16 events; one message per call and token would be 16
+
+
+async def test_a_stream_past_its_time_for_new_calls_ends_once_its_calls_have(replica):
+    servicer, _, server = replica
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        calls = CallStream(llm_pb2_grpc.LanguageModelStub(channel), "replica", new_calls_s=0.2)
+        slow, quick = await calls.start(generate("slow"), 10, None), await calls.start(generate("count 2"), 10, None)
+        await asyncio.sleep(0.3)
+        assert not calls.open_for_calls and calls.failed is None
+        assert await read_all(quick) == ["0", "1"]
+        await slow.read()
+        slow.cancel()  # the last call: its cancel goes out, then the stream ends
+        for _ in range(40):
+            if calls.failed is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert isinstance(calls.failed, errors.Unavailable) and servicer.cancelled == ["slow"]
