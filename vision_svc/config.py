@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles,
                    help="most tiles in one encoder forward pass, across concurrent requests")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
-                   help="longest wait for more tiles before running a partly filled batch")
+                   help="longest wait for more tiles before running a partly filled batch, taken only while "
+                        "other images are being preprocessed (a lone image runs at once)")
     p.add_argument("--max-queue-tiles", type=int, default=d.max_queue_tiles,
                    help="tiles allowed to wait for the encoder; beyond it requests get RESOURCE_EXHAUSTED")
     p.add_argument("--max-pending-images", type=int, default=d.max_pending_images,

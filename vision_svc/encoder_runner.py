@@ -1,14 +1,16 @@
 """Runs the encoder on its device in one worker thread, batching tiles of concurrent requests.
 
 The event loop only enqueues tiles and awaits futures; the device work happens on the worker thread, which
-gathers queued tiles into one forward pass of at most `max_batch_tiles`, waiting at most `batch_wait_s`
-for a batch to fill. An image larger than a batch is split across passes. The queue is bounded in tiles:
+gathers queued tiles into one forward pass of at most `max_batch_tiles`. It waits up to `batch_wait_s` for a
+batch to fill only while images are known to be on their way (`expecting`: being preprocessed): with nothing
+coming, a lone image would wait for nobody. An image larger than a batch is split across passes. The queue is bounded in tiles:
 past `max_queue_tiles` a request is refused at once (the caller retries elsewhere or later) rather than
 queued behind minutes of work.
 """
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -40,6 +42,12 @@ class _Job:
     batch_tiles: list[int] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class Expected:
+    """An image announced by `EncoderRunner.expecting`; `arrived` once its tiles are queued."""
+    arrived: bool = False
+
+
 class EncoderRunner:
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype: torch.dtype,
                  max_batch_tiles: int, batch_wait_s: float, max_queue_tiles: int):
@@ -52,12 +60,28 @@ class EncoderRunner:
         self.max_queue_tiles = max_queue_tiles
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_tiles = 0
+        self._coming = 0  # images being prepared for `encode`
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="encoder-runner", daemon=True)
         self._thread.start()
 
-    async def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def expecting(self):
+        """Around the preparation of an image and its `encode(tiles, expected)`: until it is queued (or the block
+        ends without it), a partly filled batch may wait for it."""
+        expected = Expected()
+        with self._cond:
+            self._coming += 1
+        try:
+            yield expected
+        finally:
+            with self._cond:
+                if not expected.arrived:
+                    self._coming -= 1
+                    self._cond.notify()
+
+    async def encode(self, tiles: torch.Tensor, expected: Expected | None = None) -> torch.Tensor:
         """`[n, 3, H, W]` float pixels -> `[n * tokens, hidden]` embeddings on the CPU."""
         loop = asyncio.get_running_loop()
         job = _Job(tiles=tiles, output=None, future=loop.create_future(), loop=loop, queued_ns=time.time_ns())
@@ -70,6 +94,9 @@ class EncoderRunner:
                                  f"{self.max_queue_tiles}; retry later or on another replica")
             self._queue.append(job)
             self._queued_tiles += len(tiles)
+            if expected is not None and not expected.arrived:  # queued and no longer coming, in one step
+                expected.arrived = True
+                self._coming -= 1
             metrics.QUEUE_TILES.set(self._queued_tiles)
             self._cond.notify()
         try:
@@ -97,7 +124,8 @@ class EncoderRunner:
             if self._stopping:
                 return None
             deadline = time.monotonic() + self.batch_wait_s
-            while self._queued_tiles < self.max_batch_tiles and (left := deadline - time.monotonic()) > 0:
+            while (self._coming and self._queued_tiles < self.max_batch_tiles
+                   and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
             batch, room = [], self.max_batch_tiles
             while self._queue and room > 0:

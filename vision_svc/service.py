@@ -169,18 +169,19 @@ class VisionService:
 
     async def _run(self, index: int, data: bytes, key: CacheKey) -> torch.Tensor:
         started = time.perf_counter()
-        try:
-            # Decoding included: the workers decode and tile in one pass (image_decode, a child, times the first).
-            with tracing.span("preprocess") as span:
-                tiles = await self._pool.tiles(data, TileOptions(
-                    max_tiles=key.max_tiles, use_thumbnail=key.use_thumbnail, image_size=self.tiling.image_size,
-                    min_tiles=min(self.tiling.min_tiles, key.max_tiles)))
-                if span.is_recording():
-                    span.set_attributes({"image.index": index, "image.bytes": len(data), "tiles": len(tiles)})
-        except ImageError as error:
-            raise InvalidInput(f"image {index}: {error}") from error
-        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
-        embeddings = await self._runner.encode(tiles)
+        with self._runner.expecting() as expected:  # a batch being gathered may wait for this image
+            try:
+                # Decoding included: the workers decode and tile in one pass (image_decode, a child, times the first).
+                with tracing.span("preprocess") as span:
+                    tiles = await self._pool.tiles(data, TileOptions(
+                        max_tiles=key.max_tiles, use_thumbnail=key.use_thumbnail, image_size=self.tiling.image_size,
+                        min_tiles=min(self.tiling.min_tiles, key.max_tiles)))
+                    if span.is_recording():
+                        span.set_attributes({"image.index": index, "image.bytes": len(data), "tiles": len(tiles)})
+            except ImageError as error:
+                raise InvalidInput(f"image {index}: {error}") from error
+            metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
+            embeddings = await self._runner.encode(tiles, expected)
         self._cache.put(key, embeddings)
         metrics.CACHE_BYTES.set(self._cache.bytes_used)
         metrics.IMAGES.labels("encoder").inc()

@@ -1,6 +1,7 @@
 """vision_svc end to end: a real server on a loopback port, real encoder, real gRPC client."""
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import pathlib
@@ -136,28 +137,38 @@ async def test_unknown_thumbnail_option_is_invalid_argument(vision):
 
 async def test_full_queue_answers_resource_exhausted_and_an_empty_queue_takes_any_image(tiny_checkpoint):
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
-    # Work waits up to 1.5 s for a full batch, so the first image is still queued when the second arrives.
-    async with running_vision(model, max_batch_tiles=4, max_queue_tiles=4, batch_wait_ms=1500) as (stub, _):
-        first = asyncio.ensure_future(encode(stub, [vision_pb2.ImageInput(data=png(900, 500, seed=5))]))
-        for _ in range(100):  # until its 3 tiles are queued (preprocessing takes longer on a busy machine)
-            if prometheus_client.REGISTRY.get_sample_value("vision_queue_tiles") == 3:
-                break
-            await asyncio.sleep(0.05)
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await encode(stub, [vision_pb2.ImageInput(data=png(901, 500, seed=6))])
-        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "3 tiles queued, limit 4" in error.value.details()
-        assert (await first)[0][0].num_tiles == 3
-        # 8 tiles + thumbnail, more than the queue holds: taken when the queue is empty.
-        assert (await encode(stub, [vision_pb2.ImageInput(data=png(1800, 900, seed=7))]))[0][0].num_tiles == 9
+    # Work waits up to 1.5 s for a full batch while an image is on its way (one is announced and never comes), so
+    # the first image is still queued when the second arrives.
+    async with running_vision(model, max_batch_tiles=4, max_queue_tiles=4, batch_wait_ms=1500) as (stub, server):
+        with awaited_image(server):
+            first = asyncio.ensure_future(encode(stub, [vision_pb2.ImageInput(data=png(900, 500, seed=5))]))
+            for _ in range(100):  # until its 3 tiles are queued (preprocessing takes longer on a busy machine)
+                if prometheus_client.REGISTRY.get_sample_value("vision_queue_tiles") == 3:
+                    break
+                await asyncio.sleep(0.05)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await encode(stub, [vision_pb2.ImageInput(data=png(901, 500, seed=6))])
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "3 tiles queued, limit 4" in error.value.details()
+            assert (await first)[0][0].num_tiles == 3
+            # 8 tiles + thumbnail, more than the queue holds: taken when the queue is empty.
+            assert (await encode(stub, [vision_pb2.ImageInput(data=png(1800, 900, seed=7))]))[0][0].num_tiles == 9
+
+
+@contextlib.contextmanager
+def awaited_image(server):
+    """An image announced to the encoder and never sent: every batch waits the whole --batch-wait-ms for it."""
+    with server.runner.expecting():
+        yield
 
 
 @pytest.fixture
 async def slow_vision(tiny_checkpoint):
     """One image at a time, and work waits 1.5 s for a full batch: requests can be caught while pending."""
     model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
-    async with running_vision(model, max_batch_tiles=32, batch_wait_ms=1500, max_pending_images=1) as (stub, _):
-        yield stub
+    async with running_vision(model, max_batch_tiles=32, batch_wait_ms=1500, max_pending_images=1) as (stub, server):
+        with awaited_image(server):
+            yield stub
 
 
 async def test_images_over_the_pending_limit_are_refused_before_any_work(slow_vision):
