@@ -25,6 +25,7 @@ class VisionConfig:
     device: str = "cpu"
     dtype: str = "auto"
     kernel_backend: str | None = None
+    threads: int | None = None  # torch's intra-op threads; None: the CPUs this process may use, less one
     max_batch_tiles: int = 32
     batch_wait_ms: float = 5.0
     max_queue_tiles: int = 1024
@@ -71,6 +72,8 @@ class VisionConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be positive, got {self.threads}")
         if self.max_tiles is not None and not 1 <= self.max_tiles <= 64:
             raise ValueError(f"--max-tiles must be in [1, 64], got {self.max_tiles}")
         if self.max_queue_tiles < self.max_batch_tiles:
@@ -126,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-backend", default=None,
                    help="force a kernels backend (reference, cpu, cuda, npu); default: the best for the device")
     p.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles,
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the encoder (and other host-side tensor work); default: the CPUs this "
+                        "process may run on less one (at least 1), which is left to the event loop and the "
+                        "preprocessing workers. More threads than free cores make a CPU forward pass several "
+                        "times slower, as each waits for the others at every operator")
                    help="most tiles in one encoder forward pass, across concurrent requests")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help="longest wait for more tiles before running a partly filled batch, taken only while "

@@ -1,6 +1,7 @@
 """Assembles the vision stage from its config: encoder, runner, preprocessing pool, cache, gRPC server."""
 
 import logging
+import os
 import time
 
 import torch
@@ -33,6 +34,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_threads(requested: int | None) -> int:
+    """Torch's intra-op threads: `requested`, else every CPU this process may use but one.
+
+    The spare CPU keeps the event loop and the preprocessing workers off the encoder's cores, as vLLM's CPU
+    worker keeps one for its scheduler. A thread more than there are free cores costs far more than it
+    brings: every operator ends at a barrier that waits for whichever thread the kernel left off its core, so
+    on a busy machine a CPU forward pass gets several times slower, not faster.
+    """
+    return requested or max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 class VisionServer:
     """The running stage; `start()` returns once it is warm and SERVING."""
 
@@ -40,6 +52,7 @@ class VisionServer:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.set_num_threads(resolve_threads(config.threads))
         encoder, self.spec = load_encoder(config.model, self.device, self.dtype, config.kernel_backend)
         max_tiles = config.max_tiles or self.spec.max_dynamic_patch
         # Batch sizes that the warm-up runs: with --compile, every bucket, so none compiles under traffic.

@@ -21,6 +21,7 @@ from tests.vision_svc.vision_helpers import encode, running_vision
 from vision_svc.cache import content_hash
 from vision_svc.config import VisionConfig
 from vision_svc.encoder import load_encoder
+from vision_svc.server import resolve_threads
 from vision_svc.tiling import TileOptions, image_to_tile_array
 
 
@@ -200,6 +201,16 @@ def test_config_refuses_bad_limits():
         VisionConfig(model=pathlib.Path("."), max_message_bytes=64 << 20, max_bytes_in_flight=32 << 20)
     with pytest.raises(ValueError, match="--max-tiles"):
         dataclasses.replace(VisionConfig(model=pathlib.Path(".")), max_tiles=100)
+    with pytest.raises(ValueError, match="--threads must be positive"):
+        VisionConfig(model=pathlib.Path("."), threads=0)
+
+
+def test_encoder_threads_leave_one_cpu_free(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert resolve_threads(None) == 7
+    assert resolve_threads(8) == 8  # asked for: taken as is
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert resolve_threads(None) == 1
 
 
 async def test_image_bytes_are_hashed_off_the_event_loop(vision, monkeypatch):
