@@ -128,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "bfloat16 on accelerators")
     p.add_argument("--kernel-backend", default=None,
                    help="force a kernels backend (reference, cpu, cuda, npu); default: the best for the device")
-    p.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles,
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the encoder (and other host-side tensor work); default: the CPUs this "
                         "process may run on less one (at least 1), which is left to the event loop and the "
                         "preprocessing workers. More threads than free cores make a CPU forward pass several "
                         "times slower, as each waits for the others at every operator")
+    p.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles,
                    help="most tiles in one encoder forward pass, across concurrent requests")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help="longest wait for more tiles before running a partly filled batch, taken only while "
