@@ -72,11 +72,11 @@ class LlmServer:
         parser_flags = ParserFlags(self.engine.vllm_config.structured_outputs_config.reasoning_parser or None,
                                    self.config.tool_call_parser, self.config.enable_auto_tool_choice)
         parsers = OutputParsers(parser_flags, self.engine.renderer.get_tokenizer(), model_config)
-        self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), admission,
         sampling_defaults = SamplingDefaults.from_model_config(model_config)
         if sampling_defaults != NO_DEFAULTS:
             log.info("sampling defaults (--generation-config %s): %s, max_tokens cap %s",
                      model_config.generation_config, sampling_defaults.values, sampling_defaults.max_tokens_cap)
+        self.service = LanguageService(self.engine, self.vision, PromptRenderer(self.engine.renderer), admission,
                                        dims, limits, parsers, sampling_defaults)
         model_info = llm_pb2.GetModelInfoResponse(
             model=model_config.served_model_name, max_model_len=dims.max_model_len, hidden_size=hidden,
