@@ -4,6 +4,8 @@ as `make serve` (`deploy.local`), plus small CPU settings that keep the suite fa
 import glob
 import os
 import pathlib
+import signal
+import subprocess
 import tempfile
 import time
 
@@ -29,6 +31,21 @@ def start_llm(model: pathlib.Path, vision: list[Stage], log_dir: pathlib.Path, *
 def start_gateway(llm: list[Stage], log_dir: pathlib.Path, *extra: str) -> Stage:
     port = free_port()
     return gateway_stage(llm, "127.0.0.1", port, list(extra), log_dir / f"gateway-{port}.log")
+
+
+def stop_all(stages: list[Stage], timeout_s: float = 60.0) -> None:
+    """Stops `stages` together: SIGTERM to each, in the order given, then SIGKILL to the group of any that has not
+    ended within `timeout_s`, as `Stage.stop` does for one. Most of a stop is waiting (drains, vLLM's engine
+    shutdown), so a fixture's stages are stopped at once rather than one after another."""
+    for stage in stages:
+        if stage.proc.poll() is None:
+            stage.proc.send_signal(signal.SIGTERM)
+    for stage in stages:
+        try:
+            stage.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            stage.kill_group()
+        stage.stop()  # it has ended: this closes its log
 
 
 class StageProcesses:

@@ -1,7 +1,8 @@
-"""`make serve` as a user meets it: the README's examples answer, one Ctrl-C stops the stages in order while
-in-flight streams finish, a second Ctrl-C kills at once, nothing is left running, and a stage that fails to
-start is reported with its output."""
+"""`make serve` as a user meets it: the README's examples answer, llm_svc serves on what it picks for a CPU,
+one Ctrl-C stops the stages in order while in-flight streams finish, a second Ctrl-C kills at once, nothing is
+left running, and a stage that fails to start is reported with its output."""
 
+import json
 import os
 import pathlib
 import re
@@ -16,7 +17,8 @@ from openai import OpenAI
 from PIL import Image
 
 from deploy.local import free_port
-from protos import lifetime
+from protos import lifetime, llm_pb2
+from tests.llm_svc.llm_helpers import LlmClient, greedy
 from tests.readme_examples import README, readme_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -64,11 +66,32 @@ def assert_all_gone(processes: dict[int, int], timeout_s: float = 20) -> None:
 
 
 @pytest.fixture(scope="module")
-def make_serve(tmp_path_factory):
-    port = free_port()
-    served = Served(["make", "serve", f"PORT={port}"], tmp_path_factory.mktemp("serve") / "make.log", port)
-    yield served.wait_serving()
-    served.kill()
+def launchers(tiny_checkpoint, tmp_path_factory):
+    """Every launcher this module's tests run, started together when the first is asked for: a launcher starts
+    its stages one after another, mostly on one CPU, so starting them one launcher after another is the slow part.
+    `make serve`; a `deploy.local` whose gateway waits up to 300 s for in-flight streams when stopped (for the
+    second Ctrl-C); and one whose llm_svc cannot start (its flags are invalid)."""
+    logs = tmp_path_factory.mktemp("launchers")
+
+    def local(*args: str) -> list[str]:
+        return [sys.executable, "-m", "deploy.local", "--model", str(tiny_checkpoint()), *args]
+
+    serve_port, long_grace_port = free_port(), free_port()
+    started = {
+        "make serve": Served(["make", "serve", f"PORT={serve_port}"], logs / "make.log", serve_port),
+        "long grace": Served(local("--port", str(long_grace_port), "--gateway-args", "--shutdown-grace-s 300"),
+                             logs / "long-grace.log", long_grace_port),
+        "failing": Served(local("--port", str(free_port()), "--llm-args", "--max-num-seqs lots"), logs / "failing.log",
+                          0),
+    }
+    yield started
+    for served in started.values():
+        served.kill()
+
+
+@pytest.fixture(scope="module")
+def make_serve(launchers):
+    return launchers["make serve"].wait_serving()
 
 
 def test_every_python_example_of_the_readme_is_run_by_a_test():
@@ -97,6 +120,22 @@ def test_the_request_make_serve_prints_answers(make_serve):
     assert '"finish_reason":' in result.stdout and '"completion_tokens":' in result.stdout, result.stdout
 
 
+def test_the_bare_llm_svc_of_make_serve_serves_the_model_s_own_context(make_serve):
+    """`make serve` gives llm_svc no KV cache size, context length, eager flag or thread binding: what it picks on a
+    CPU (tests/llm_svc/test_llm_cpu_defaults.py) makes it start and serve."""
+    address = re.search(r"llm_svc (127\.0\.0\.1:\d+)\)", make_serve.output())[1]
+    client = LlmClient(address)
+    try:
+        info = client.stub.GetModelInfo(llm_pb2.GetModelInfoRequest())
+        tokens = client.tokens(llm_pb2.GenerateRequest(prompt="hello", sampling=greedy(3)))
+    finally:
+        client.close()
+    # The model's own context length: its KV cache (~1 KiB a token) fits in what was picked.
+    config = json.loads((ROOT / ".cache" / "tiny-internvl" / "config.json").read_text())
+    assert info.max_model_len == config["llm_config"]["max_position_embeddings"]
+    assert len(tokens) == 3
+
+
 def test_one_ctrl_c_finishes_the_stream_stops_the_stages_in_order_and_leaves_nothing(make_serve):
     stream = make_serve.client().chat.completions.create(
         model="tiny-internvl", max_tokens=150, stream=True, extra_body={"ignore_eos": True},
@@ -119,10 +158,8 @@ def test_one_ctrl_c_finishes_the_stream_stops_the_stages_in_order_and_leaves_not
     assert stops == sorted(stops), "stages not stopped gateway first, vision_svc last"
 
 
-def test_second_ctrl_c_kills_everything_at_once(tiny_checkpoint, tmp_path):
-    port = free_port()
-    served = Served([sys.executable, "-m", "deploy.local", "--model", str(tiny_checkpoint()), "--port", str(port),
-                     "--gateway-args", "--shutdown-grace-s 300"], tmp_path / "local.log", port).wait_serving()
+def test_second_ctrl_c_kills_everything_at_once(launchers, tiny_checkpoint):
+    served = launchers["long grace"].wait_serving()
     try:
         stream = served.client().completions.create(model=tiny_checkpoint().name, prompt="Once", max_tokens=8000,
                                                     stream=True, extra_body={"ignore_eos": True})
@@ -141,9 +178,8 @@ def test_second_ctrl_c_kills_everything_at_once(tiny_checkpoint, tmp_path):
         served.kill()
 
 
-def test_a_stage_that_fails_to_start_is_reported_with_its_output(tiny_checkpoint, tmp_path):
-    served = Served([sys.executable, "-m", "deploy.local", "--model", str(tiny_checkpoint()), "--port",
-                     str(free_port()), "--llm-args", "--max-num-seqs lots"], tmp_path / "local.log", 0)
+def test_a_stage_that_fails_to_start_is_reported_with_its_output(launchers):
+    served = launchers["failing"]
     assert served.proc.wait(300) == 1
     output = served.output()
     assert "llm_svc exited with status 2 while starting; its last output:" in output

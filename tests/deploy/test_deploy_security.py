@@ -16,7 +16,7 @@ from protos.security import TlsFiles, open_channel
 from protos.server import channel_options
 from tests.certs import TestPki, server_name
 from tests.llm_svc.llm_helpers import image, png_bytes
-from tests.stack import start_gateway, start_llm, start_vision
+from tests.stack import start_gateway, start_llm, start_vision, stop_all
 
 OPTIONS = channel_options(8 << 20)
 TOKENS = {"vision": "vision-token-4f1c9a", "llm": "llm-token-7d2e0b"}
@@ -32,15 +32,17 @@ def stack(tiny_checkpoint, tmp_path_factory):
         token_files[stage] = pki.directory / f"{stage}.token"
         token_files[stage].write_text(token + "\n")
     vision = start_vision(model, logs, *pki.flags("vision"), "--auth-token-file", str(token_files["vision"]),
-                          "--no-reflection").wait_ready()
+                          "--no-reflection")
+    # Started with vision_svc, not after it: llm_svc waits for vision_svc by itself.
     llm = start_llm(model, [vision], logs, *pki.flags("llm"), "--tls-server-name", server_name("vision"),
                     "--vision-auth-token-file", str(token_files["vision"]),
-                    "--auth-token-file", str(token_files["llm"])).wait_ready()
+                    "--auth-token-file", str(token_files["llm"]))
+    vision.wait_ready()
+    llm.wait_ready()
     gateway = start_gateway([llm], logs, *pki.flags("gateway"), "--tls-server-name", server_name("llm"),
                             "--llm-auth-token-file", str(token_files["llm"])).wait_ready()
     yield {"pki": pki, "vision": vision, "llm": llm, "gateway": gateway}
-    for stage in (gateway, llm, vision):
-        stage.stop()
+    stop_all([gateway, llm, vision])
 
 
 def test_chat_with_an_image_through_mutual_tls(stack):

@@ -246,19 +246,20 @@ def stack(tiny_checkpoint, tmp_path_factory):
         env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # spans leave within 0.1 s, not the default 5 s
         vision_metrics = free_port()
         vision = real_stages.start_vision(model, logs, "--metrics-port", str(vision_metrics),
-                                          "--otlp-traces-endpoint", endpoint).wait_ready()
+                                          "--otlp-traces-endpoint", endpoint)
         llm_metrics = free_port()
         env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{endpoint}")
         # Started with vision_svc, not after it: llm_svc waits for vision_svc by itself.
         llm = real_stages.start_llm(model, [vision], logs, "--served-model-name", MODEL, "--metrics-port",
-                                    str(llm_metrics), *TOOL_FLAGS).wait_ready()
+                                    str(llm_metrics), *TOOL_FLAGS)
         env.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
+        vision.wait_ready()
+        llm.wait_ready()
         gateway = real_stages.start_gateway([llm], logs, "--api-key", API_KEY, "--allow-private-image-urls",
                                             "--otlp-traces-endpoint", endpoint).wait_ready()
     yield {"vision": vision, "llm": llm, "gateway": gateway, "llm_metrics": llm_metrics,
            "vision_metrics": vision_metrics, "traces": traces}
-    for stage in (gateway, llm, vision):
-        stage.stop()
+    real_stages.stop_all([gateway, llm, vision])
     traces.stop()
 
 
@@ -267,28 +268,36 @@ def client(stack):
     return openai.OpenAI(base_url=f"http://{stack['gateway'].address}/v1", api_key=API_KEY, max_retries=0)
 
 
-def start_vllm_server(model, log_dir, *extra: str) -> Stage:
+def vllm_server_stage(model, log_dir, *extra: str) -> Stage:
+    """vLLM's own OpenAI server, started; `.wait_ready()` it."""
     port = free_port()
     argv = ["vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port), "--host", "127.0.0.1",
             "--served-model-name", MODEL, "--trust-remote-code", "--enforce-eager", "--dtype", "float32",
             "--max-model-len", "8192", "--kv-cache-memory-bytes", str(256 << 20), "--limit-mm-per-prompt",
             '{"image": 3}', *extra]
-    server = Stage("vllm-openai-server", argv, port, log_dir / "vllm.log",
-                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, http_health=True)
-    return server.wait_ready()
+    return Stage("vllm-openai-server", argv, port, log_dir / "vllm.log",
+                 env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, http_health=True)
 
 
 @pytest.fixture(scope="package")
-def vllm_server(tiny_checkpoint, tmp_path_factory):
-    """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype."""
-    server = start_vllm_server(tiny_checkpoint(layout="original", llm="dense"), tmp_path_factory.mktemp("vllm"),
+def vllm_server_process(tiny_checkpoint, tmp_path_factory):
+    """vLLM's own OpenAI server, monolithic (it encodes the images itself), same checkpoint and dtype; started, not
+    waited for. `servers` asks for it before `stack`, so that the two start together: starting is the slow part."""
+    server = vllm_server_stage(tiny_checkpoint(layout="original", llm="dense"), tmp_path_factory.mktemp("vllm"),
                                *TOOL_FLAGS)
-    yield openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
+    yield server
     server.stop()
 
 
 @pytest.fixture(scope="package")
-def servers(stack, vllm_server):
+def vllm_server(vllm_server_process):
+    """A client of vLLM's own OpenAI server (`vllm_server_process`), once it is ready."""
+    server = vllm_server_process.wait_ready()
+    return openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="package")
+def servers(vllm_server_process, stack, vllm_server):
     """(ours, vLLM's): plain HTTP clients, so that vLLM's own fields go as they are."""
     with httpx.Client(base_url=f"http://{stack['gateway'].address}", timeout=120,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as ours, \

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import tests.stack as real_stages
-from tests.gateway.conftest import MODEL, assembled, start_vllm_server, streamed_chat
+from tests.gateway.conftest import MODEL, assembled, streamed_chat, vllm_server_stage
 from tests.readme_examples import run_against_gateway
 
 CHAT = "/v1/chat/completions"
@@ -24,15 +24,16 @@ def thinking_servers(stack, tiny_checkpoint, tmp_path_factory):
     """(ours, vLLM's) HTTP clients, both servers with the reasoning parser; and our gateway's address."""
     model = tiny_checkpoint(layout="original", llm="dense")
     logs = tmp_path_factory.mktemp("thinking")
-    llm = real_stages.start_llm(model, [stack["vision"]], logs, "--served-model-name", MODEL,
-                                *REASONING_FLAGS).wait_ready()
+    # Both engines start together: starting is the slow part.
+    llm = real_stages.start_llm(model, [stack["vision"]], logs, "--served-model-name", MODEL, *REASONING_FLAGS)
+    vllm = vllm_server_stage(model, logs, *REASONING_FLAGS)
+    llm.wait_ready()
     gateway = real_stages.start_gateway([llm], logs).wait_ready()
-    vllm = start_vllm_server(model, logs, *REASONING_FLAGS)
+    vllm.wait_ready()
     with httpx.Client(base_url=f"http://{gateway.address}", timeout=120) as ours, \
             httpx.Client(base_url=f"http://{vllm.address}", timeout=120) as theirs:
         yield ours, theirs, gateway.address
-    for stage in (vllm, gateway, llm):
-        stage.stop()
+    real_stages.stop_all([vllm, gateway, llm])
 
 
 def chat(**fields) -> dict:

@@ -21,10 +21,9 @@ from llm_svc.prompts import ImageRef, Message, PromptRenderer
 from llm_svc.vision_client import ImageBlob
 from protos import llm_pb2, vision_pb2
 from protos.errors import InvalidInput
-from tests.stack import free_port, start_llm, start_vision
 from vision_svc.model_spec import VisionSpec
 
-from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes
+from tests.llm_svc.llm_helpers import chat, greedy, image, metric, png_bytes
 
 LAYOUTS = ("original", "hf")
 # Every pair of these sides: multiples of 448 and a pixel either side, both sides of the area at which a tie
@@ -166,18 +165,11 @@ async def test_images_named_by_an_unknown_hash_are_counted_at_their_fewest_token
 # ---- against the real stages: what the vision stage is spared -----------------------------------------------
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory):
-    """vision_svc and llm_svc as `make serve` runs them (the context is 8192), vision metrics on a port."""
-    model = tiny_checkpoint(layout="original", llm="dense")
-    logs = tmp_path_factory.mktemp("logs")
-    vision_metrics = free_port()
-    vision = start_vision(model, logs, "--metrics-port", str(vision_metrics)).wait_ready()
-    llm = start_llm(model, [vision], logs).wait_ready()
-    client = LlmClient(llm.address)
-    yield client, vision_metrics
-    client.close()
-    llm.stop()
-    vision.stop()
+def stack(pipelines):
+    """vision_svc and llm_svc as `make serve` runs them (the context is 8192), vision metrics on a port: the
+    package's pipeline, which test_llm_parity goes on with."""
+    pipeline = pipelines("original", "dense")
+    return pipeline.client, pipeline.vision_metrics
 
 
 def vision_work(metrics_port: int) -> tuple[float, float]:

@@ -1,19 +1,19 @@
-"""What llm_svc picks on vLLM's CPU backend for flags the user leaves out, and the bare command serving with it."""
+"""What llm_svc picks on vLLM's CPU backend for flags the user leaves out. The bare command serving with these picks
+is `make serve`'s llm_svc (no KV cache size, context length, eager flag or thread binding):
+tests/deploy/test_deploy_local.py::test_the_bare_llm_svc_of_make_serve_serves_the_model_s_own_context. Two ranks'
+thread binding is checked where two ranks run anyway: test_llm_tensor_parallel.py."""
 
-import json
 import logging
+import os
 import re
 import types
 
 import pytest
 
 import llm_svc.config
-from deploy.local import Stage, free_port
 from llm_svc.config import given_options, parse_config
-from llm_svc.cpu_defaults import GiB, MiB, CpuMachine, check_parallel_layout, kv_cache_bytes, threads_bind
-from protos import llm_pb2
-from tests.llm_svc.llm_helpers import LlmClient, greedy
-from tests.stack import start_vision
+from llm_svc.cpu_defaults import (GiB, MiB, CpuMachine, check_parallel_layout, kv_cache_bytes, started_environment,
+                                  threads_bind)
 
 BARE = ["--model", "m", "--vision", "h:1"]
 
@@ -167,31 +167,28 @@ def test_apply_exports_the_environment_and_logs_each_pick_with_its_flag(monkeypa
         "(--max-model-len to change)",
         "CPU: eager mode, the model is not compiled (--no-enforce-eager to compile: a slower start, a faster "
         "decode)",
-        "CPU: OpenMP threads of 2 ranks bound to CPUs 0|1 (VLLM_CPU_OMP_THREADS_BIND to change)"]
+        "CPU: OpenMP threads of 2 ranks bound to CPUs 0|1 (VLLM_CPU_OMP_THREADS_BIND to change)",
+        "CPU: the engine's processes keep glibc's adaptive mmap threshold, not this process's fixed one "
+        "(MALLOC_MMAP_THRESHOLD_ to fix one for them too)"]
 
 
-def test_bare_command_serves_on_the_cpu(tiny_checkpoint, tmp_path):
-    """No KV cache size, context length, eager flag or thread binding: the picks above make it start. (Two ranks'
-    thread binding is checked where two ranks run anyway: test_llm_tensor_parallel.py.)"""
-    model = tiny_checkpoint(layout="original", llm="dense")
-    vision = start_vision(model, tmp_path)
-    stage = None
-    try:
-        vision.wait_ready()
-        port = free_port()
-        stage = Stage("llm_svc", ["llm_svc", "--model", str(model), "--vision", vision.address, "--trust-remote-code",
-                                  "--host", "127.0.0.1", "--port", str(port), "--grace-s", "5"], port,
-                      tmp_path / "llm.log")
-        stage.wait_ready()
-        client = LlmClient(stage.address)
-        info = client.stub.GetModelInfo(llm_pb2.GetModelInfoRequest())
-        tokens = client.tokens(llm_pb2.GenerateRequest(prompt="hello", sampling=greedy(3)))
-        client.close()
-        # The model's own context length: its KV cache (~1 KiB a token) fits in what was picked.
-        assert info.max_model_len == json.loads((model / "config.json").read_text())["llm_config"][
-            "max_position_embeddings"]
-        assert len(tokens) == 3
-    finally:
-        for running in (stage, vision):
-            if running is not None:
-                running.stop()
+FIXED_BY_LLM_SVC = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}  # protos.malloc's, in its env
+
+
+@pytest.mark.parametrize("started_with, engine_env", [
+    ({}, {"MALLOC_ARENA_MAX": "2"}),
+    ({"MALLOC_MMAP_THRESHOLD_": "131072"}, FIXED_BY_LLM_SVC),  # the user's own
+])
+def test_the_engine_gets_glibc_s_adaptive_mmap_threshold_unless_the_user_fixed_one(monkeypatch, started_with,
+                                                                                    engine_env):
+    # A fixed 128 KiB maps and unmaps every activation of a prefill in the engine's workers.
+    config, _ = parse_on(monkeypatch, [], env=started_with)
+    environ = dict(FIXED_BY_LLM_SVC)
+    config.cpu_defaults.apply(logging.getLogger("llm_svc"), environ)
+    assert environ == engine_env
+
+
+def test_the_started_environment_leaves_out_what_the_process_set_since(monkeypatch):
+    monkeypatch.setenv("LLM_SVC_SET_SINCE_START", "1")  # as protos.malloc sets its variables
+    started = started_environment()
+    assert "LLM_SVC_SET_SINCE_START" not in started and started.get("PATH") == os.environ.get("PATH")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from bench import fuzz
 from protos import llm_pb2
 from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, png_bytes
-from tests.stack import start_gateway, start_llm, start_vision
+from tests.stack import start_gateway, start_llm, start_vision, stop_all
 
 # Few tokens, or a value to refuse: the engine's work per request stays small. The context is 1024 tokens.
 MAX_TOKENS = fuzz.mostly(st.integers(1, 3), st.sampled_from([0, 1025, (1 << 32) - 1]))
@@ -24,15 +24,17 @@ MAX_TOKENS = fuzz.mostly(st.integers(1, 3), st.sampled_from([0, 1025, (1 << 32) 
 def stack(tiny_checkpoint, tmp_path_factory):
     model = tiny_checkpoint(layout="original", llm="dense")
     logs = tmp_path_factory.mktemp("logs")
-    vision = start_vision(model, logs).wait_ready()
+    vision = start_vision(model, logs)
     # A short context bounds whatever gets through: long prompts and large images are refused before any work.
-    llm = start_llm(model, [vision], logs, "--max-model-len", "1024").wait_ready()
+    # Started with vision_svc, not after it: llm_svc waits for vision_svc by itself.
+    llm = start_llm(model, [vision], logs, "--max-model-len", "1024")
+    vision.wait_ready()
+    llm.wait_ready()
     gateway = start_gateway([llm], logs, "--max-tokens-limit", "16", "--image-fetch-timeout-s", "1").wait_ready()
     client = LlmClient(llm.address)
     yield vision, llm, gateway, client
     client.close()
-    for stage in (gateway, llm, vision):
-        stage.stop()
+    stop_all([gateway, llm, vision])
 
 
 def assert_stages_serving(stack) -> None:

@@ -21,7 +21,7 @@ from protos import llm_pb2
 from protos.errors import RETRY_AFTER_KEY
 from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, png_bytes
 from tests.readme_examples import readme_example
-from tests.stack import free_port, start_llm, start_vision
+from tests.stack import free_port, start_llm, start_vision, stop_all
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -47,9 +47,7 @@ def stack(tiny_checkpoint, tmp_path_factory):
     client = LlmClient(llm.address)
     yield llm, visions, client, metrics_port
     client.close()
-    llm.stop()
-    for v in visions:
-        v.stop()
+    stop_all([llm, *visions])
 
 
 def engine_requests(metrics_port: int) -> float:
@@ -252,13 +250,14 @@ def test_sigterm_lets_the_in_flight_stream_finish(stack):
 def doomed_llm(tiny_checkpoint, tmp_path):
     """A stack of its own, for a test that kills its engine."""
     model = tiny_checkpoint(layout="original", llm="dense")
-    vision = start_vision(model, tmp_path).wait_ready()
-    llm = start_llm(model, [vision], tmp_path).wait_ready()
+    vision = start_vision(model, tmp_path)
+    llm = start_llm(model, [vision], tmp_path)  # it waits for vision_svc by itself
+    vision.wait_ready()
+    llm.wait_ready()
     client = LlmClient(llm.address)
     yield llm, client
     client.close()
-    llm.stop()
-    vision.stop()
+    stop_all([llm, vision])
 
 
 def test_engine_death_fails_the_stream_with_unavailable_and_turns_health_not_serving(doomed_llm):

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
+from deploy.local import Stage
 from protos import llm_pb2
 from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image
-from tests.stack import StageProcesses, start_llm, start_vision
+from tests.stack import StageProcesses, start_llm, start_vision, stop_all
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,30 @@ def vision(tiny_checkpoint, tmp_path_factory):
     stage.stop()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_nothing_of_llm_svc_outlives_it(tiny_checkpoint, vision, tmp_path, sig):
-    llm = start_llm(tiny_checkpoint(), [vision], tmp_path).wait_ready()
+SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+
+
+@pytest.fixture(scope="module")
+def llm_to_end_by(tiny_checkpoint, vision, tmp_path_factory):
+    """`llm_to_end_by(sig)` -> a ready llm_svc of its own for the test that ends it with `sig`. Starting is the slow
+    part and runs mostly on one CPU, so the next test's llm_svc starts along with this one's (two at a time, not
+    all: each holds an engine)."""
+    logs = tmp_path_factory.mktemp("llm")
+    started: dict[int, Stage] = {}
+
+    def get(sig: int) -> Stage:
+        for upcoming in SIGNALS[SIGNALS.index(sig):][:2]:
+            if upcoming not in started:
+                started[upcoming] = start_llm(tiny_checkpoint(), [vision], logs)
+        return started[sig].wait_ready()
+
+    yield get
+    stop_all(list(started.values()))  # any that a failed test left running, or that its test did not run for
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_nothing_of_llm_svc_outlives_it(llm_to_end_by, sig):
+    llm = llm_to_end_by(sig)
     client = LlmClient(llm.address)
     try:
         request = llm_pb2.GenerateRequest(chat=chat(("user", [image(640, 480, 3), "What is it?"])),

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from protos import llm_pb2
-from tests.stack import free_port, start_llm, start_vision
-
-from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, metric, openai_messages
+from tests.llm_svc.llm_helpers import chat, greedy, image, metric, openai_messages
 
 MAX_TOKENS = 12
 RED, BLUE = image(900, 500, seed=1), image(500, 700, seed=2)
@@ -18,22 +16,16 @@ CASES = {
     "multi_turn": [("user", [RED, "What is this?"]), ("assistant", ["A field of colour."]),
                    ("user", [BLUE, "And this one?"])],
 }
-COMBOS = [("original", "dense"), ("hf", "dense"), ("original", "moe"), ("hf", "moe")]
+# original-dense first and original-moe last: test_llm_admission's pipeline goes on here, and this module's last one
+# goes on in test_llm_tensor_parallel (tests/llm_svc/conftest.py).
+COMBOS = [("original", "dense"), ("hf", "dense"), ("hf", "moe"), ("original", "moe")]
 
 
 @pytest.fixture(scope="module", params=COMBOS, ids=lambda c: "-".join(c))
-def pipeline(request, tiny_checkpoint, tmp_path_factory):
+def pipeline(request, pipelines, tiny_checkpoint):
     layout, llm = request.param
-    model = tiny_checkpoint(layout=layout, llm=llm)
-    logs = tmp_path_factory.mktemp("logs")
-    metrics_port = free_port()
-    vision = start_vision(model, logs, "--metrics-port", str(metrics_port)).wait_ready()
-    llm_stage = start_llm(model, [vision], logs).wait_ready()
-    client = LlmClient(llm_stage.address)
-    yield layout, llm, model, client, metrics_port
-    client.close()
-    llm_stage.stop()
-    vision.stop()
+    running = pipelines(layout, llm)
+    return layout, llm, tiny_checkpoint(layout=layout, llm=llm), running.client, running.vision_metrics
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from deploy.local import Stage, free_port
 from protos import llm_pb2
 from tests.llm_svc.llm_helpers import LlmClient, chat, greedy, image, png_bytes
-from tests.stack import start_llm, start_vision
+from tests.stack import start_llm, start_vision, stop_all
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two ranks need two CPUs")
 
@@ -32,9 +32,10 @@ def model(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def stages(model, tmp_path_factory):
-    """(llm_svc at one rank, llm_svc at two, vLLM's own server at two), all started at once: starting is the slow
-    part, and llm_svc waits for vision_svc by itself."""
+def stages(model, pipelines, tmp_path_factory):
+    """(llm_svc at one rank, llm_svc at two, vLLM's own server at two). Starting is the slow part: the two-rank ones
+    start at once (llm_svc waits for vision_svc by itself), and the one-rank llm_svc is the package's pipeline on
+    this checkpoint, which test_llm_parity leaves running."""
     logs = tmp_path_factory.mktemp("logs")
     vision = start_vision(model, logs)
     started = [vision]
@@ -47,16 +48,14 @@ def stages(model, tmp_path_factory):
             '{"image": 1}', "--tensor-parallel-size", "2"], port, logs / "vllm.log",
             env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, http_health=True)
         started.append(theirs)
-        one = start_llm(model, [vision], logs)
-        started.append(one)
         two = start_llm(model, [vision], logs, "--tensor-parallel-size", "2")
         started.append(two)
+        one = pipelines("original", "moe").llm
         for stage in started:
             stage.wait_ready()
         yield one, two, theirs
     finally:
-        for stage in reversed(started):
-            stage.stop()
+        stop_all(list(reversed(started)))
 
 
 def ours(stage: Stage, messages) -> tuple[list[int], int]:
