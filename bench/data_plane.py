@@ -7,6 +7,7 @@ pair (`bench.netns`): its addresses are then another host's, while /dev/shm is s
 
 import asyncio
 import ctypes
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -42,17 +43,24 @@ def serve_data_plane(conn, host: str, shm_dir: str, namespace: str | None, make_
     from vision_svc.transport_sender import EmbeddingSender, SenderSettings
 
     image = EncodedImage(0, "0" * 64, 13, make_tensor(), cache_hit=False)
+    # Device IPC exports the same embeddings held on a CUDA device, where there is one.
+    on_device = dataclasses.replace(image, embeddings=image.embeddings.cuda()) if torch.cuda.is_available() else image
     # Mooncake is dropped by the sender where its package does not import.
-    sender = EmbeddingSender(SenderSettings((negotiation.SHM, negotiation.SOCKET, negotiation.MOONCAKE), shm_dir,
-                                            host, 0), MiB)
+    device_ipc = (negotiation.DEVICE_IPC,) if torch.cuda.is_available() else ()
+    sender = EmbeddingSender(SenderSettings((negotiation.SHM, negotiation.SOCKET, negotiation.MOONCAKE, *device_ipc),
+                                            shm_dir, host, 0), MiB)
 
     class FixedTensorServicer(vision_pb2_grpc.VisionEncoderServicer):
         async def NegotiateDataPlane(self, request, context):
             return sender.negotiate(request)
 
+        async def ReleaseDeviceMemory(self, request, context):
+            return sender.release_device_memory(request)
+
         async def Encode(self, request, context):
+            device = request.data_plane.transport == negotiation.DEVICE_IPC
             with sender.open(request) as sending:
-                for message in await sending.messages(image):
+                for message in await sending.messages(on_device if device else image):
                     yield message
 
     async def serve():
@@ -116,8 +124,10 @@ class DataPlaneTimer:
         from llm_svc.vision_client import VisionClient
         self.transport = transport
         self._expected = expected
-        self._client = VisionClient([f"{host}:{port}"], 64 * MiB, 512 * MiB,
-                                    data_plane=ReceiverSettings(transport, shm_dir))
+        self._client = VisionClient([f"{host}:{port}"], 64 * MiB, 512 * MiB, data_plane=ReceiverSettings(
+            transport, shm_dir, device="cuda" if transport == "device_ipc" else ""))
+        # Slots the size of the largest embedding, as llm_svc sets them from the vision stage's GetInfo.
+        self._client.receiver.set_slot_bytes(expected.nbytes)
         self._calls = 0
 
     async def once(self) -> float:
@@ -130,7 +140,7 @@ class DataPlaneTimer:
         started = time.perf_counter()
         [result] = await self._client.encode(f"transfer-{self._calls}", [blob], max_tiles=0, timeout_s=60)
         elapsed = time.perf_counter() - started
-        if not torch.equal(result.embeddings.view(torch.int16), self._expected.view(torch.int16)):
+        if not torch.equal(result.embeddings.cpu().view(torch.int16), self._expected.view(torch.int16)):
             raise AssertionError(f"{self.transport}: the received embeddings differ from those sent")
         if self.transport != "grpc" and metrics.TRANSFER_BYTES.labels(self.transport, "receiver")._value.get() \
                 == before:

@@ -5,9 +5,12 @@ process into a tensor in llm_svc's process, per transport of the data plane.
 
 The sender is vision_svc's real `EmbeddingSender` behind the real gRPC bootstrap in a spawned process; the
 receiver is llm_svc's real `VisionClient`, forced onto each transport in turn: gRPC inline (the reference),
-shared memory, the direct socket. A plain TCP socket from the same kind of process is the reference for
+shared memory, the direct socket (and Mooncake where it imports; device IPC from GPU to GPU where CUDA is). A plain TCP socket from the same kind of process is the reference for
 sockets: blocking `recv_into` straight into a tensor (the best a socket does here), and asyncio streams'
 `readexactly` (what this bench measured before the data plane). Every received tensor is checked bit for bit.
+A first table times the copies that shared memory is made of, in one process: vision_svc's write before
+(`pwrite`) and now (a memcpy into the slot's mapping it keeps), and the copy out of the slot that llm_svc avoids
+by handing on a view.
 As root, the same runs again with the sender in a network namespace behind a veth pair (another host's
 addresses; /dev/shm is still shared, so the probe still proves one host and shared memory still applies). A bar
 chart of GB/s per transport and path goes beside the tables.
@@ -16,20 +19,27 @@ chart of GB/s per transport and path goes beside the tables.
 import argparse
 import asyncio
 import contextlib
+import mmap
+import os
 import pathlib
+import tempfile
+import time
 
+import numpy as np
 import torch
 
 from bench import netns, plots
 from bench.common import markdown_table, median, ratio, work_dir
-from protos.transport import mooncake_plane
+from protos.transport import mooncake_plane, shared_memory, slot_writer
 from bench.data_plane import (DataPlaneTimer, ServerProcess, serve_data_plane, serve_tcp, time_tcp,
                               time_tcp_blocking)
 
 SHAPE = (13 * 256, 5120)  # [tiles * tokens_per_tile, llm_hidden] of InternVL3.5-38B
 SHM_DIR = "/dev/shm"
-# Mooncake Transfer Engine (over TCP here) too, where its package imports.
-TRANSPORTS = ("grpc", "shm", "socket") + (("mooncake",) if mooncake_plane.unavailable_reason() is None else ())
+# Mooncake Transfer Engine (over TCP here) too, where its package imports; device IPC where CUDA is (the sender's
+# embeddings on its GPU, copied into the receiver's).
+TRANSPORTS = (("grpc", "shm", "socket") + (("mooncake",) if mooncake_plane.unavailable_reason() is None else ())
+              + (("device_ipc",) if torch.cuda.is_available() else ()))
 
 
 def fixed_embeddings() -> torch.Tensor:
@@ -64,6 +74,41 @@ async def _rounds(host: str, port: int, tcp_port: int, expected: torch.Tensor, r
     return {name: median(values) for name, values in seconds.items()}
 
 
+def copy_alone(repeats: int) -> dict[str, float]:
+    """Median seconds of the copies shared memory is made of, in turns in this process on one reused slot: the
+    sender's write before (open, pwrite, close) and now (memcpy into the mapping it keeps), and what a receiver
+    that copied the embeddings out of its slot would add (it hands on a view instead)."""
+    expected = fixed_embeddings()
+    data = memoryview(expected.view(torch.uint8).reshape(-1).numpy())
+    directory = tempfile.mkdtemp(prefix="dvd-bench-", dir=SHM_DIR)
+    pool = shared_memory.SlotPool(directory, expected.nbytes, 1)
+    writer = slot_writer.SlotWriter(directory)
+    lease = pool.lease(1, lease_s=3600)
+    [slot] = lease.offer().slots
+    fd = shared_memory.open_slot(directory, slot.name)
+    received = np.frombuffer(mmap.mmap(fd, expected.nbytes), dtype=np.uint8)  # [nbytes], as the receiver sees it
+    os.close(fd)
+    seconds: dict[str, list[float]] = {"pwrite (before)": [], "memcpy into the kept mapping (now)": [],
+                                       "copy out of the slot (not done)": []}
+    try:
+        for n in range(repeats + 1):
+            for name, step in (("pwrite (before)", lambda: shared_memory.write_slot(directory, slot, data)),
+                               ("memcpy into the kept mapping (now)", lambda: writer.write(slot, data)),
+                               ("copy out of the slot (not done)", lambda: torch.from_numpy(received).clone())):
+                started = time.perf_counter()
+                step()
+                seconds[name] += [time.perf_counter() - started] if n else []
+        if not np.array_equal(received, np.frombuffer(data, dtype=np.uint8)):
+            raise AssertionError("the slot holds other bytes than those written")
+    finally:
+        del received
+        lease.close(writer_finished=True)
+        writer.close()
+        pool.close()
+        os.rmdir(directory)
+    return {name: median(values) for name, values in seconds.items()}
+
+
 def table(title: str, seconds: dict[str, float], nbytes: int) -> str:
     rows = [[name, s * 1e3, nbytes / 1e9 / s, ratio(seconds["grpc"], s), ratio(seconds["plain TCP"], s)]
             for name, s in seconds.items()]
@@ -74,8 +119,11 @@ def run(repeats: int, veth: bool = True, plot: pathlib.Path | None = None) -> st
     """Markdown tables of every transport, measured now (across a veth pair too, when namespaces can be made);
     with `plot`, a PNG of their rates too."""
     nbytes = SHAPE[0] * SHAPE[1] * 2
+    copies = copy_alone(repeats)
     measured = {"loopback": measure("127.0.0.1", None, repeats)}
     sections = [f"{nbytes / 1e6:.1f} MB ({SHAPE[0]} x {SHAPE[1]} bf16), median of {repeats}, bit-exact",
+                "the copies of shared memory alone, in turns in one process\n\n" + markdown_table(
+                    ["copy", "ms", "GB/s"], [[name, s * 1e3, nbytes / 1e9 / s] for name, s in copies.items()]),
                 table("loopback (127.0.0.1)", measured["loopback"], nbytes)]
     reason = netns.unavailable_reason() if veth else "not asked (--no-veth)"
     if reason is None:

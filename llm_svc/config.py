@@ -43,6 +43,7 @@ class LlmConfig:
     shm_dir: str = "/dev/shm"
     shm_max_bytes: int = 2 * GiB
     mooncake_protocol: str | None = None
+    embedding_device: str = ""
     # vLLM's OpenAI-server flags for tool calls (its --reasoning-parser is an engine argument, passed through).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
@@ -78,6 +79,8 @@ class LlmConfig:
             raise ValueError(f"--embedding-transport must be one of {', '.join(TRANSPORT_CHOICES)}")
         if self.shm_max_bytes < 0:
             raise ValueError("--shm-max-bytes must be >= 0")
+        if self.embedding_transport == "device_ipc" and not self.embedding_device:
+            raise ValueError("--embedding-transport device_ipc needs --embedding-device")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")  # as vLLM's server
         check_server_settings(self.tls, self.port, self.health_port, self.metrics_port)
@@ -134,13 +137,18 @@ def build_parser() -> FlexibleArgumentParser:
     own.add_argument("--embedding-transport", choices=TRANSPORT_CHOICES, default=d.embedding_transport,
                      help="how embedding bytes come from vision_svc: auto takes, per replica, the best both accept "
                           "(shm when on one host, proven by a probe; then mooncake when --mooncake-protocol is set; "
-                          "then socket; then grpc, inline in the stream); a name forces one (a replica that cannot "
-                          "use it fails the call)")
+                          "then socket; then grpc, inline in the stream; device_ipc first when --embedding-device "
+                          "is set); a name forces one (a replica that cannot use it fails the call)")
     own.add_argument("--shm-dir", default=d.shm_dir,
                      help="shared-memory directory (tmpfs) for the shm transport; vision_svc must see the same one")
     own.add_argument("--shm-max-bytes", type=int, default=d.shm_max_bytes,
                      help="most bytes of shared-memory slots (one per image in flight, each the largest embedding "
-                          "of one image); calls beyond it go inline. Slots are sparse until written")
+                          "of one image); calls beyond it go inline. A slot's memory is taken when it is made and "
+                          "kept for reuse")
+    own.add_argument("--embedding-device", default=d.embedding_device,
+                     help="a device (cuda:0, npu:0) to receive embeddings on with the device_ipc transport: a "
+                          "vision_svc on this host that holds its embeddings on a device of the same kind exports "
+                          "them as IPC handles, copied from device to device; unset, device_ipc is not offered")
     own.add_argument("--mooncake-protocol", choices=("tcp", "rdma"), default=None,
                      help="offer the mooncake transport (Mooncake Transfer Engine, when its package is installed) "
                           "with this protocol; --embedding-transport mooncake alone uses tcp")

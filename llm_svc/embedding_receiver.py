@@ -12,6 +12,10 @@ image a tensor in memory this process owns.
 - Mooncake: a call registers one buffer per image with this process's transfer engine; the sender writes them.
 - Socket: a call opens one data connection to the replica's data port, sending a fresh token, and reads each
   image's frame into a new tensor.
+- Device IPC (with `device` set, e.g. cuda:0): the replica exports each image's device memory as a handle; it
+  is opened here, copied into a tensor on `device`, and released (ReleaseDeviceMemory) once copied. The call
+  also leases shared-memory slots when shared memory was accepted too: embeddings the replica holds on its CPU
+  come that way.
 - A call that finds no free slots goes inline; the sender may send any image inline (its transport failed).
 """
 
@@ -26,6 +30,7 @@ import grpc
 import torch
 
 from protos import errors, tensors, vision_pb2
+from protos.transport import device_ipc
 from protos.transport import metrics as transfer_metrics
 from protos.transport import mooncake_plane, negotiation, shared_memory, socket_plane
 from protos.transport.errors import TransferError
@@ -33,16 +38,20 @@ from protos.transport.errors import TransferError
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
-TRANSPORT_CHOICES = ("auto", "shm", "socket", "grpc", "mooncake")
+TRANSPORT_CHOICES = ("auto", "device_ipc", "shm", "socket", "grpc", "mooncake")
+# How long a release of device memory may take; the replica lets go at the lease's end anyway.
+RELEASE_TIMEOUT_S = 5.0
+_releasing: set[asyncio.Task] = set()  # releases still under way, kept from the garbage collector
 
 
 @dataclasses.dataclass(frozen=True)
 class ReceiverSettings:
     transport: str = "auto"  # one of TRANSPORT_CHOICES
     shm_directory: str = shared_memory.DEFAULT_DIRECTORY
-    shm_max_bytes: int = 2 * GiB  # most bytes of slots at once (sparse: pages are taken only when written)
+    shm_max_bytes: int = 2 * GiB  # most bytes of slots at once (each slot's pages are taken when it is made)
     negotiate_timeout_s: float = 5.0
     mooncake_protocol: str | None = None  # offered by auto only when set (and the package imports)
+    device: str = ""  # where device IPC puts embeddings ("cuda:0", "npu:0"); empty: device IPC is not offered
 
     def __post_init__(self):
         if self.transport not in TRANSPORT_CHOICES:
@@ -50,12 +59,29 @@ class ReceiverSettings:
                              f"got {self.transport!r}")
         if self.shm_max_bytes < 0:
             raise ValueError("--shm-max-bytes must be >= 0")
+        if self.device:
+            try:
+                torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(f"--embedding-device: {error}") from None
+        elif self.transport == "device_ipc":
+            raise ValueError("--embedding-transport device_ipc needs --embedding-device")
+
+    @property
+    def device_kind(self) -> str:
+        """The kind of device offered for device IPC: `device`'s, when this process has its IPC."""
+        kind = torch.device(self.device).type if self.device else ""
+        return kind if kind and device_ipc.backend(kind) is not None else ""
 
     @property
     def offered(self) -> tuple[int, ...]:
         if self.transport == "auto":
-            with_mooncake = self.mooncake_protocol is not None and mooncake_plane.unavailable_reason() is None
-            return tuple(t for t in negotiation.AUTO_ORDER if t != negotiation.MOONCAKE or with_mooncake)
+            left_out = set()
+            if self.mooncake_protocol is None or mooncake_plane.unavailable_reason() is not None:
+                left_out.add(negotiation.MOONCAKE)
+            if not self.device_kind:
+                left_out.add(negotiation.DEVICE_IPC)
+            return tuple(t for t in negotiation.AUTO_ORDER if t not in left_out)
         return (negotiation.BY_NAME[self.transport],)
 
 
@@ -69,6 +95,7 @@ class EmbeddingReceiver:
         self.instance_id = shared_memory.new_instance_id()
         self._slot_bytes = slot_bytes
         self._planes: dict[str, negotiation.DataPlane] = {}
+        self._stubs: dict[str, object] = {}  # per replica, for releasing device memory
         self._pool: shared_memory.SlotPool | None = None
 
     def set_slot_bytes(self, slot_bytes: int) -> None:
@@ -81,6 +108,8 @@ class EmbeddingReceiver:
 
     async def plane(self, target: str, stub) -> negotiation.DataPlane:
         """The transport agreed with the replica at `target`, negotiated when not known."""
+        if stub is not None:
+            self._stubs[target] = stub
         if (known := self._planes.get(target)) is not None:
             return known
         if self.settings.transport == "grpc":
@@ -88,7 +117,8 @@ class EmbeddingReceiver:
         else:
             try:
                 plane = await negotiation.negotiate(stub, self.instance_id, self.settings.offered,
-                                                    self.settings.shm_directory, self.settings.negotiate_timeout_s)
+                                                    self.settings.shm_directory, self.settings.negotiate_timeout_s,
+                                                    self.settings.device_kind)
             except grpc.aio.AioRpcError as error:
                 raise errors.from_rpc_error(error, f"vision_svc {target}", stage="vision_svc") from error
             log.info("data plane with vision_svc %s: %s%s", target, plane.name,
@@ -115,9 +145,14 @@ class EmbeddingReceiver:
                 mooncake = MooncakeBuffers(engine, image_count, self._slot_bytes)
             except (TransferError, OSError) as error:
                 log.warning("mooncake: %s; this call goes inline", error)
-        return CallReceiver(self._lease(image_count, timeout_s) if plane.transport == negotiation.SHM else None,
+        device = None
+        if plane.transport == negotiation.DEVICE_IPC:
+            device = DeviceCopies(plane.device_kind, torch.device(self.settings.device), self._stubs.get(target))
+        with_slots = plane.transport == negotiation.SHM or plane.shm_beside
+        return CallReceiver(self._lease(image_count, timeout_s) if with_slots else None,
                             (host, plane.socket_port) if plane.transport == negotiation.SOCKET else None, timeout_s,
-                            mooncake, on_socket_failure=lambda error: self._without_socket(target, error))
+                            mooncake, on_socket_failure=lambda error: self._without_socket(target, error),
+                            device=device)
 
     def _without_socket(self, target: str, error: BaseException) -> None:
         """The replica's data port cannot be reached (a firewall, a policy): its calls go inline from now on,
@@ -176,14 +211,44 @@ class MooncakeBuffers:
             self.engine.retire(left, deadline)
 
 
+class DeviceCopies:
+    """Device IPC for one call: each image's export copied onto `device`, then released to the replica."""
+
+    def __init__(self, kind: str, device: torch.device, stub):
+        self.kind = kind
+        self.device = device
+        self._stub = stub
+
+    async def take(self, handle: vision_pb2.DeviceMemoryHandle, dtype: torch.dtype, shape: tuple[int, ...],
+                   nbytes: int) -> torch.Tensor:
+        try:
+            return await asyncio.to_thread(device_ipc.open_copy, handle, self.kind, dtype, shape, nbytes, self.device)
+        finally:  # copied, or failed: the replica need not hold it any longer either way
+            task = asyncio.create_task(self._release(handle.lease_id))
+            _releasing.add(task)
+            task.add_done_callback(_releasing.discard)
+
+    async def _release(self, lease_id: str) -> None:
+        if self._stub is None:
+            return  # no channel to the replica known: it lets go at the lease's end
+        try:
+            await self._stub.ReleaseDeviceMemory(vision_pb2.ReleaseDeviceMemoryRequest(lease_ids=[lease_id]),
+                                                 timeout=RELEASE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            log.warning("device IPC: releasing lease %s failed (%s); the replica drops it when it ends",
+                        lease_id, error.code().name)
+
+
 class CallReceiver:
     """One Encode call's end of the data plane: its offer, and a tensor for each image sent outside the stream."""
 
     def __init__(self, lease: shared_memory.SlotLease | None, data_address: tuple[str, int] | None,
                  timeout_s: float, mooncake: MooncakeBuffers | None = None,
-                 on_socket_failure: Callable[[BaseException], None] = lambda error: None):
+                 on_socket_failure: Callable[[BaseException], None] = lambda error: None,
+                 device: DeviceCopies | None = None):
         self._lease = lease
         self._mooncake = mooncake
+        self._device = device
         self._deadline = time.monotonic() + timeout_s
         self._writer_finished = False
         self._token = socket_plane.new_token() if data_address else b""
@@ -196,9 +261,12 @@ class CallReceiver:
 
     @property
     def offer(self) -> vision_pb2.DataPlaneOffer | None:
+        lease_ms = max(int((self._deadline - time.monotonic()) * 1000), 1)
+        if self._device is not None:  # with the slots of shared memory beside it, when it was accepted too
+            slots = self._lease.offer().slots if self._lease is not None else []
+            return vision_pb2.DataPlaneOffer(transport=negotiation.DEVICE_IPC, lease_ms=lease_ms, slots=slots)
         if self._lease is not None:
             return self._lease.offer()
-        lease_ms = max(int((self._deadline - time.monotonic()) * 1000), 1)
         if self._connecting is not None:
             return vision_pb2.DataPlaneOffer(transport=negotiation.SOCKET, socket_token=self._token,
                                              lease_ms=lease_ms)
@@ -212,7 +280,8 @@ class CallReceiver:
     @staticmethod
     def carries(message: vision_pb2.EncodeResponse) -> bool:
         """Whether the message's image came outside the stream (it then has the header, `last`, no data)."""
-        return message.transport in (negotiation.SHM, negotiation.SOCKET, negotiation.MOONCAKE)
+        return message.transport in (negotiation.SHM, negotiation.SOCKET, negotiation.MOONCAKE,
+                                     negotiation.DEVICE_IPC)
 
     async def receive(self, message: vision_pb2.EncodeResponse, dtype: torch.dtype, shape: tuple[int, ...],
                       nbytes: int) -> torch.Tensor:
@@ -221,6 +290,10 @@ class CallReceiver:
             if self._lease is None:
                 raise TransferError("shared memory: an image came in a slot, but none was offered")
             tensor = self._lease.take(message.image_index, dtype, shape, nbytes)
+        elif message.transport == negotiation.DEVICE_IPC:
+            if self._device is None:
+                raise TransferError("device IPC: an image came as a device handle, but none was offered")
+            tensor = await self._device.take(message.device_handle, dtype, shape, nbytes)
         elif message.transport == negotiation.MOONCAKE:
             if self._mooncake is None:
                 raise TransferError("mooncake: an image came in a registered buffer, but none was offered")

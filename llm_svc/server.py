@@ -44,7 +44,8 @@ class LlmServer:
                                    retire_s=config.vision_timeout_s,
                                    data_plane=ReceiverSettings(config.embedding_transport, config.shm_dir,
                                                                config.shm_max_bytes,
-                                                               mooncake_protocol=config.mooncake_protocol))
+                                                               mooncake_protocol=config.mooncake_protocol,
+                                                               device=config.embedding_device))
         self.engine: AsyncLLM | None = None
         self.grpc: GrpcServer | None = None
         self._engine_watch: asyncio.Task | None = None

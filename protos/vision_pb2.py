@@ -24,47 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x12internvl.vision.v1\"\x92\x01\n\x19NegotiateDataPlaneRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12.\n\x07offered\x18\x03 \x03(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x16\n\x0eshm_probe_name\x18\x04 \x01(\t\"\xbc\x01\n\x1aNegotiateDataPlaneResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12/\n\x08\x61\x63\x63\x65pted\x18\x03 \x03(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x17\n\x0fshm_probe_nonce\x18\x04 \x01(\x0c\x12\x13\n\x0bsocket_port\x18\x05 \x01(\r\x12\x10\n\x08refusals\x18\x06 \x01(\t\"4\n\x10SharedMemorySlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xf2\x01\n\x0e\x44\x61taPlaneOffer\x12\x30\n\ttransport\x18\x01 \x01(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x33\n\x05slots\x18\x02 \x03(\x0b\x32$.internvl.vision.v1.SharedMemorySlot\x12\x14\n\x0csocket_token\x18\x03 \x01(\x0c\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10mooncake_session\x18\x05 \x01(\t\x12\x18\n\x10mooncake_buffers\x18\x06 \x03(\x04\x12\x1d\n\x15mooncake_buffer_bytes\x18\x07 \x01(\x04\">\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"X\n\x11PreprocessOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12\x30\n\tthumbnail\x18\x02 \x01(\x0e\x32\x1d.internvl.vision.v1.Thumbnail\"\xac\x02\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.internvl.vision.v1.ImageInput\x12\x36\n\x07options\x18\x03 \x01(\x0b\x32%.internvl.vision.v1.PreprocessOptions\x12\x36\n\ndata_plane\x18\x14 \x01(\x0b\x32\".internvl.vision.v1.DataPlaneOffer\x12.\n\x06videos\x18\n \x03(\x0b\x32\x1e.internvl.vision.v1.VideoInput\x12\x37\n\rvideo_options\x18\x0b \x01(\x0b\x32 .internvl.vision.v1.VideoOptions\">\n\nVideoInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"P\n\x0cVideoOptions\x12\x17\n\nnum_frames\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03\x66ps\x18\x02 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_num_framesB\x06\n\x04_fps\"G\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"{\n\x0bImageHeader\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x30\n\x06tensor\x18\x03 \x01(\x0b\x32 .internvl.vision.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"\xb3\x01\n\x0e\x45ncodeResponse\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1f.internvl.vision.v1.ImageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\r\n\x05video\x18\n \x01(\x08\x12\x30\n\ttransport\x18\x14 \x01(\x0e\x32\x1d.internvl.vision.v1.Transport\"\x10\n\x0eGetInfoRequest\"\xe2\x03\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nllm_hidden\x18\x02 \x01(\r\x12(\n\x05\x64type\x18\x03 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x12\n\nimage_size\x18\x05 \x01(\r\x12\x11\n\tmax_tiles\x18\x06 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x11\n\tmin_tiles\x18\x0b \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16max_videos_per_request\x18\x14 \x01(\r\x12\x17\n\x0fmax_video_bytes\x18\x15 \x01(\x04\x12\x18\n\x10max_video_frames\x18\x16 \x01(\r\x12\x19\n\x11max_video_seconds\x18\x17 \x01(\x02\x12\x1e\n\x16max_video_frame_pixels\x18\x18 \x01(\x04\x12\x1c\n\x14\x64\x65\x66\x61ult_video_frames\x18\x19 \x01(\r*\x8c\x01\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSPORT_GRPC_INLINE\x10\x01\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x02\x12\x14\n\x10TRANSPORT_SOCKET\x10\x03\x12\x16\n\x12TRANSPORT_MOONCAKE\x10\x04*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*K\n\tThumbnail\x12\x19\n\x15THUMBNAIL_UNSPECIFIED\x10\x00\x12\x10\n\x0cTHUMBNAIL_ON\x10\x01\x12\x11\n\rTHUMBNAIL_OFF\x10\x02\x32\xab\x02\n\rVisionEncoder\x12Q\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse0\x01\x12R\n\x07GetInfo\x12\".internvl.vision.v1.GetInfoRequest\x1a#.internvl.vision.v1.GetInfoResponse\x12s\n\x12NegotiateDataPlane\x12-.internvl.vision.v1.NegotiateDataPlaneRequest\x1a..internvl.vision.v1.NegotiateDataPlaneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x12internvl.vision.v1\"\xa7\x01\n\x19NegotiateDataPlaneRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12.\n\x07offered\x18\x03 \x03(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x16\n\x0eshm_probe_name\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\"\xd1\x01\n\x1aNegotiateDataPlaneResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12/\n\x08\x61\x63\x63\x65pted\x18\x03 \x03(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x17\n\x0fshm_probe_nonce\x18\x04 \x01(\x0c\x12\x13\n\x0bsocket_port\x18\x05 \x01(\r\x12\x10\n\x08refusals\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x07 \x01(\t\"\x88\x02\n\x12\x44\x65viceMemoryHandle\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x02 \x01(\r\x12\x0e\n\x06handle\x18\x03 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x06 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x07 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x08 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\t \x01(\x08\x12\x15\n\rtensor_offset\x18\n \x01(\x04\"/\n\x1aReleaseDeviceMemoryRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"/\n\x1bReleaseDeviceMemoryResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"4\n\x10SharedMemorySlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xf2\x01\n\x0e\x44\x61taPlaneOffer\x12\x30\n\ttransport\x18\x01 \x01(\x0e\x32\x1d.internvl.vision.v1.Transport\x12\x33\n\x05slots\x18\x02 \x03(\x0b\x32$.internvl.vision.v1.SharedMemorySlot\x12\x14\n\x0csocket_token\x18\x03 \x01(\x0c\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10mooncake_session\x18\x05 \x01(\t\x12\x18\n\x10mooncake_buffers\x18\x06 \x03(\x04\x12\x1d\n\x15mooncake_buffer_bytes\x18\x07 \x01(\x04\">\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"X\n\x11PreprocessOptions\x12\x11\n\tmax_tiles\x18\x01 \x01(\r\x12\x30\n\tthumbnail\x18\x02 \x01(\x0e\x32\x1d.internvl.vision.v1.Thumbnail\"\xac\x02\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.internvl.vision.v1.ImageInput\x12\x36\n\x07options\x18\x03 \x01(\x0b\x32%.internvl.vision.v1.PreprocessOptions\x12\x36\n\ndata_plane\x18\x14 \x01(\x0b\x32\".internvl.vision.v1.DataPlaneOffer\x12.\n\x06videos\x18\n \x03(\x0b\x32\x1e.internvl.vision.v1.VideoInput\x12\x37\n\rvideo_options\x18\x0b \x01(\x0b\x32 .internvl.vision.v1.VideoOptions\">\n\nVideoInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0c\x63ontent_hash\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"P\n\x0cVideoOptions\x12\x17\n\nnum_frames\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03\x66ps\x18\x02 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_num_framesB\x06\n\x04_fps\"G\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"{\n\x0bImageHeader\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\r\x12\x30\n\x06tensor\x18\x03 \x01(\x0b\x32 .internvl.vision.v1.TensorHeader\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"\xf2\x01\n\x0e\x45ncodeResponse\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12/\n\x06header\x18\x02 \x01(\x0b\x32\x1f.internvl.vision.v1.ImageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\r\n\x05video\x18\n \x01(\x08\x12\x30\n\ttransport\x18\x14 \x01(\x0e\x32\x1d.internvl.vision.v1.Transport\x12=\n\rdevice_handle\x18\x15 \x01(\x0b\x32&.internvl.vision.v1.DeviceMemoryHandle\"\x10\n\x0eGetInfoRequest\"\xe2\x03\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nllm_hidden\x18\x02 \x01(\r\x12(\n\x05\x64type\x18\x03 \x01(\x0e\x32\x19.internvl.vision.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\r\x12\x12\n\nimage_size\x18\x05 \x01(\r\x12\x11\n\tmax_tiles\x18\x06 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x15\n\ruse_thumbnail\x18\n \x01(\x08\x12\x11\n\tmin_tiles\x18\x0b \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16max_videos_per_request\x18\x14 \x01(\r\x12\x17\n\x0fmax_video_bytes\x18\x15 \x01(\x04\x12\x18\n\x10max_video_frames\x18\x16 \x01(\r\x12\x19\n\x11max_video_seconds\x18\x17 \x01(\x02\x12\x1e\n\x16max_video_frame_pixels\x18\x18 \x01(\x04\x12\x1c\n\x14\x64\x65\x66\x61ult_video_frames\x18\x19 \x01(\r*\xa6\x01\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSPORT_GRPC_INLINE\x10\x01\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x02\x12\x14\n\x10TRANSPORT_SOCKET\x10\x03\x12\x16\n\x12TRANSPORT_MOONCAKE\x10\x04\x12\x18\n\x14TRANSPORT_DEVICE_IPC\x10\x05*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*K\n\tThumbnail\x12\x19\n\x15THUMBNAIL_UNSPECIFIED\x10\x00\x12\x10\n\x0cTHUMBNAIL_ON\x10\x01\x12\x11\n\rTHUMBNAIL_OFF\x10\x02\x32\xa3\x03\n\rVisionEncoder\x12Q\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse0\x01\x12R\n\x07GetInfo\x12\".internvl.vision.v1.GetInfoRequest\x1a#.internvl.vision.v1.GetInfoResponse\x12s\n\x12NegotiateDataPlane\x12-.internvl.vision.v1.NegotiateDataPlaneRequest\x1a..internvl.vision.v1.NegotiateDataPlaneResponse\x12v\n\x13ReleaseDeviceMemory\x12..internvl.vision.v1.ReleaseDeviceMemoryRequest\x1a/.internvl.vision.v1.ReleaseDeviceMemoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSPORT']._serialized_start=2169
-  _globals['_TRANSPORT']._serialized_end=2309
-  _globals['_DTYPE']._serialized_start=2311
-  _globals['_DTYPE']._serialized_end=2399
-  _globals['_THUMBNAIL']._serialized_start=2401
-  _globals['_THUMBNAIL']._serialized_end=2476
+  _globals['_TRANSPORT']._serialized_start=2639
+  _globals['_TRANSPORT']._serialized_end=2805
+  _globals['_DTYPE']._serialized_start=2807
+  _globals['_DTYPE']._serialized_end=2895
+  _globals['_THUMBNAIL']._serialized_start=2897
+  _globals['_THUMBNAIL']._serialized_end=2972
   _globals['_NEGOTIATEDATAPLANEREQUEST']._serialized_start=44
-  _globals['_NEGOTIATEDATAPLANEREQUEST']._serialized_end=190
-  _globals['_NEGOTIATEDATAPLANERESPONSE']._serialized_start=193
-  _globals['_NEGOTIATEDATAPLANERESPONSE']._serialized_end=381
-  _globals['_SHAREDMEMORYSLOT']._serialized_start=383
-  _globals['_SHAREDMEMORYSLOT']._serialized_end=435
-  _globals['_DATAPLANEOFFER']._serialized_start=438
-  _globals['_DATAPLANEOFFER']._serialized_end=680
-  _globals['_IMAGEINPUT']._serialized_start=682
-  _globals['_IMAGEINPUT']._serialized_end=744
-  _globals['_PREPROCESSOPTIONS']._serialized_start=746
-  _globals['_PREPROCESSOPTIONS']._serialized_end=834
-  _globals['_ENCODEREQUEST']._serialized_start=837
-  _globals['_ENCODEREQUEST']._serialized_end=1137
-  _globals['_VIDEOINPUT']._serialized_start=1139
-  _globals['_VIDEOINPUT']._serialized_end=1201
-  _globals['_VIDEOOPTIONS']._serialized_start=1203
-  _globals['_VIDEOOPTIONS']._serialized_end=1283
-  _globals['_TENSORHEADER']._serialized_start=1285
-  _globals['_TENSORHEADER']._serialized_end=1356
-  _globals['_IMAGEHEADER']._serialized_start=1358
-  _globals['_IMAGEHEADER']._serialized_end=1481
-  _globals['_ENCODERESPONSE']._serialized_start=1484
-  _globals['_ENCODERESPONSE']._serialized_end=1663
-  _globals['_GETINFOREQUEST']._serialized_start=1665
-  _globals['_GETINFOREQUEST']._serialized_end=1681
-  _globals['_GETINFORESPONSE']._serialized_start=1684
-  _globals['_GETINFORESPONSE']._serialized_end=2166
-  _globals['_VISIONENCODER']._serialized_start=2479
-  _globals['_VISIONENCODER']._serialized_end=2778
+  _globals['_NEGOTIATEDATAPLANEREQUEST']._serialized_end=211
+  _globals['_NEGOTIATEDATAPLANERESPONSE']._serialized_start=214
+  _globals['_NEGOTIATEDATAPLANERESPONSE']._serialized_end=423
+  _globals['_DEVICEMEMORYHANDLE']._serialized_start=426
+  _globals['_DEVICEMEMORYHANDLE']._serialized_end=690
+  _globals['_RELEASEDEVICEMEMORYREQUEST']._serialized_start=692
+  _globals['_RELEASEDEVICEMEMORYREQUEST']._serialized_end=739
+  _globals['_RELEASEDEVICEMEMORYRESPONSE']._serialized_start=741
+  _globals['_RELEASEDEVICEMEMORYRESPONSE']._serialized_end=788
+  _globals['_SHAREDMEMORYSLOT']._serialized_start=790
+  _globals['_SHAREDMEMORYSLOT']._serialized_end=842
+  _globals['_DATAPLANEOFFER']._serialized_start=845
+  _globals['_DATAPLANEOFFER']._serialized_end=1087
+  _globals['_IMAGEINPUT']._serialized_start=1089
+  _globals['_IMAGEINPUT']._serialized_end=1151
+  _globals['_PREPROCESSOPTIONS']._serialized_start=1153
+  _globals['_PREPROCESSOPTIONS']._serialized_end=1241
+  _globals['_ENCODEREQUEST']._serialized_start=1244
+  _globals['_ENCODEREQUEST']._serialized_end=1544
+  _globals['_VIDEOINPUT']._serialized_start=1546
+  _globals['_VIDEOINPUT']._serialized_end=1608
+  _globals['_VIDEOOPTIONS']._serialized_start=1610
+  _globals['_VIDEOOPTIONS']._serialized_end=1690
+  _globals['_TENSORHEADER']._serialized_start=1692
+  _globals['_TENSORHEADER']._serialized_end=1763
+  _globals['_IMAGEHEADER']._serialized_start=1765
+  _globals['_IMAGEHEADER']._serialized_end=1888
+  _globals['_ENCODERESPONSE']._serialized_start=1891
+  _globals['_ENCODERESPONSE']._serialized_end=2133
+  _globals['_GETINFOREQUEST']._serialized_start=2135
+  _globals['_GETINFOREQUEST']._serialized_end=2151
+  _globals['_GETINFORESPONSE']._serialized_start=2154
+  _globals['_GETINFORESPONSE']._serialized_end=2636
+  _globals['_VISIONENCODER']._serialized_start=2975
+  _globals['_VISIONENCODER']._serialized_end=3394
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class VisionEncoderStub:
                 request_serializer=protos_dot_vision__pb2.NegotiateDataPlaneRequest.SerializeToString,
                 response_deserializer=protos_dot_vision__pb2.NegotiateDataPlaneResponse.FromString,
                 _registered_method=True)
+        self.ReleaseDeviceMemory = channel.unary_unary(
+                '/internvl.vision.v1.VisionEncoder/ReleaseDeviceMemory',
+                request_serializer=protos_dot_vision__pb2.ReleaseDeviceMemoryRequest.SerializeToString,
+                response_deserializer=protos_dot_vision__pb2.ReleaseDeviceMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class VisionEncoderServicer:
@@ -79,6 +84,14 @@ class VisionEncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseDeviceMemory(self, request, context):
+        """Tells the server that the caller has copied the images it received as device memory handles
+        (TRANSPORT_DEVICE_IPC): the server drops its references to them before their lease is over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionEncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +109,11 @@ def add_VisionEncoderServicer_to_server(servicer, server):
                     servicer.NegotiateDataPlane,
                     request_deserializer=protos_dot_vision__pb2.NegotiateDataPlaneRequest.FromString,
                     response_serializer=protos_dot_vision__pb2.NegotiateDataPlaneResponse.SerializeToString,
+            ),
+            'ReleaseDeviceMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseDeviceMemory,
+                    request_deserializer=protos_dot_vision__pb2.ReleaseDeviceMemoryRequest.FromString,
+                    response_serializer=protos_dot_vision__pb2.ReleaseDeviceMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +198,33 @@ class VisionEncoder:
             '/internvl.vision.v1.VisionEncoder/NegotiateDataPlane',
             protos_dot_vision__pb2.NegotiateDataPlaneRequest.SerializeToString,
             protos_dot_vision__pb2.NegotiateDataPlaneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseDeviceMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internvl.vision.v1.VisionEncoder/ReleaseDeviceMemory',
+            protos_dot_vision__pb2.ReleaseDeviceMemoryRequest.SerializeToString,
+            protos_dot_vision__pb2.ReleaseDeviceMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,8 +95,9 @@ class VisionConfig:
         if self.decode_on == "device" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"--decode-on device decodes with torchvision, which runs on cpu or cuda, "
                              f"not on {self.device}")
-        if not set(filter(None, self.embedding_transports.split(","))) <= {"shm", "socket", "grpc", "mooncake"}:
-            raise ValueError(f"--embedding-transports takes shm, socket, mooncake and grpc, got "
+        if not set(filter(None, self.embedding_transports.split(","))) <= {"shm", "socket", "grpc", "mooncake",
+                                                                            "device_ipc"}:
+            raise ValueError(f"--embedding-transports takes shm, socket, mooncake, device_ipc and grpc, got "
                              f"{self.embedding_transports!r}")
         if not 0 <= self.data_port <= 65535:
             raise ValueError(f"--data-port must be in [0, 65535], got {self.data_port}")
@@ -190,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-transports", default=d.embedding_transports,
                    help="how embedding bytes may reach callers besides gRPC inline (always served), comma-separated: "
                         "shm (shared memory, callers on this host, proven by a probe), socket (a TCP connection "
-                        "to --data-port; not served with TLS, as its bytes are not encrypted) and mooncake (Mooncake "
-                        "Transfer Engine, when its package is installed); '' for inline only")
+                        "to --data-port; not served with TLS, as its bytes are not encrypted), mooncake (Mooncake "
+                        "Transfer Engine, when its package is installed) and device_ipc (CUDA/NPU IPC handles to "
+                        "callers on this host, for embeddings held on a device; others go inline); '' for inline "
+                        "only")
     p.add_argument("--shm-dir", default=d.shm_dir,
                    help="shared-memory directory that callers on this host create their slots in (tmpfs)")
     p.add_argument("--data-port", type=int, default=d.data_port,

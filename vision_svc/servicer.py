@@ -53,6 +53,9 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
     async def NegotiateDataPlane(self, request, context):
         return self._sender.negotiate(request)
 
+    async def ReleaseDeviceMemory(self, request, context):
+        return self._sender.release_device_memory(request)
+
     async def Encode(self, request: vision_pb2.EncodeRequest, context):
         request_id_var.set(request.request_id or "-")
         started = time.perf_counter()

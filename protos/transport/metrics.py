@@ -12,6 +12,7 @@ TRANSPORT_NAMES = {
     vision_pb2.TRANSPORT_SHARED_MEMORY: "shm",
     vision_pb2.TRANSPORT_SOCKET: "socket",
     vision_pb2.TRANSPORT_MOONCAKE: "mooncake",
+    vision_pb2.TRANSPORT_DEVICE_IPC: "device_ipc",
 }
 
 TRANSFER_BYTES = Counter("embedding_transfer_bytes", "Embedding bytes moved between the stages",

@@ -1,14 +1,16 @@
 """Shared memory between the two stages on one host: segments the receiver creates, the sender writes into.
 
 Receiver (llm_svc): a `SlotPool` keeps segments (files of the shared-memory directory, /dev/shm by default),
-each mapped and held with a shared flock for as long as the pool holds it. A request leases one slot per image
-(`SlotLease`); a received embedding is a tensor that views its slot (no copy), and the slot goes back to the pool
-when that tensor is freed. A slot that a writer may still be filling (the call failed, was cancelled or timed
-out) is never reused: it is retired (name unlinked, mapping and descriptor closed) and the kernel frees its
-pages when the writer's descriptor closes, so a late write lands in memory nobody reads.
+each allocated whole and mapped when it is made (so no transfer pays for page allocation or page faults) and
+held with a shared flock for as long as the pool holds it. A request leases one slot per image (`SlotLease`); a
+received embedding is a tensor that views its slot (no copy), and the slot goes back to the pool when that
+tensor is freed: a slot is never written again while a tensor still views it. A slot that a writer may still be
+filling (the call failed, was cancelled or timed out) is never reused: it is retired (name unlinked, mapping and
+descriptor closed) and the kernel frees its pages when the writer lets go of them, so a late write lands in
+memory nobody reads.
 
-Sender (vision_svc): `write_slot` opens a slot by name, checks it, `pwrite`s the bytes (one copy, no page faults
-on the writer's side) and closes it: the sender holds nothing between transfers.
+Sender (vision_svc): `slot_writer.SlotWriter` keeps each slot it wrote into mapped and copies into the mapping;
+`write_slot` (open, `pwrite`, close) is its fallback for slots that were not allocated whole.
 
 When a process dies the kernel drops its flocks, descriptors and mappings; `sweep_orphans` (run by both
 stages) unlinks the names of segments whose owner holds no flock any more. Segments are plain files rather
@@ -42,6 +44,7 @@ PROBE_PREFIX = "dvd-probe-"
 _SLOT_NAME = re.compile(r"^dvd-emb-[0-9a-f]{16}-[0-9a-f]{1,16}$")
 _PROBE_NAME = re.compile(r"^dvd-probe-[0-9a-f]{16}-[0-9a-f]{16}$")
 PROBE_NONCE_BYTES = 32
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 # A segment younger than this may be between its creation and its owner's flock: the sweeper leaves it.
 _SWEEP_MIN_AGE_S = 2.0
 
@@ -50,13 +53,16 @@ def new_instance_id() -> str:
     return secrets.token_hex(8)
 
 
-def _create_segment(directory: str, name: str, size: int) -> int:
-    """A new segment's descriptor, flocked (shared) so that sweepers know its owner lives."""
+def _create_segment(directory: str, name: str, size: int, allocate: bool = False) -> int:
+    """A new segment's descriptor, flocked (shared) so that sweepers know its owner lives; with `allocate`, its
+    pages are taken now (OSError ENOSPC when tmpfs is full), else when written."""
     fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        os.ftruncate(fd, size)  # sparse: pages are taken only when written
+        os.ftruncate(fd, size)
+        if allocate:
+            os.posix_fallocate(fd, 0, size)
     except BaseException:
         os.close(fd)
         os.unlink(os.path.join(directory, name))
@@ -78,11 +84,22 @@ def _open_checked(directory: str, name: str, pattern: re.Pattern, flags: int) ->
     return fd
 
 
+def check_slot_name(name: str) -> None:
+    """TransferError unless `name` (sent by a peer) is a slot name of this data plane: no path, no other file."""
+    if not _SLOT_NAME.match(name):
+        raise TransferError(f"shared memory: {name!r} is not a segment name of this data plane")
+
+
+def open_slot(directory: str, name: str) -> int:
+    """A writable descriptor of the peer's slot `name`; TransferError when it is not one, or not here."""
+    return _open_checked(directory, name, _SLOT_NAME, os.O_RDWR)
+
+
 def write_slot(directory: str, slot: vision_pb2.SharedMemorySlot, data: memoryview) -> None:
-    """Writes `data` at the start of the peer's slot; TransferError when it cannot (the caller sends inline)."""
+    """Writes `data` at the start of the peer's slot with `pwrite`; TransferError when it cannot."""
     if len(data) > slot.size_bytes:
         raise TransferError(f"shared memory: {len(data)} bytes do not fit slot {slot.name} of {slot.size_bytes}")
-    fd = _open_checked(directory, slot.name, _SLOT_NAME, os.O_RDWR)
+    fd = open_slot(directory, slot.name)
     try:
         if os.fstat(fd).st_size < len(data):
             raise TransferError(f"shared memory: slot {slot.name} is smaller than announced")
@@ -162,8 +179,13 @@ class Slot:
         self.name = name
         self.path = os.path.join(directory, name)
         self.size = size
-        self.fd = _create_segment(directory, name, size)
-        self.mapping = mmap.mmap(self.fd, size)
+        self.fd = _create_segment(directory, name, size, allocate=True)
+        try:  # page tables filled now: reading a received tensor takes no fault
+            self.mapping = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        except BaseException:
+            os.close(self.fd)
+            os.unlink(self.path)
+            raise
         self._linked = True
 
     def unlink(self) -> None:

@@ -55,6 +55,12 @@ def descriptors_into(directory: str) -> int:
     return count
 
 
+def mappings_into(directory: str) -> int:
+    """Mappings of this process onto files of `directory` (an unlinked one still shows, marked deleted)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if f" {directory}/" in line)
+
+
 def connections_to(port: int) -> int:
     """Connected sockets of this process to or from `port` (a leaked one sits in CLOSE_WAIT)."""
     return sum(1 for c in psutil.Process().net_connections("tcp") if c.status != psutil.CONN_LISTEN
@@ -124,6 +130,9 @@ async def test_a_receiver_killed_mid_transfer_leaves_the_sender_nothing_once_its
         await wait_until(lambda: os.listdir(shm_dir) == [], 30, "the dead receiver's segments to be swept")
         await wait_until(lambda: connections_to(data_port) == 0, 10, "the data connection to close")
         assert sender._listener.unclaimed == 0 and descriptors_into(shm_dir) == 0
+        # The slot the sender wrote into stays mapped in it only until the sweep after its name went.
+        await wait_until(lambda: sender.slot_writer.mapped == 0, 10, "the sender to unmap the dead receiver's slot")
+        assert mappings_into(shm_dir) == 0
 
         client = VisionClient([f"127.0.0.1:{server.port}"], 64 << 20, 4 << 20,
                               data_plane=ReceiverSettings(transport, shm_dir))

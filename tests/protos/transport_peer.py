@@ -46,6 +46,9 @@ class DataPlanePeer(vision_pb2_grpc.VisionEncoderServicer):
     async def NegotiateDataPlane(self, request, context):
         return self.sender.negotiate(request)
 
+    async def ReleaseDeviceMemory(self, request, context):
+        return self.sender.release_device_memory(request)
+
     async def Encode(self, request, context):
         with self.sender.open(request) as sending:
             for index in range(len(request.images)):

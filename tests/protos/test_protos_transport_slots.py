@@ -1,0 +1,112 @@
+"""The shared-memory slots between the two stages, without servers: the receiver's slots are allocated whole and
+reused, the sender's `SlotWriter` maps each slot once and writes the exact bytes into it, and lets go of every
+mapping whose slot is gone, so that nothing stays pinned."""
+
+import os
+
+import torch
+
+from protos import vision_pb2
+from protos.transport import shared_memory
+from protos.transport.slot_writer import SlotWriter
+
+from tests.protos.transport_peer import embeddings_of
+
+
+def bytes_of(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+
+
+def mappings_into(directory: str) -> int:
+    """Mappings of this process onto files of `directory` (an unlinked one still shows, marked deleted)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if f" {directory}/" in line)
+
+
+def test_a_reused_slot_is_mapped_once_and_receives_the_exact_bytes_each_time(shm_dir):
+    first, second = embeddings_of(0), embeddings_of(1)
+    pool = shared_memory.SlotPool(shm_dir, first.nbytes, 1)
+    writer = SlotWriter(shm_dir)
+    try:
+        for expected in (first, second):  # the second lease gets the same slot back
+            lease = pool.lease(1, lease_s=10)
+            [slot] = lease.offer().slots
+            info = os.stat(os.path.join(shm_dir, slot.name))
+            assert info.st_blocks * 512 >= info.st_size == first.nbytes  # allocated whole when made
+            writer.write(slot, bytes_of(expected))
+            received = lease.take(0, torch.bfloat16, tuple(expected.shape), expected.nbytes)
+            assert torch.equal(received.view(torch.int16), expected.view(torch.int16))
+            del received  # the slot goes back to the pool with the last tensor viewing it
+            lease.close(writer_finished=True)
+            assert writer.mapped == 1 and mappings_into(shm_dir) == 2  # the pool's and the writer's
+        assert pool.live_slots == 1
+    finally:
+        writer.close()
+        pool.close()
+    assert mappings_into(shm_dir) == 0
+
+
+def test_a_slot_the_receiver_retires_is_unmapped_by_the_next_sweep(shm_dir):
+    pool = shared_memory.SlotPool(shm_dir, 4096, 2)
+    writer = SlotWriter(shm_dir, idle_s=3600)
+    try:
+        kept, retired = pool.lease(1, lease_s=10), pool.lease(1, lease_s=10)
+        for lease in (kept, retired):
+            writer.write(lease.offer().slots[0], memoryview(b"x" * 4096))
+        retired.close(writer_finished=False)  # unlinked: the writer's mapping would pin its pages
+        assert writer.drop_stale() == 1
+        kept.close(writer_finished=True)
+        assert writer.drop_stale() == 1  # its name still names the same file: kept mapped
+    finally:
+        writer.close()
+        pool.close()
+    assert mappings_into(shm_dir) == 0
+
+
+def test_an_idle_mapping_is_let_go(shm_dir):
+    pool = shared_memory.SlotPool(shm_dir, 4096, 1)
+    writer = SlotWriter(shm_dir, idle_s=0)
+    lease = pool.lease(1, lease_s=10)
+    writer.write(lease.offer().slots[0], memoryview(b"y" * 100))
+    assert writer.drop_stale() == 0
+    lease.close(writer_finished=True)
+    pool.close()
+    assert mappings_into(shm_dir) == 0
+
+
+def test_a_slot_not_allocated_whole_is_written_with_pwrite_not_mapped(shm_dir):
+    name = f"{shared_memory.SLOT_PREFIX}{'0' * 16}-1"  # sparse: a mapped write could meet a full tmpfs (SIGBUS)
+    fd = os.open(os.path.join(shm_dir, name), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        writer = SlotWriter(shm_dir)
+        writer.write(vision_pb2.SharedMemorySlot(name=name, size_bytes=1 << 20), memoryview(b"z" * 5000))
+        assert writer.mapped == 0
+        assert os.pread(fd, 5001, 0) == b"z" * 5000 + b"\0"
+    finally:
+        os.close(fd)
+
+
+def allocated_segment(directory: str, name: str, size: int) -> int:
+    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.posix_fallocate(fd, 0, size)
+    return fd
+
+
+def test_a_name_that_comes_to_name_another_file_is_mapped_afresh(shm_dir):
+    slot = vision_pb2.SharedMemorySlot(name=f"{shared_memory.SLOT_PREFIX}{'0' * 16}-2", size_bytes=4096)
+    writer = SlotWriter(shm_dir)
+    old = allocated_segment(shm_dir, slot.name, 4096)
+    writer.write(slot, memoryview(b"a" * 10))
+    os.unlink(os.path.join(shm_dir, slot.name))
+    new = allocated_segment(shm_dir, slot.name, 4096)
+    try:
+        writer.write(slot, memoryview(b"b" * 10))
+        assert (os.pread(old, 10, 0), os.pread(new, 10, 0)) == (b"a" * 10, b"b" * 10)
+        assert writer.mapped == 1
+    finally:
+        os.close(old)
+        os.close(new)
+        os.unlink(os.path.join(shm_dir, slot.name))
+        writer.close()
+    assert mappings_into(shm_dir) == 0
