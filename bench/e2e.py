@@ -164,11 +164,11 @@ def start_ours(args, model_dir: pathlib.Path, logs: pathlib.Path, gateway_flags:
         raise
 
 
-def start_vllm(args, model_dir: pathlib.Path, logs: pathlib.Path) -> list[Stage]:
+def start_vllm(args, model_dir: pathlib.Path, logs: pathlib.Path, extra_flags: tuple[str, ...] = ()) -> list[Stage]:
     port = free_port()
     server = Stage("vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
                             "127.0.0.1", "--port", str(port), "--served-model-name", model_dir.name,
-                            "--trust-remote-code", *engine_flags(args)],
+                            "--trust-remote-code", *engine_flags(args), *extra_flags],
                    port, logs / "vllm.log", http_health=True)
     try:
         return [server.wait_ready()]

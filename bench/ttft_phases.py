@@ -28,7 +28,7 @@ import time
 
 import httpx
 
-from bench import stage_runs
+from bench import e2e, stage_runs
 from bench.common import image_size, markdown_table, median, photo_like_jpeg, ratio
 from bench.e2e import chat_body, engine_flags, random_texts, stop
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
@@ -186,16 +186,7 @@ def start_ours(args, model: pathlib.Path, logs: pathlib.Path, endpoint: str) -> 
 
 def start_vllm(args, model: pathlib.Path, logs: pathlib.Path, endpoint: str) -> list[Stage]:
     """vLLM's OpenAI server as bench.e2e starts it, traced too (its `llm_request` span per request)."""
-    port = free_port()
-    server = Stage("vllm", ["vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-                            "--port", str(port), "--served-model-name", model.name, "--trust-remote-code",
-                            *engine_flags(args), "--otlp-traces-endpoint", endpoint],
-                   port, logs / "vllm.log", http_health=True)
-    try:
-        return [server.wait_ready()]
-    except BaseException:
-        stop([server])
-        raise
+    return e2e.start_vllm(args, model, logs, ("--otlp-traces-endpoint", endpoint))
 
 
 def case_bodies(args, model: pathlib.Path, case: Case, count: int, seed: int) -> list[dict]:
