@@ -9,8 +9,8 @@ shared memory, the direct socket (and Mooncake where it imports; device IPC from
 sockets: blocking `recv_into` straight into a tensor (the best a socket does here), and asyncio streams'
 `readexactly` (what this bench measured before the data plane). Every received tensor is checked bit for bit.
 A first table times the copies that shared memory is made of, in one process: vision_svc's write before
-(`pwrite`) and now (a memcpy into the slot's mapping it keeps), and the copy out of the slot that llm_svc avoids
-by handing on a view.
+(`pwrite`), a memcpy into the slot's mapping it keeps on one thread, the same copy split over the writer's threads
+(now), and the copy out of the slot that llm_svc avoids by handing on a view.
 As root, the same runs again with the sender in a network namespace behind a veth pair (another host's
 addresses; /dev/shm is still shared, so the probe still proves one host and shared memory still applies). A bar
 chart of GB/s per transport and path goes beside the tables.
@@ -76,24 +76,27 @@ async def _rounds(host: str, port: int, tcp_port: int, expected: torch.Tensor, r
 
 def copy_alone(repeats: int) -> dict[str, float]:
     """Median seconds of the copies shared memory is made of, in turns in this process on one reused slot: the
-    sender's write before (open, pwrite, close) and now (memcpy into the mapping it keeps), and what a receiver
-    that copied the embeddings out of its slot would add (it hands on a view instead)."""
+    sender's write before (open, pwrite, close), a memcpy into the mapping it keeps on one thread and split over
+    the writer's threads (now), and what a receiver that copied the embeddings out of its slot would add (it hands
+    on a view instead)."""
     expected = fixed_embeddings()
     data = memoryview(expected.view(torch.uint8).reshape(-1).numpy())
     directory = tempfile.mkdtemp(prefix="dvd-bench-", dir=SHM_DIR)
     pool = shared_memory.SlotPool(directory, expected.nbytes, 1)
-    writer = slot_writer.SlotWriter(directory)
+    writer, one_thread = slot_writer.SlotWriter(directory), slot_writer.SlotWriter(directory, copy_threads=1)
+    split = f"memcpy into the kept mapping, {writer.copy_threads} threads (now)"
     lease = pool.lease(1, lease_s=3600)
     [slot] = lease.offer().slots
     fd = shared_memory.open_slot(directory, slot.name)
     received = np.frombuffer(mmap.mmap(fd, expected.nbytes), dtype=np.uint8)  # [nbytes], as the receiver sees it
     os.close(fd)
-    seconds: dict[str, list[float]] = {"pwrite (before)": [], "memcpy into the kept mapping (now)": [],
-                                       "copy out of the slot (not done)": []}
+    seconds: dict[str, list[float]] = {"pwrite (before)": [], "memcpy into the kept mapping, 1 thread": [],
+                                       split: [], "copy out of the slot (not done)": []}
     try:
         for n in range(repeats + 1):
             for name, step in (("pwrite (before)", lambda: shared_memory.write_slot(directory, slot, data)),
-                               ("memcpy into the kept mapping (now)", lambda: writer.write(slot, data)),
+                               ("memcpy into the kept mapping, 1 thread", lambda: one_thread.write(slot, data)),
+                               (split, lambda: writer.write(slot, data)),
                                ("copy out of the slot (not done)", lambda: torch.from_numpy(received).clone())):
                 started = time.perf_counter()
                 step()
@@ -104,6 +107,7 @@ def copy_alone(repeats: int) -> dict[str, float]:
         del received
         lease.close(writer_finished=True)
         writer.close()
+        one_thread.close()
         pool.close()
         os.rmdir(directory)
     return {name: median(values) for name, values in seconds.items()}

@@ -1,14 +1,16 @@
 """The shared-memory slots between the two stages, without servers: the receiver's slots are allocated whole and
 reused, the sender's `SlotWriter` maps each slot once and writes the exact bytes into it, and lets go of every
-mapping whose slot is gone, so that nothing stays pinned."""
+mapping whose slot is gone, so that nothing stays pinned; a large copy split over threads lands whole."""
 
 import os
 
+import numpy as np
+import pytest
 import torch
 
 from protos import vision_pb2
 from protos.transport import shared_memory
-from protos.transport.slot_writer import SlotWriter
+from protos.transport.slot_writer import MIN_PART_BYTES, SlotWriter
 
 from tests.protos.transport_peer import embeddings_of
 
@@ -110,3 +112,23 @@ def test_a_name_that_comes_to_name_another_file_is_mapped_afresh(shm_dir):
         os.unlink(os.path.join(shm_dir, slot.name))
         writer.close()
     assert mappings_into(shm_dir) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("nbytes", [0, 1, MIN_PART_BYTES - 1, 2 * MIN_PART_BYTES + 7, 3 * MIN_PART_BYTES + 1])
+def test_a_copy_split_over_threads_writes_the_exact_bytes_and_nothing_past_them(shm_dir, threads, nbytes):
+    size = 3 * MIN_PART_BYTES + 4096
+    pool = shared_memory.SlotPool(shm_dir, size, 1)
+    writer = SlotWriter(shm_dir, copy_threads=threads)
+    try:
+        lease = pool.lease(1, lease_s=10)
+        [slot] = lease.offer().slots
+        data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+        writer.write(slot, memoryview(data))
+        received = lease.take(0, torch.uint8, (size,), size).numpy()
+        assert np.array_equal(received[:nbytes], data) and not received[nbytes:].any()
+        del received
+        lease.close(writer_finished=True)
+    finally:
+        writer.close()
+        pool.close()
