@@ -36,6 +36,9 @@ from bench.data_plane import (DataPlaneTimer, ServerProcess, serve_data_plane, s
 
 SHAPE = (13 * 256, 5120)  # [tiles * tokens_per_tile, llm_hidden] of InternVL3.5-38B
 SHM_DIR = "/dev/shm"
+# A pause before each transfer: the two processes finish freeing the previous transport's buffers (a gRPC inline
+# transfer leaves 34 MB of messages to free on both sides) before the next is timed.
+SETTLE_S = 0.1
 # Mooncake Transfer Engine (over TCP here) too, where its package imports; device IPC where CUDA is (the sender's
 # embeddings on its GPU, copied into the receiver's).
 TRANSPORTS = (("grpc", "shm", "socket") + (("mooncake",) if mooncake_plane.unavailable_reason() is None else ())
@@ -62,10 +65,13 @@ async def _rounds(host: str, port: int, tcp_port: int, expected: torch.Tensor, r
     try:
         for n in range(repeats + 1):  # round 0 opens the channels and negotiates: not counted
             for timer in timers:
+                await asyncio.sleep(SETTLE_S)
                 elapsed = await timer.once()
                 seconds[timer.transport] += [elapsed] if n else []
+            await asyncio.sleep(SETTLE_S)
             [elapsed] = await asyncio.to_thread(time_tcp_blocking, host, tcp_port, expected.nbytes, SHAPE, 1)
             seconds["plain TCP"] += [elapsed] if n else []
+            await asyncio.sleep(SETTLE_S)
             [elapsed] = await time_tcp(host, tcp_port, expected.nbytes, SHAPE, 1)
             seconds["plain TCP, asyncio streams"] += [elapsed] if n else []
     finally:
