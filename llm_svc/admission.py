@@ -6,10 +6,18 @@ that hold no memory. So the prompt length, with every image placeholder expanded
 `<img><IMG_CONTEXT>*N</img>` whatever the layout and tokenizer, and the refusal's message are vLLM's own;
 only each image's N is ours (`image_tokens`). The engine checks the real request again, as the last line
 of defence: this filter only keeps the vision stage from encoding images for a request that cannot run.
+
+The input it checked is the engine's input but for the stand-ins: once the real embeddings are in,
+`with_embeddings` puts them in the stand-ins' place instead of rendering and tokenizing the prompt again (3 ms of
+an image's time to first token here); `tests/llm_svc/test_llm_admission.py` holds it equal to a fresh render.
 """
+
+import dataclasses
+import time
 
 import torch
 from vllm.exceptions import VLLMClientError
+from vllm.multimodal.inputs import MultiModalKwargsItem, MultiModalKwargsItems
 
 from llm_svc.image_tokens import ImageTokenCounter, ImageTokens
 from llm_svc.vision_client import ImageBlob
@@ -28,16 +36,16 @@ class AdmissionCheck:
         self._hidden_size = hidden_size
 
     async def check(self, request_id: str, text: str, images: list[ImageBlob], max_tiles: int,
-                    sampling, tok_params=None) -> int:
-        """The prompt's length as the engine will count it (after the truncation `tok_params` ask for); raises
-        InvalidInput with vLLM's message where the engine would refuse the request."""
+                    sampling, tok_params=None) -> dict:
+        """The engine's input for the prompt, with stand-ins for the images (after the truncation `tok_params` ask
+        for); raises InvalidInput with vLLM's message where the engine would refuse the request."""
         counts = self._counter.count(images, max_tiles)
         try:
             engine_input = await self.expand(request_id, text, counts, tok_params)
             self._input_processor.process_inputs(request_id, engine_input, sampling, self._supported_tasks)
         except (VLLMClientError, ValueError) as error:
             raise InvalidInput(client_message(error) + _lower_bound_note(counts)) from error
-        return len(engine_input["prompt_token_ids"])
+        return engine_input
 
     def count(self, images: list[ImageBlob], max_tiles: int) -> list[ImageTokens]:
         return self._counter.count(images, max_tiles)
@@ -54,6 +62,25 @@ class AdmissionCheck:
             prompt["multi_modal_uuids"] = {"image": [f"{request_id}-admission-{i}" for i in range(len(counts))]}
         (engine_input,) = await self._renderer.render_cmpl_async([prompt], tok_params)
         return engine_input
+
+
+def with_embeddings(checked: dict, embeddings: list[torch.Tensor], uuids: list[str]) -> dict | None:
+    """The engine's input for the real images from the input `check` passed: its stand-ins replaced by `embeddings`
+    and named `uuids`. None where they cannot simply be swapped (a shape differs: an image counted at a lower
+    bound; or vLLM's processor made more of an image than its embeddings): the prompt is then rendered afresh."""
+    images = checked.get("mm_kwargs", {}).get("image") if checked.get("type") == "multimodal" else None
+    if images is None or not len(images) == len(embeddings) == len(uuids):
+        return None
+    swapped = []
+    for item, tensor in zip(images, embeddings):
+        if len(item) != 1:
+            return None
+        [(key, stand_in)] = item.items()
+        if not isinstance(stand_in.data, torch.Tensor) or stand_in.data.shape != tensor.shape:
+            return None
+        swapped.append(MultiModalKwargsItem({key: dataclasses.replace(stand_in, data=tensor)}))
+    return dict(checked, mm_kwargs=MultiModalKwargsItems({**checked["mm_kwargs"], "image": swapped}),
+                mm_hashes={**checked["mm_hashes"], "image": list(uuids)}, arrival_time=time.time())
 
 
 def _lower_bound_note(counts: list[ImageTokens]) -> str:

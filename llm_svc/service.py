@@ -26,7 +26,7 @@ from vllm.outputs import RequestOutput
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from llm_svc import metrics
-from llm_svc.admission import AdmissionCheck
+from llm_svc.admission import AdmissionCheck, with_embeddings
 from llm_svc.engine_spans import record_engine_phases
 from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.output_parsing import ChatParsing, ChoiceParser, OutputParsers, ParsedOutput, ToolRequest
@@ -127,10 +127,10 @@ class LanguageService:
             with tracing.span("render"):
                 text = (self.renderer.render(request.messages, options) if request.messages is not None
                         else request.prompt)
-            embeddings = []
+            embeddings, checked = [], None
             if request.images:
                 with tracing.span("vision_wait"):  # the admission checks, then the vision call (which annotates it)
-                    embeddings = await self._embeddings(request, text, work)
+                    embeddings, checked = await self._embeddings(request, text, work)
             videos = await self._video_embeddings(request, text, work) if request.videos else []
             vision_s = time.perf_counter() - started
             if self._running[request.request_id]:  # aborted while its images were being encoded
@@ -146,8 +146,11 @@ class LanguageService:
                 prompt.setdefault("multi_modal_data", {})["video"] = [video.embeddings for video in videos]
                 prompt.setdefault("multi_modal_uuids", {})["video"] = [
                     request.video_options.uuid(video.content_hash) for video in videos]
+            # The input the admission check passed, with the embeddings in: the prompt is not rendered again.
+            ready = with_embeddings(checked, embeddings, prompt["multi_modal_uuids"]["image"]) \
+                if checked is not None and not videos else None
             prompt_text = self._prompt_text(request, text) if request.return_prompt_text else None
-            async for delta in self._stream(request, prompt, started, vision_s, parsing):
+            async for delta in self._stream(request, prompt, started, vision_s, parsing, ready):
                 # The prompt's extras ride on the stream's first delta.
                 delta.prompt_text, prompt_text = prompt_text, None
                 yield delta
@@ -178,15 +181,17 @@ class LanguageService:
     def _prompt_text(self, request: GenerateInput, text: str | None) -> str:
         return text if text is not None else self.renderer.decode(request.prompt_token_ids)
 
-    async def _embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[torch.Tensor]:
+    async def _embeddings(self, request: GenerateInput, text: str,
+                          work: AdmittedWork) -> tuple[list[torch.Tensor], dict]:
+        """The images' embeddings, and the engine's input (with stand-ins for them) that the admission check passed."""
         # Before the vision call: a request that the engine would refuse costs the vision stage nothing.
-        await self._admission.check(request.request_id, text, request.images, request.max_tiles, request.sampling,
+        checked = await self._admission.check(request.request_id, text, request.images, request.max_tiles, request.sampling,
                                     self._tok_params(request))
         results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
                                             self.limits.vision_timeout_s, hold_bytes=work.hold)
         for i, result in enumerate(results):
             self._check_rows(f"image {i}", result.embeddings, result.num_tiles, "tiles")
-        return [r.embeddings for r in results]
+        return [r.embeddings for r in results], checked
 
     async def _video_embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[VideoEmbedding]:
         if not request.images:  # else checked with the images
@@ -208,11 +213,12 @@ class LanguageService:
                                 f"{tiles} {unit}; the language model needs [{expected}, {self.dims.hidden_size}]")
 
     async def _stream(self, request: GenerateInput, prompt: dict, started: float, vision_s: float,
-                      parsing: ChatParsing | None) -> AsyncIterator[Delta]:
+                      parsing: ChatParsing | None, engine_input: dict | None = None) -> AsyncIterator[Delta]:
+        """`engine_input`: `prompt` already rendered for the engine, if it was."""
         first_token_s = None
         completion_tokens = 0
         try:
-            engine_input = await self.renderer.engine_input(prompt, self._tok_params(request))
+            engine_input = engine_input or await self.renderer.engine_input(prompt, self._tok_params(request))
             engine_kwargs = {}
             answers = None
             if parsing is not None:

@@ -15,9 +15,9 @@ import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
 
-from llm_svc.admission import AdmissionCheck
+from llm_svc.admission import AdmissionCheck, with_embeddings
 from llm_svc.image_tokens import ImageTokenCounter, TilingPolicy
-from llm_svc.prompts import ImageRef, Message, PromptRenderer
+from llm_svc.prompts import ImageRef, Message, PromptRenderer, PromptTruncation
 from llm_svc.vision_client import ImageBlob
 from protos import llm_pb2, vision_pb2
 from protos.errors import InvalidInput
@@ -99,13 +99,38 @@ async def test_counted_prompt_length_equals_vllms_with_the_raw_images(engine, si
     pictures = [image(w, h, seed=n) for n, (w, h) in enumerate(sizes)]
     blobs = [ImageBlob(hashlib.sha256(data).hexdigest(), data) for data in map(png_bytes, pictures)]
     prompt = renderer.render([Message("user", (*(ImageRef(b.content_hash) for b in blobs), *([text] if text else [])))])
-    counted = await admission.check("r", prompt, blobs, max_tiles, SamplingParams(max_tokens=1))
+    counted = len((await admission.check("r", prompt, blobs, max_tiles, SamplingParams(max_tokens=1)))["prompt_token_ids"])
 
     raw = {"prompt": prompt, "multi_modal_data": {"image": pictures}}
     if max_tiles:
         raw["mm_processor_kwargs"] = tile_kwargs(layout, max_tiles)
     (monolithic,) = await llm_engine.renderer.render_cmpl_async([raw])
     assert counted == len(monolithic["prompt_token_ids"])
+
+
+@pytest.mark.parametrize("sizes,max_tiles,truncate", [([(1200, 900)], 0, None), ([(448, 448), (60, 2000)], 6, None),
+                                                    ([(897, 448)], 2, 1000)])
+async def test_the_checked_input_with_the_embeddings_swapped_in_equals_a_fresh_render(engine, sizes, max_tiles,
+                                                                                      truncate):
+    _, llm_engine, policy, admission, renderer = engine
+    blobs = [ImageBlob(hashlib.sha256(d).hexdigest(), d) for d in
+             (png_bytes(image(w, h, seed=n)) for n, (w, h) in enumerate(sizes))]
+    text = renderer.render([Message("user", (*(ImageRef(b.content_hash) for b in blobs), "Describe" + " a" * 500))])
+    tok_params = renderer.tok_params(PromptTruncation(truncate, "right"), 16) if truncate else None
+    checked = await admission.check("r", text, blobs, max_tiles, SamplingParams(max_tokens=16), tok_params)
+    hidden = llm_engine.model_config.hf_text_config.hidden_size
+    embeddings = [torch.randn(c.tokens, hidden).to(torch.bfloat16) for c in admission.count(blobs, max_tiles)]
+    uuids = [b.content_hash for b in blobs]
+
+    swapped = with_embeddings(checked, embeddings, uuids)
+    (fresh,) = await llm_engine.renderer.render_cmpl_async(
+        [{"prompt": text, "multi_modal_data": {"image": embeddings}, "multi_modal_uuids": {"image": uuids}}],
+        tok_params)
+    assert swapped.keys() == fresh.keys()
+    assert {k: v for k, v in swapped.items() if k != "arrival_time"} == \
+        {k: v for k, v in fresh.items() if k != "arrival_time"}
+    # A shape that differs from its stand-in's (an image counted at a lower bound): rendered afresh instead.
+    assert with_embeddings(checked, [e[:-1] for e in embeddings], uuids) is None
 
 
 async def engine_refusal(llm_engine, prompt: str, images_rows: list[int], sampling) -> str:
@@ -128,10 +153,14 @@ async def test_refusals_are_the_engines_own_messages_and_the_limit_itself_is_adm
         return renderer.render([Message("user", (*(ImageRef(b.content_hash) for b in blobs), "Hi" + " a" * padding))])
 
     sampling = SamplingParams(max_tokens=16)
-    base = await admission.check("r", prompt(0), blobs, 0, sampling)
-    assert await admission.check("r", prompt(1), blobs, 0, sampling) == base + 1
+
+    async def length(padding: int) -> int:
+        return len((await admission.check("r", prompt(padding), blobs, 0, sampling))["prompt_token_ids"])
+
+    base = await length(0)
+    assert await length(1) == base + 1
     fits = 8191 - base  # the prompt leaves room for one token: admitted
-    assert await admission.check("r", prompt(fits), blobs, 0, sampling) == 8191
+    assert await length(fits) == 8191
     for padding in (fits + 1, fits + 500):  # no room for any output, and far over
         with pytest.raises(InvalidInput) as ours:
             await admission.check("r", prompt(padding), blobs, 0, sampling)

@@ -10,12 +10,14 @@ import types
 import pytest
 import torch
 from vllm import SamplingParams
+from vllm.multimodal.inputs import (MultiModalBatchedField, MultiModalFieldElem, MultiModalKwargsItem,
+                                    MultiModalKwargsItems)
 from vllm.outputs import CompletionOutput
 
 from llm_svc.limits import ModelDimensions, RequestLimits
 from llm_svc.prompts import ImageRef, Message, to_openai_messages
 from llm_svc.service import GenerateInput, LanguageService
-from llm_svc.servicer import LanguageModelServicer, chat_from_pb, input_from_pb
+from llm_svc.servicer import PARSE_IN_PLACE_BYTES, LanguageModelServicer, chat_from_pb, input_from_pb
 from llm_svc.vision_client import ImageBlob, ImageEmbedding
 from protos import llm_pb2
 from protos.errors import InternalError, InvalidInput
@@ -44,7 +46,7 @@ class Admission:
     async def check(self, request_id, text, images, max_tiles, sampling, tok_params=None):
         if self.refusal:
             raise InvalidInput(self.refusal)
-        return 1
+        return {"type": "token"}  # holds no stand-ins to swap: the prompt is rendered after the vision call
 
 
 class RecordingEngine:
@@ -94,6 +96,29 @@ async def test_embeddings_of_the_right_shape_reach_the_engine_with_their_hashes(
     [d async for d in service.generate(request(images=1), service.admit(0))]
     assert engine.prompts[0]["multi_modal_uuids"] == {"image": ["a" * 64]}
     assert engine.prompts[0]["multi_modal_data"]["image"][0].shape == (8, 16)
+
+
+class StandInAdmission(Admission):
+    """Passes every request with the engine's input as vLLM's renderer makes it: a stand-in per image."""
+
+    async def check(self, request_id, text, images, max_tiles, sampling, tok_params=None):
+        stand_in = MultiModalFieldElem(data=torch.zeros(1, 1).expand(8, 16), field=MultiModalBatchedField())
+        return {"type": "multimodal", "prompt_token_ids": [1] * 9, "prompt": text,
+                "mm_kwargs": MultiModalKwargsItems({"image": [MultiModalKwargsItem({"image_embeds": stand_in})]}),
+                "mm_hashes": {"image": [f"{request_id}-admission-0"]}, "mm_placeholders": {"image": []}}
+
+
+class UnusedRenderer(FixedRenderer):
+    async def engine_input(self, prompt, tok_params=None):
+        raise AssertionError("the prompt was rendered again")
+
+
+async def test_the_checked_input_reaches_the_engine_with_the_embeddings_in_place_of_its_stand_ins():
+    engine, embeddings = RecordingEngine(), torch.ones(8, 16)
+    service = LanguageService(engine, FakeVision(embeddings, 2), UnusedRenderer(), StandInAdmission(), DIMS, LIMITS)
+    [d async for d in service.generate(request(images=1), service.admit(0))]
+    [item] = engine.prompts[0]["mm_kwargs"]["image"]
+    assert item["image_embeds"].data is embeddings and engine.prompts[0]["mm_hashes"] == {"image": ["a" * 64]}
 
 
 class SlowVision(FakeVision):
@@ -256,7 +281,8 @@ class EmptyService:
         yield
 
 
-async def test_requests_are_converted_and_their_images_hashed_off_the_event_loop(monkeypatch):
+async def test_requests_that_carry_bytes_to_hash_are_converted_off_the_event_loop_and_small_ones_in_place(
+        monkeypatch):
     converted_on = []
 
     def recording_input_from_pb(request, max_model_len, sampling_defaults):
@@ -265,6 +291,7 @@ async def test_requests_are_converted_and_their_images_hashed_off_the_event_loop
 
     monkeypatch.setattr("llm_svc.servicer.input_from_pb", recording_input_from_pb)
     servicer = LanguageModelServicer(EmptyService(), llm_pb2.GetModelInfoResponse(max_model_len=128))
-    request = llm_pb2.GenerateRequest(prompt="hi", sampling=llm_pb2.SamplingParams(max_tokens=1))
-    assert [r async for r in servicer.Generate(request, None)] == []
-    assert converted_on and threading.main_thread() not in converted_on
+    for prompt in ("hi", "x" * PARSE_IN_PLACE_BYTES):
+        request = llm_pb2.GenerateRequest(prompt=prompt, sampling=llm_pb2.SamplingParams(max_tokens=1))
+        assert [r async for r in servicer.Generate(request, None)] == []
+    assert converted_on[0] is threading.main_thread() and converted_on[1] is not threading.main_thread()
