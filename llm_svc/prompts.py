@@ -132,10 +132,13 @@ def chat_options_from_pb(chat: llm_pb2.Chat) -> ChatOptions:
 @dataclasses.dataclass(frozen=True)
 class PromptTruncation:
     """vLLM's truncate_prompt_tokens: keep `tokens` of the prompt (-1: as many as the context takes), cut from `side`
-    ("left" keeps the last ones; None: the tokenizer's side, left for generation)."""
+    ("left" keeps the last ones; None: the tokenizer's side, left for generation). `max_tokens`: the request's own
+    max_tokens (None: it sent none), the room vLLM's server leaves for the answer; a generation-config default
+    filled in later does not count."""
 
     tokens: int
     side: str | None = None
+    max_tokens: int | None = None
 
     def __post_init__(self):
         if self.tokens < -1:
@@ -147,7 +150,8 @@ class PromptTruncation:
 def truncation_from_pb(request: llm_pb2.GenerateRequest) -> PromptTruncation | None:
     if not request.HasField("truncate_prompt_tokens"):
         return None
-    return PromptTruncation(request.truncate_prompt_tokens, request.truncation_side or None)
+    max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+    return PromptTruncation(request.truncate_prompt_tokens, request.truncation_side or None, max_tokens)
 
 
 class PromptRenderer:
@@ -170,14 +174,14 @@ class PromptRenderer:
         """A token-id prompt's text, as vLLM's server decodes it to echo it (special tokens kept)."""
         return self._renderer.get_tokenizer().decode(token_ids)
 
-    def tok_params(self, truncation: PromptTruncation | None, max_tokens: int | None) -> TokenizeParams | None:
+    def tok_params(self, truncation: PromptTruncation | None) -> TokenizeParams | None:
         """The engine's tokenization with `truncation` applied as vLLM's server applies it (its checks and messages:
         a length over the context is refused); None, the engine's defaults, without it."""
         if truncation is None:
             return None
         # As vLLM's request models build them: max_output_tokens decides what -1 keeps (one token for the answer).
         return dataclasses.replace(self._renderer.default_cmpl_tok_params, truncate_prompt_tokens=truncation.tokens,
-                                   truncation_side=truncation.side, max_output_tokens=max_tokens or 0,
+                                   truncation_side=truncation.side, max_output_tokens=truncation.max_tokens or 0,
                                    max_total_tokens_param="max_model_len", max_output_tokens_param="max_tokens")
 
     async def engine_input(self, prompt: dict, tok_params: TokenizeParams | None = None) -> dict:

@@ -176,7 +176,7 @@ class LanguageService:
         """The tokenization the request's truncation asks for (vLLM's TokenizeParams); None: the engine's default."""
         if request.truncation is None:
             return None
-        return self.renderer.tok_params(request.truncation, request.sampling.max_tokens)
+        return self.renderer.tok_params(request.truncation)
 
     def _prompt_text(self, request: GenerateInput, text: str | None) -> str:
         return text if text is not None else self.renderer.decode(request.prompt_token_ids)

@@ -116,7 +116,7 @@ async def test_the_checked_input_with_the_embeddings_swapped_in_equals_a_fresh_r
     blobs = [ImageBlob(hashlib.sha256(d).hexdigest(), d) for d in
              (png_bytes(image(w, h, seed=n)) for n, (w, h) in enumerate(sizes))]
     text = renderer.render([Message("user", (*(ImageRef(b.content_hash) for b in blobs), "Describe" + " a" * 500))])
-    tok_params = renderer.tok_params(PromptTruncation(truncate, "right"), 16) if truncate else None
+    tok_params = renderer.tok_params(PromptTruncation(truncate, "right", 16)) if truncate else None
     checked = await admission.check("r", text, blobs, max_tiles, SamplingParams(max_tokens=16), tok_params)
     hidden = llm_engine.model_config.hf_text_config.hidden_size
     embeddings = [torch.randn(c.tokens, hidden).to(torch.bfloat16) for c in admission.count(blobs, max_tiles)]

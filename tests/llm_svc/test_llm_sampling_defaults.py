@@ -141,6 +141,17 @@ def test_a_generate_request_takes_the_server_s_defaults():
     assert (sampling.temperature, sampling.top_k, sampling.max_tokens) == (0.6, 3, 7)
 
 
+@pytest.mark.parametrize("sent,room", [({}, None), ({"max_tokens": 30}, 30)])
+def test_a_truncation_leaves_room_for_the_request_s_own_max_tokens_not_the_default(sent, room):
+    """vLLM's server sizes truncate_prompt_tokens=-1 by the max_tokens the request sent (0 without one), before
+    its generation-config default is filled in."""
+    request = llm_pb2.GenerateRequest(prompt="hi", truncate_prompt_tokens=-1,
+                                      sampling=llm_pb2.SamplingParams(**sent))
+    generate_input = input_from_pb(request, MAX_MODEL_LEN, DEFAULTS)
+    assert generate_input.truncation.max_tokens == room
+    assert generate_input.sampling.max_tokens == (room or 7)
+
+
 @pytest.mark.parametrize("fields", [{}, {"temperature": 0.0}, {"temperature": 1.0, "top_p": 0.5},
                                     {"top_k": 5, "max_tokens": 3}, {"max_tokens": 30},
                                     {"repetition_penalty": 1.0, "min_p": 0.1},
