@@ -9,8 +9,8 @@ shared memory, the direct socket (and Mooncake where it imports; device IPC from
 sockets: blocking `recv_into` straight into a tensor (the best a socket does here), and asyncio streams'
 `readexactly` (what this bench measured before the data plane). Every received tensor is checked bit for bit.
 A first table times the copies that shared memory is made of, in one process: vision_svc's write before
-(`pwrite`), a memcpy into the slot's mapping it keeps on one thread, the same copy split over the writer's threads
-(now), and the copy out of the slot that llm_svc avoids by handing on a view.
+(`pwrite`), a memcpy into the slot's mapping it keeps on one thread, the same copy shared by the writer's threads
+(now: one per idle core, up to 4), and the copy out of the slot that llm_svc avoids by handing on a view.
 As root, the same runs again with the sender in a network namespace behind a veth pair (another host's
 addresses; /dev/shm is still shared, so the probe still proves one host and shared memory still applies). A bar
 chart of GB/s per transport and path goes beside the tables.
@@ -82,7 +82,7 @@ async def _rounds(host: str, port: int, tcp_port: int, expected: torch.Tensor, r
 
 def copy_alone(repeats: int) -> dict[str, float]:
     """Median seconds of the copies shared memory is made of, in turns in this process on one reused slot: the
-    sender's write before (open, pwrite, close), a memcpy into the mapping it keeps on one thread and split over
+    sender's write before (open, pwrite, close), a memcpy into the mapping it keeps on one thread and shared by
     the writer's threads (now), and what a receiver that copied the embeddings out of its slot would add (it hands
     on a view instead)."""
     expected = fixed_embeddings()
@@ -90,7 +90,7 @@ def copy_alone(repeats: int) -> dict[str, float]:
     directory = tempfile.mkdtemp(prefix="dvd-bench-", dir=SHM_DIR)
     pool = shared_memory.SlotPool(directory, expected.nbytes, 1)
     writer, one_thread = slot_writer.SlotWriter(directory), slot_writer.SlotWriter(directory, copy_threads=1)
-    split = f"memcpy into the kept mapping, {writer.copy_threads} threads (now)"
+    split = f"memcpy into the kept mapping, shared by {writer.threads_now()} threads (now)"
     lease = pool.lease(1, lease_s=3600)
     [slot] = lease.offer().slots
     fd = shared_memory.open_slot(directory, slot.name)

@@ -6,10 +6,12 @@ Why a mapping kept between transfers: `pwrite` into tmpfs goes page by page thro
 3.3 GB/s); a copy into a mapping already faulted in runs at memory speed (11-14 GB/s on a quiet core). The receiver reuses
 its slots, so the mapping of a slot serves every later image written into it.
 
-Why the copy is split over threads: one core's memcpy is bounded by what one core can have in flight (4-7 GB/s
-here); two cores copying halves moved 34 MB in 2.6 ms against 4.1 ms. Each part is a plain numpy copy on a
-thread of its own (no spinning OpenMP team: torch's `copy_` ran 3x slower here when the other core was busy),
-so on a busy machine the parts take turns and cost what one copy does.
+Why the copy is shared between threads: one core's memcpy is bounded by what one core can have in flight (4-7
+GB/s here); two cores moved 34 MB in 2.5 ms against 3.0 ms. The copy is cut into 2 MiB parts that the writing
+thread and its helpers take in turn (`_SharedCopy`), so that a helper that starts late leaves its parts to the others. Helpers are used only while cores are
+idle (the load average): on a busy machine a helper is preempted holding a part and the copy waits for it (two
+threads took 7.8 ms against one's 3.4 ms with both cores busy here; torch's `copy_` over its OpenMP threads is
+worse still).
 
 Why no SIGBUS: a write through a mapping into a page tmpfs has not allocated yet kills the writer with SIGBUS
 when tmpfs is full (where `pwrite` would return ENOSPC). The receiver allocates each slot whole when it creates
@@ -43,8 +45,9 @@ _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 # Page tables filled when mapping: the first write into a reused slot then takes no fault either.
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
-# A part smaller than this costs more in hand-over than it saves.
-MIN_PART_BYTES = 4 << 20
+# The copy's unit of work: small enough that a helper preempted mid-part holds up little, large enough that taking
+# a part costs nothing next to copying it.
+PART_BYTES = 2 << 20
 
 
 def default_copy_threads() -> int:
@@ -66,20 +69,47 @@ class _Mapping:
         self.users = 0
         self.used = time.monotonic()
 
-    def copy_in(self, data: memoryview, helpers: concurrent.futures.Executor | None, parts: int) -> None:
-        """Copies `data` to the start of the slot in `parts` parts: this thread copies the first, `helpers` the
-        others (numpy releases the GIL)."""
+    def copy_in(self, data: memoryview, helpers: concurrent.futures.Executor | None, threads: int) -> None:
+        """Copies `data` to the start of the slot, on this thread and up to `threads - 1` of `helpers`."""
         target = np.frombuffer((ctypes.c_char * len(data)).from_address(self.address), dtype=np.uint8)
-        source = np.frombuffer(data, dtype=np.uint8)
-        bounds = [len(data) * i // parts for i in range(parts + 1)]
-        others = [helpers.submit(np.copyto, target[a:b], source[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])] \
-            if helpers is not None else []
-        np.copyto(target[:bounds[1]], source[:bounds[1]])
-        for part in others:
-            part.result()
+        copy = _SharedCopy(target, np.frombuffer(data, dtype=np.uint8))
+        for _ in range(min(threads, copy.parts) - 1 if helpers is not None else 0):
+            helpers.submit(copy.run)
+        copy.run()
+        copy.wait()
 
     def unmap(self) -> None:
         _libc.munmap(self.address, self.size)
+
+
+class _SharedCopy:
+    """One copy cut into parts that whichever thread is free takes next. The caller copies too, and waits only for
+    parts a helper has taken: a helper that no core has run yet (the machine is busy) costs nothing, where a fixed
+    split would wait for it (2.3x as long as one thread on a busy machine here)."""
+
+    def __init__(self, target: np.ndarray, source: np.ndarray):
+        self._target, self._source = target, source
+        self.parts = max(1, len(source) // PART_BYTES)
+        self._bounds = [len(source) * i // self.parts for i in range(self.parts + 1)]
+        self._taken = self._copied = 0
+        self._lock = threading.Condition()
+
+    def run(self) -> None:
+        while True:
+            with self._lock:
+                part, self._taken = self._taken, self._taken + 1
+            if part >= self.parts:
+                return
+            start, end = self._bounds[part], self._bounds[part + 1]
+            np.copyto(self._target[start:end], self._source[start:end])  # numpy lets go of the GIL
+            with self._lock:
+                self._copied += 1
+                if self._copied == self.parts:
+                    self._lock.notify_all()
+
+    def wait(self) -> None:
+        with self._lock:
+            self._lock.wait_for(lambda: self._copied == self.parts)
 
 
 class SlotWriter:
@@ -109,9 +139,15 @@ class SlotWriter:
             shared_memory.write_slot(self.directory, slot, data)
             return
         try:
-            mapping.copy_in(data, self._helpers, max(1, min(self.copy_threads, len(data) // MIN_PART_BYTES)))
+            mapping.copy_in(data, self._helpers, self.threads_now())
         finally:
             self._release(mapping)
+
+    def threads_now(self) -> int:
+        """Threads for the next copy: this one, and a helper per core idle on average over the last minute, rounded
+        (on a busy machine a helper waits for a core, and the copy for the part it took)."""
+        idle = (os.cpu_count() or 1) - os.getloadavg()[0]
+        return 1 + min(self.copy_threads - 1, max(int(idle + 0.5), 0))
 
     def _acquire(self, name: str, nbytes: int) -> _Mapping | None:
         """The mapping of slot `name` (made now if needed), held for one write; None: write it with pwrite."""

@@ -10,7 +10,7 @@ import torch
 
 from protos import vision_pb2
 from protos.transport import shared_memory
-from protos.transport.slot_writer import MIN_PART_BYTES, SlotWriter
+from protos.transport.slot_writer import PART_BYTES, SlotWriter
 
 from tests.protos.transport_peer import embeddings_of
 
@@ -115,9 +115,11 @@ def test_a_name_that_comes_to_name_another_file_is_mapped_afresh(shm_dir):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("nbytes", [0, 1, MIN_PART_BYTES - 1, 2 * MIN_PART_BYTES + 7, 3 * MIN_PART_BYTES + 1])
-def test_a_copy_split_over_threads_writes_the_exact_bytes_and_nothing_past_them(shm_dir, threads, nbytes):
-    size = 3 * MIN_PART_BYTES + 4096
+@pytest.mark.parametrize("nbytes", [0, 1, PART_BYTES - 1, 2 * PART_BYTES + 7, 3 * PART_BYTES + 1])
+def test_a_copy_split_over_threads_writes_the_exact_bytes_and_nothing_past_them(shm_dir, threads, nbytes,
+                                                                               monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle cores: the helpers take part
+    size = 3 * PART_BYTES + 4096
     pool = shared_memory.SlotPool(shm_dir, size, 1)
     writer = SlotWriter(shm_dir, copy_threads=threads)
     try:
@@ -132,3 +134,14 @@ def test_a_copy_split_over_threads_writes_the_exact_bytes_and_nothing_past_them(
     finally:
         writer.close()
         pool.close()
+
+
+def test_helpers_copy_only_while_cores_are_idle(shm_dir, monkeypatch):
+    writer = SlotWriter(shm_dir, copy_threads=4)
+    try:
+        cores = os.cpu_count()
+        for load, threads in ((0.0, min(4, 1 + cores)), (cores - 1.4, 2), (cores - 0.4, 1), (10 * cores, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+            assert writer.threads_now() == threads
+    finally:
+        writer.close()
