@@ -5,9 +5,10 @@ process into a tensor in llm_svc's process, per transport of the data plane.
 
 The sender is vision_svc's real `EmbeddingSender` behind the real gRPC bootstrap in a spawned process; the
 receiver is llm_svc's real `VisionClient`, forced onto each transport in turn: gRPC inline (the reference),
-shared memory, the direct socket (and Mooncake where it imports; device IPC from GPU to GPU where CUDA is). A plain TCP socket from the same kind of process is the reference for
-sockets: blocking `recv_into` straight into a tensor (the best a socket does here), and asyncio streams'
-`readexactly` (what this bench measured before the data plane). Every received tensor is checked bit for bit.
+shared memory, the direct socket (and Mooncake where it imports; device IPC from GPU to GPU where CUDA is). A
+plain TCP socket from the same kind of process is the reference for sockets: blocking `recv_into` straight into
+a tensor (the best a socket does here), and asyncio streams' `readexactly` (what this bench measured before the
+data plane). Every received tensor is checked bit for bit; each transfer starts after a pause of `SETTLE_S`.
 A first table times the copies that shared memory is made of, in one process: vision_svc's write before
 (`pwrite`), a memcpy into the slot's mapping it keeps on one thread, the same copy shared by the writer's threads
 (now: one per idle core, up to 4), and the copy out of the slot that llm_svc avoids by handing on a view.

@@ -185,8 +185,8 @@ class LanguageService:
                           work: AdmittedWork) -> tuple[list[torch.Tensor], dict]:
         """The images' embeddings, and the engine's input (with stand-ins for them) that the admission check passed."""
         # Before the vision call: a request that the engine would refuse costs the vision stage nothing.
-        checked = await self._admission.check(request.request_id, text, request.images, request.max_tiles, request.sampling,
-                                    self._tok_params(request))
+        checked = await self._admission.check(request.request_id, text, request.images, request.max_tiles,
+                                              request.sampling, self._tok_params(request))
         results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
                                             self.limits.vision_timeout_s, hold_bytes=work.hold)
         for i, result in enumerate(results):

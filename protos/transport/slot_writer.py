@@ -3,15 +3,15 @@ transfers, so that moving an image is one memcpy into pages that are already thi
 
 Why a mapping kept between transfers: `pwrite` into tmpfs goes page by page through the page cache (about
 5.5 GB/s for 34 MB here), and a fresh mapping takes a page fault per 4 KiB page on its first write (about
-3.3 GB/s); a copy into a mapping already faulted in runs at memory speed (11-14 GB/s on a quiet core). The receiver reuses
-its slots, so the mapping of a slot serves every later image written into it.
+3.3 GB/s); a copy into a mapping already faulted in runs at memory speed (11-14 GB/s on a quiet core). The
+receiver reuses its slots, so the mapping of a slot serves every later image written into it.
 
 Why the copy is shared between threads: one core's memcpy is bounded by what one core can have in flight (4-7
 GB/s here); two cores moved 34 MB in 2.5 ms against 3.0 ms. The copy is cut into 2 MiB parts that the writing
-thread and its helpers take in turn (`_SharedCopy`), so that a helper that starts late leaves its parts to the others. Helpers are used only while cores are
-idle (the load average): on a busy machine a helper is preempted holding a part and the copy waits for it (two
-threads took 7.8 ms against one's 3.4 ms with both cores busy here; torch's `copy_` over its OpenMP threads is
-worse still).
+thread and its helpers take in turn (`_SharedCopy`), so that a helper that starts late leaves its parts to the
+others. Helpers join only while cores are idle (by the load average): on a busy machine a helper is preempted
+holding a part and the copy waits for it (two threads took 7.8 ms against one's 3.4 ms with both cores busy
+here; torch's `copy_` over its OpenMP threads is worse still).
 
 Why no SIGBUS: a write through a mapping into a page tmpfs has not allocated yet kills the writer with SIGBUS
 when tmpfs is full (where `pwrite` would return ENOSPC). The receiver allocates each slot whole when it creates
@@ -83,9 +83,8 @@ class _Mapping:
 
 
 class _SharedCopy:
-    """One copy cut into parts that whichever thread is free takes next. The caller copies too, and waits only for
-    parts a helper has taken: a helper that no core has run yet (the machine is busy) costs nothing, where a fixed
-    split would wait for it (2.3x as long as one thread on a busy machine here)."""
+    """One copy cut into parts that whichever thread is free takes next. The caller copies too, and then waits only
+    for the parts helpers have taken: a helper that starts late finds nothing left and touches nothing."""
 
     def __init__(self, target: np.ndarray, source: np.ndarray):
         self._target, self._source = target, source

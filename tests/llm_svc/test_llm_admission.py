@@ -99,13 +99,13 @@ async def test_counted_prompt_length_equals_vllms_with_the_raw_images(engine, si
     pictures = [image(w, h, seed=n) for n, (w, h) in enumerate(sizes)]
     blobs = [ImageBlob(hashlib.sha256(data).hexdigest(), data) for data in map(png_bytes, pictures)]
     prompt = renderer.render([Message("user", (*(ImageRef(b.content_hash) for b in blobs), *([text] if text else [])))])
-    counted = len((await admission.check("r", prompt, blobs, max_tiles, SamplingParams(max_tokens=1)))["prompt_token_ids"])
+    checked = await admission.check("r", prompt, blobs, max_tiles, SamplingParams(max_tokens=1))
 
     raw = {"prompt": prompt, "multi_modal_data": {"image": pictures}}
     if max_tiles:
         raw["mm_processor_kwargs"] = tile_kwargs(layout, max_tiles)
     (monolithic,) = await llm_engine.renderer.render_cmpl_async([raw])
-    assert counted == len(monolithic["prompt_token_ids"])
+    assert len(checked["prompt_token_ids"]) == len(monolithic["prompt_token_ids"])
 
 
 @pytest.mark.parametrize("sizes,max_tiles,truncate", [([(1200, 900)], 0, None), ([(448, 448), (60, 2000)], 6, None),
