@@ -12,6 +12,8 @@ from protos.tracing import start_tracing
 from vision_svc.config import parse_config
 from vision_svc.server import VisionServer
 
+ENCODER_MMAP_THRESHOLD = 4 << 20
+
 log = logging.getLogger("vision_svc")
 
 
@@ -28,7 +30,10 @@ async def serve(config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    limit_fragmentation()  # before any thread or child process exists
+    # Before any thread or child process exists. Blocks up to 4 MiB (most of the encoder's activations) come from
+    # the two arenas and are reused: mapped and zero-filled anew at each layer, a CPU pass took 1.16x as long. Up
+    # to 32 MiB was faster still, but the soak saw vision_svc creep again (bench/RESULTS.md, soak).
+    limit_fragmentation(mmap_threshold=ENCODER_MMAP_THRESHOLD)
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_json)
     start_orphan_guard(config.log_json)  # before any child process exists
