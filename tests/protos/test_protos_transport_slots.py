@@ -2,6 +2,7 @@
 reused, the sender's `SlotWriter` maps each slot once and writes the exact bytes into it, and lets go of every
 mapping whose slot is gone, so that nothing stays pinned; a large copy split over threads lands whole."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -25,11 +26,21 @@ def mappings_into(directory: str) -> int:
         return sum(1 for line in maps if f" {directory}/" in line)
 
 
+@contextlib.contextmanager
+def pool_and_writer(directory: str, slot_bytes: int, max_slots: int, **writer_settings):
+    """The receiver's pool and the sender's writer over `directory`, both closed on the way out."""
+    pool = shared_memory.SlotPool(directory, slot_bytes, max_slots)
+    writer = SlotWriter(directory, **writer_settings)
+    try:
+        yield pool, writer
+    finally:
+        writer.close()
+        pool.close()
+
+
 def test_a_reused_slot_is_mapped_once_and_receives_the_exact_bytes_each_time(shm_dir):
     first, second = embeddings_of(0), embeddings_of(1)
-    pool = shared_memory.SlotPool(shm_dir, first.nbytes, 1)
-    writer = SlotWriter(shm_dir)
-    try:
+    with pool_and_writer(shm_dir, first.nbytes, 1) as (pool, writer):
         for expected in (first, second):  # the second lease gets the same slot back
             lease = pool.lease(1, lease_s=10)
             [slot] = lease.offer().slots
@@ -42,16 +53,11 @@ def test_a_reused_slot_is_mapped_once_and_receives_the_exact_bytes_each_time(shm
             lease.close(writer_finished=True)
             assert writer.mapped == 1 and mappings_into(shm_dir) == 2  # the pool's and the writer's
         assert pool.live_slots == 1
-    finally:
-        writer.close()
-        pool.close()
     assert mappings_into(shm_dir) == 0
 
 
 def test_a_slot_the_receiver_retires_is_unmapped_by_the_next_sweep(shm_dir):
-    pool = shared_memory.SlotPool(shm_dir, 4096, 2)
-    writer = SlotWriter(shm_dir, idle_s=3600)
-    try:
+    with pool_and_writer(shm_dir, 4096, 2, idle_s=3600) as (pool, writer):
         kept, retired = pool.lease(1, lease_s=10), pool.lease(1, lease_s=10)
         for lease in (kept, retired):
             writer.write(lease.offer().slots[0], memoryview(b"x" * 4096))
@@ -59,9 +65,6 @@ def test_a_slot_the_receiver_retires_is_unmapped_by_the_next_sweep(shm_dir):
         assert writer.drop_stale() == 1
         kept.close(writer_finished=True)
         assert writer.drop_stale() == 1  # its name still names the same file: kept mapped
-    finally:
-        writer.close()
-        pool.close()
     assert mappings_into(shm_dir) == 0
 
 
@@ -120,9 +123,7 @@ def test_a_copy_split_over_threads_writes_the_exact_bytes_and_nothing_past_them(
                                                                                monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle cores: the helpers take part
     size = 3 * PART_BYTES + 4096
-    pool = shared_memory.SlotPool(shm_dir, size, 1)
-    writer = SlotWriter(shm_dir, copy_threads=threads)
-    try:
+    with pool_and_writer(shm_dir, size, 1, copy_threads=threads) as (pool, writer):
         lease = pool.lease(1, lease_s=10)
         [slot] = lease.offer().slots
         data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
@@ -131,9 +132,6 @@ def test_a_copy_split_over_threads_writes_the_exact_bytes_and_nothing_past_them(
         assert np.array_equal(received[:nbytes], data) and not received[nbytes:].any()
         del received
         lease.close(writer_finished=True)
-    finally:
-        writer.close()
-        pool.close()
 
 
 def test_helpers_copy_only_while_cores_are_idle(shm_dir, monkeypatch):
