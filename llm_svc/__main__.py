@@ -5,6 +5,8 @@ import logging
 import os
 import sys
 
+from vllm import envs
+
 from llm_svc import vllm_plugin
 from llm_svc.config import parse_config
 from llm_svc.cpu_defaults import check_parallel_layout
@@ -27,6 +29,9 @@ async def serve(config, engine_args) -> None:
     except (IncompatibleVisionStage, WorkLimitTooSmall, Unavailable, OSError) as error:
         await server.stop()
         sys.exit(f"llm_svc: cannot start: {error}")
+    # vLLM's output path reads its environment variables at every engine step (os.environ, ~5 a step); vLLM's own
+    # engine processes cache them once up, and nothing changes this process's environment after start-up either.
+    envs.enable_envs_cache()
     log.info("llm_svc ready on %s:%d, vision stage at %s", config.host, port, ",".join(config.vision))
     await wait_for_shutdown_signal()
     await server.stop()

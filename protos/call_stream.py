@@ -6,9 +6,11 @@ On one GenerateStream the deltas of all the calls that are ready together travel
 
 Server (`serve_calls`): each call runs as its own task, exactly as Generate runs it (the servicer's own `Generate`,
 given a context whose metadata is the call's trace context), and its events go to the stream's outbox, which the
-stream writes as one message whenever gRPC takes the next. A call takes its next delta from the engine only once
-its previous one was handed to gRPC, as a Generate call waits for its write: meanwhile vLLM merges the request's
-outputs, so a slow stream means fewer, larger messages, not a queue. The end of the stream cancels every call.
+stream writes as one message whenever gRPC takes the next. A call puts its next delta in the outbox only once its
+previous one was handed to gRPC, so at most one delta of a call waits: meanwhile vLLM merges the request's outputs,
+and a slow stream means fewer, larger messages, not a queue. It waits at the next delta, not after each write: a call
+whose previous delta has gone by the time the engine has another is not woken in between (a task step per token).
+The end of the stream cancels every call.
 
 Client (`CallStream`): one stream per replica; `start` sends a call's request and returns a `StreamedCall`, read
 like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
@@ -114,8 +116,11 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
             # Closed at once however the call ends: a cancelled call's engine request is aborted now, not whenever
             # the generator is collected.
             async with contextlib.aclosing(generate(request, _CallContext(context, trace_context))) as responses:
+                written = None  # the previous delta's message handed to gRPC
                 async for response in responses:
-                    await outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, message=response))
+                    if written is not None and not written.done():
+                        await written
+                    written = outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, message=response))
             status = llm_pb2.CallStatus(code=grpc.StatusCode.OK.value[0])
         except asyncio.CancelledError:
             return  # cancelled by the caller, or the stream ended: nobody waits for its status
