@@ -8,7 +8,9 @@ completions (random prompts, a fixed output length with `ignore_eos`), one syste
 run the CPU time (user + system, psutil) of every process is read: the gateway; llm_svc's front, which is its
 whole process tree but vLLM's engine (the engine-core process and its model workers, told by their process titles);
 vLLM's API server, its tree but the engine; and the engines themselves, for scale. Reported per 1000 output tokens,
-with requests/s, TTFT and TPOT from the same run. Each front's CPU use with no request in flight is read first, and
+with requests/s, TTFT and TPOT from the same run, and the context switches of the fronts' threads per output token
+(each time a thread went to sleep or was preempted: on a virtual machine a wake-up can cost more CPU than the work
+it wakes for, so these say where per-token time goes when the work itself is small). Each front's CPU use with no request in flight is read first, and
 the figures are also given net of it ("net of idle"): a helper that polls on a timer (llm_svc's orphan guard) costs
 per second, not per token, and would otherwise look like a per-token cost that grows as tokens come slower.
 CPU time per token depends much less on what else the machine runs than the latencies do (the load average is
@@ -55,6 +57,20 @@ def is_engine(name: str, cmdline: list[str]) -> bool:
 class ProcessCpu:
     engine: bool  # the engine's (core or model worker), not the front's
     cpu_s: float  # user + system, this process alone
+    switches: int = 0  # context switches of all its threads, voluntary and involuntary
+
+
+def context_switches(pid: int) -> int:
+    """Of every thread of the process (/proc/PID/status counts its first thread's only)."""
+    total = 0
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        total += sum(int(line.split()[1]) for line in status.splitlines()
+                     if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
+    return total
 
 
 def tree_cpu(root_pid: int) -> dict[int, ProcessCpu]:
@@ -66,8 +82,8 @@ def tree_cpu(root_pid: int) -> dict[int, ProcessCpu]:
             with process.oneshot():
                 times = process.cpu_times()
                 out[process.pid] = ProcessCpu(is_engine(process.name(), process.cmdline()),
-                                              times.user + times.system)
-        except psutil.NoSuchProcess:
+                                              times.user + times.system, context_switches(process.pid))
+        except (psutil.NoSuchProcess, FileNotFoundError):
             pass  # ended between the listing and the reading: its time is lost to both sides of the split
     return out
 
@@ -79,20 +95,24 @@ class TreeCpu:
     main: float  # the tree's root: the server itself
     helpers: float  # the rest of the front: resource tracker, orphan guard, tokenizer processes
     engine: float  # vLLM's engine core and model workers
+    switches: int = 0  # context switches of the front's threads (main and helpers)
 
 
 def split_cpu(root_pid: int, before: dict[int, ProcessCpu], after: dict[int, ProcessCpu]) -> TreeCpu:
     """A process that started in between counts from zero; one that ended in between is lost."""
     main = helpers = engine = 0.0
+    switches = 0
     for pid, now in after.items():
         spent = now.cpu_s - (before[pid].cpu_s if pid in before else 0.0)
         if now.engine:
             engine += spent
-        elif pid == root_pid:
+            continue
+        switches += now.switches - (before[pid].switches if pid in before else 0)
+        if pid == root_pid:
             main += spent
         else:
             helpers += spent
-    return TreeCpu(main, helpers, engine)
+    return TreeCpu(main, helpers, engine, switches)
 
 
 def per_1000_tokens(cpu_s: float, tokens: int) -> float:
@@ -108,6 +128,10 @@ class Measured:
     output_tokens: int
     summary: Summary
     idle_cpu_s: float = 0.0  # what the fronts would have spent in as long with no request (`idle_cpu`)
+    front_switches: int = 0  # context switches of the fronts' threads
+
+    def switches_per_token(self) -> float:
+        return self.front_switches / self.output_tokens if self.output_tokens else float("nan")
 
     def front_per_1000(self, net_of_idle: bool = False) -> float:
         return per_1000_tokens(sum(self.front_cpu_s.values()) - (self.idle_cpu_s if net_of_idle else 0.0),
@@ -125,13 +149,14 @@ def measure(stages: list[Stage], front: dict[str, int], bodies: list[dict], conc
     before = {label: tree_cpu(pid) for label, pid in roots.items()}
     timings, seconds = asyncio.run(run_load(f"http://{stages[-1].address}", bodies, concurrency))
     after = {label: tree_cpu(pid) for label, pid in roots.items()}
-    front_cpu_s, engine_cpu_s = {}, 0.0
+    front_cpu_s, engine_cpu_s, switches = {}, 0.0, 0
     for label, pid in roots.items():
         spent = split_cpu(pid, before[label], after[label])
         front_cpu_s.update({label: spent.main, f"{label} helpers": spent.helpers})
         engine_cpu_s += spent.engine
+        switches += spent.switches
     return Measured(front_cpu_s, engine_cpu_s, sum(t.output_tokens for t in timings), Summary.of(timings, seconds),
-                    sum(idle.values()) * seconds)
+                    sum(idle.values()) * seconds, switches)
 
 
 def idle_cpu(stages: list[Stage], front: dict[str, int], seconds: float) -> dict[str, float]:
@@ -166,7 +191,8 @@ def cost_table(results: dict[int, dict[str, Measured]]) -> str:
             parts = ", ".join(f"{label} {per_1000_tokens(s, m.output_tokens):.2f}"
                               for label, s in m.front_cpu_s.items())
             rows.append([concurrency, system, m.output_tokens, m.front_per_1000(), m.front_per_1000(True), parts,
-                         per_1000_tokens(m.engine_cpu_s, m.output_tokens), m.summary.requests_per_s,
+                         round(m.switches_per_token(), 2), per_1000_tokens(m.engine_cpu_s, m.output_tokens),
+                         m.summary.requests_per_s,
                          m.summary.ttft_p50_ms, m.summary.tpot_p50_ms])
         theirs = by_system.get(VLLM)
         for system, ours in by_system.items():
@@ -175,13 +201,15 @@ def cost_table(results: dict[int, dict[str, Measured]]) -> str:
             label = "**DvD / vLLM**" if system == DEFAULT_SYSTEMS[0] else f"**{system} / vLLM**"
             rows.append([concurrency, label, "", ratio(ours.front_per_1000(), theirs.front_per_1000()),
                          ratio(ours.front_per_1000(True), theirs.front_per_1000(True)), "",
+                         ratio(ours.switches_per_token(), theirs.switches_per_token()),
                          ratio(per_1000_tokens(ours.engine_cpu_s, ours.output_tokens),
                                per_1000_tokens(theirs.engine_cpu_s, theirs.output_tokens)),
                          ratio(ours.summary.requests_per_s, theirs.summary.requests_per_s),
                          ratio(ours.summary.ttft_p50_ms, theirs.summary.ttft_p50_ms),
                          ratio(ours.summary.tpot_p50_ms, theirs.summary.tpot_p50_ms)])
     return markdown_table(["concurrency", "system", "out tokens", "front CPU-s / 1k tok", "net of idle",
-                           "by process", "engine CPU-s / 1k tok", "req/s", "TTFT p50 ms", "TPOT p50 ms"], rows)
+                           "by process", "front switches / tok", "engine CPU-s / 1k tok", "req/s", "TTFT p50 ms",
+                           "TPOT p50 ms"], rows)
 
 
 # One py-spy raw line: the stack, root first, frames separated by ';', then the sample count.

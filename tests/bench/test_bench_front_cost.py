@@ -1,12 +1,14 @@
 """bench.front_cost's arithmetic: which processes count as the front, CPU time per token, the profile's summary."""
 
 import os
+import threading
+import time
 
 import pytest
 
 from bench.e2e import Summary
-from bench.front_cost import (Measured, ProcessCpu, TreeCpu, cost_table, is_engine, per_1000_tokens, short_frame,
-                              split_cpu, top_frames, tree_cpu)
+from bench.front_cost import (Measured, ProcessCpu, TreeCpu, context_switches, cost_table, is_engine, per_1000_tokens,
+                              short_frame, split_cpu, top_frames, tree_cpu)
 
 
 @pytest.mark.parametrize("name, cmdline, engine", [
@@ -23,29 +25,43 @@ def test_engine_is_told_by_vllm_process_titles(name, cmdline, engine):
 
 
 def test_split_counts_what_each_process_spent_between_the_readings():
-    before = {10: ProcessCpu(False, 5.0), 11: ProcessCpu(True, 100.0), 12: ProcessCpu(False, 1.0),
-              14: ProcessCpu(False, 2.0)}
-    after = {10: ProcessCpu(False, 7.5), 11: ProcessCpu(True, 130.0), 14: ProcessCpu(False, 2.5),
-             13: ProcessCpu(False, 0.25)}  # 12 ended (its time is lost), 13 started (counts from zero)
-    assert split_cpu(10, before, after) == TreeCpu(main=2.5, helpers=0.75, engine=30.0)
+    before = {10: ProcessCpu(False, 5.0, 100), 11: ProcessCpu(True, 100.0, 5000), 12: ProcessCpu(False, 1.0, 7),
+              14: ProcessCpu(False, 2.0, 30)}
+    after = {10: ProcessCpu(False, 7.5, 160), 11: ProcessCpu(True, 130.0, 9000), 14: ProcessCpu(False, 2.5, 35),
+             13: ProcessCpu(False, 0.25, 4)}  # 12 ended (its time is lost), 13 started (counts from zero)
+    # The engine's switches are not the front's.
+    assert split_cpu(10, before, after) == TreeCpu(main=2.5, helpers=0.75, engine=30.0, switches=69)
 
 
-def test_tree_cpu_reads_this_process():
+def test_tree_cpu_reads_this_process_and_the_switches_of_all_its_threads():
+    def sleeper(stop: threading.Event):
+        while not stop.wait(0.001):
+            pass
+
+    stop = threading.Event()
+    thread = threading.Thread(target=sleeper, args=(stop,))
+    before = context_switches(os.getpid())
+    thread.start()
+    time.sleep(0.1)  # the other thread sleeps and wakes once per wait
+    after = context_switches(os.getpid())  # while it runs: an ended thread's switches are gone with it
+    stop.set()
+    thread.join()
+    assert after - before >= 20
     mine = tree_cpu(os.getpid())[os.getpid()]
-    assert not mine.engine and mine.cpu_s > 0
+    assert not mine.engine and mine.cpu_s > 0 and mine.switches > 0
 
 
 def test_cost_per_1000_tokens_and_ratio_row():
     summary = Summary(requests_per_s=2.0, output_tokens_per_s=256.0, ttft_p50_ms=20.0, ttft_p99_ms=30.0,
                       tpot_p50_ms=4.0, prompt_tokens=64.0)
-    ours = Measured({"gateway": 1.0, "llm_svc front": 2.0}, 10.0, 2000, summary, idle_cpu_s=1.0)
-    theirs = Measured({"vLLM API server": 2.0}, 10.0, 2000, summary)
+    ours = Measured({"gateway": 1.0, "llm_svc front": 2.0}, 10.0, 2000, summary, idle_cpu_s=1.0, front_switches=9000)
+    theirs = Measured({"vLLM API server": 2.0}, 10.0, 2000, summary, front_switches=3000)
     assert per_1000_tokens(3.0, 2000) == 1.5 and per_1000_tokens(1.0, 0) != per_1000_tokens(1.0, 0)  # nan
     unmultiplexed = Measured({"gateway": 2.0, "llm_svc front": 4.0}, 10.0, 2000, summary)
     rows = cost_table({4: {"DvD (gateway)": ours, "vLLM server": theirs,
                            "DvD, a Generate call per request": unmultiplexed}}).splitlines()[2:]
-    assert rows[0].startswith("| 4 | DvD (gateway) | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 5 |")
-    assert rows[3].startswith("| 4 | **DvD / vLLM** |  | 1.50x | 1.00x |")
+    assert rows[0].startswith("| 4 | DvD (gateway) | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 4.5 | 5 |")
+    assert rows[3].startswith("| 4 | **DvD / vLLM** |  | 1.50x | 1.00x |  | 3.00x |")
     assert rows[4].startswith("| 4 | **DvD, a Generate call per request / vLLM** |  | 3.00x |")
 
 
