@@ -10,7 +10,8 @@ whole process tree but vLLM's engine (the engine-core process and its model work
 vLLM's API server, its tree but the engine; and the engines themselves, for scale. Reported per 1000 output tokens,
 with requests/s, TTFT and TPOT from the same run, and the context switches of the fronts' threads per output token
 (each time a thread went to sleep or was preempted: on a virtual machine a wake-up can cost more CPU than the work
-it wakes for, so these say where per-token time goes when the work itself is small). Each front's CPU use with no request in flight is read first, and
+it wakes for, so these say where per-token time goes when the work itself is small; `bench.wakeups` measures one).
+Each front's CPU use with no request in flight is read first, and
 the figures are also given net of it ("net of idle"): a helper that polls on a timer (llm_svc's orphan guard) costs
 per second, not per token, and would otherwise look like a per-token cost that grows as tokens come slower.
 CPU time per token depends much less on what else the machine runs than the latencies do (the load average is
@@ -192,8 +193,7 @@ def cost_table(results: dict[int, dict[str, Measured]]) -> str:
                               for label, s in m.front_cpu_s.items())
             rows.append([concurrency, system, m.output_tokens, m.front_per_1000(), m.front_per_1000(True), parts,
                          round(m.switches_per_token(), 2), per_1000_tokens(m.engine_cpu_s, m.output_tokens),
-                         m.summary.requests_per_s,
-                         m.summary.ttft_p50_ms, m.summary.tpot_p50_ms])
+                         m.summary.requests_per_s, m.summary.ttft_p50_ms, m.summary.tpot_p50_ms])
         theirs = by_system.get(VLLM)
         for system, ours in by_system.items():
             if theirs is None or system == VLLM:
