@@ -17,17 +17,19 @@ log = logging.getLogger(__name__)
 
 # mallopt parameters (malloc.h) and their environment variables, which an operator may set to override ours.
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
-SETTINGS = {"MALLOC_ARENA_MAX": (M_ARENA_MAX, 2), "MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, 128 << 10)}
+ARENA_MAX = 2
+MMAP_THRESHOLD = 128 << 10
 
 
-def limit_fragmentation(environ=os.environ, mmap_threshold: int = 128 << 10) -> None:
+def limit_fragmentation(environ=os.environ, mmap_threshold: int = MMAP_THRESHOLD) -> None:
     """Applies the settings to this process (call it first thing) and, through the environment, to the processes
     it starts; a setting already in the environment is left as it is. No-op without glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:  # another C library
         return
-    settings = dict(SETTINGS, MALLOC_MMAP_THRESHOLD_=(M_MMAP_THRESHOLD, mmap_threshold))
+    settings = {"MALLOC_ARENA_MAX": (M_ARENA_MAX, ARENA_MAX),
+                "MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, mmap_threshold)}
     for variable, (parameter, value) in settings.items():
         if variable in environ:
             continue

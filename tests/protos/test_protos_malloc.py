@@ -19,4 +19,4 @@ def test_a_stage_may_raise_the_mmap_threshold():
     environ = {}
     malloc.limit_fragmentation(environ, mmap_threshold=4 << 20)  # vision_svc: its encoder's activations
     assert environ == {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
-    malloc.limit_fragmentation({}, mmap_threshold=128 << 10)  # this test process back as the others left it
+    malloc.limit_fragmentation({}, mmap_threshold=malloc.MMAP_THRESHOLD)  # this process back as the others left it
