@@ -82,8 +82,10 @@ def tree_cpu(root_pid: int) -> dict[int, ProcessCpu]:
         try:
             with process.oneshot():
                 times = process.cpu_times()
-                out[process.pid] = ProcessCpu(is_engine(process.name(), process.cmdline()),
-                                              times.user + times.system, context_switches(process.pid))
+                engine = is_engine(process.name(), process.cmdline())
+                # The engine's switches are not the front's: its threads' /proc files are not read.
+                out[process.pid] = ProcessCpu(engine, times.user + times.system,
+                                              0 if engine else context_switches(process.pid))
         except (psutil.NoSuchProcess, FileNotFoundError):
             pass  # ended between the listing and the reading: its time is lost to both sides of the split
     return out
