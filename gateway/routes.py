@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from gateway import fanout, tokenization, translate
 from gateway.errors import PayloadTooLarge, Unauthenticated, http_error, read_capped
@@ -216,8 +217,11 @@ router.include_router(api)
 async def parse_body(request: Request, model: type[Model]) -> Model:
     limit = gateway_of(request).config.max_request_bytes
     with tracing.span("parse") as span:  # reading the body included: a slow client shows here
-        body = await read_capped(request.stream(), request.headers.get("content-length"), limit, "request body",
-                                 request.state.work.hold)
+        try:
+            body = await read_capped(request.stream(), request.headers.get("content-length"), limit, "request body",
+                                     request.state.work.hold)
+        except ClientDisconnect:  # the client's own doing, not a server error: 499, as a disconnect mid-stream
+            raise Cancelled("client disconnected before its request body arrived") from None
         if span.is_recording():
             span.set_attribute("bytes", len(body))
         try:
