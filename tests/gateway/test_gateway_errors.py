@@ -215,6 +215,13 @@ async def test_client_disconnect_before_a_plain_response_cancels_the_backend_cal
 
 
 async def test_client_gone_before_its_body_arrived_is_499_not_a_server_error(gateway_url, fake):
+    async def count(status: str) -> float:
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{gateway_url}/metrics")).text
+        line = f'gateway_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} '
+        return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
+
+    before = {status: await count(status) for status in ("499", "500")}
     host, port = gateway_url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
@@ -222,15 +229,12 @@ async def test_client_gone_before_its_body_arrived_is_499_not_a_server_error(gat
     await writer.drain()
     writer.close()
     await writer.wait_closed()
-    finished = 'gateway_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0'
     for _ in range(100):
-        async with httpx.AsyncClient() as http:
-            metrics = (await http.get(f"{gateway_url}/metrics")).text
-        if finished in metrics:
+        if await count("499") > before["499"]:
             break
         await asyncio.sleep(0.05)
-    assert finished in metrics
-    assert 'status="500"' not in metrics and fake.requests == []
+    assert await count("499") == before["499"] + 1
+    assert await count("500") == before["500"] and fake.requests == []
 
 
 async def test_error_after_the_first_token_arrives_as_an_sse_error_event(gateway_url, fake):
