@@ -162,13 +162,15 @@ class PromptRenderer:
     def render(self, messages: list[Message], options: ChatOptions = ChatOptions()) -> str:
         if not messages:
             raise InvalidInput("the chat has no messages")
+        params = options.chat_params()
+        # The template's text: the engine input tokenizes it once, with the image placeholders in it. Token ids
+        # here would be decoded back to the same text and thrown away (two passes of the tokenizer per request).
+        params.chat_template_kwargs["tokenize"] = False
         try:
-            _, prompt = self._renderer.render_messages(to_openai_messages(messages), options.chat_params())
+            _, prompt = self._renderer.render_messages(to_openai_messages(messages), params)
         except (ValueError, TypeError) as error:
             raise InvalidInput(f"cannot render the chat: {error}") from error
-        if "prompt" in prompt:
-            return prompt["prompt"]
-        return self._renderer.get_tokenizer().decode(prompt["prompt_token_ids"])
+        return prompt["prompt"]
 
     def decode(self, token_ids: list[int]) -> str:
         """A token-id prompt's text, as vLLM's server decodes it to echo it (special tokens kept)."""
