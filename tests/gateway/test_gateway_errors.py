@@ -223,7 +223,7 @@ async def test_client_gone_before_its_body_arrived_is_499_not_a_server_error(gat
 
     before = {status: await count(status) for status in ("499", "500")}
     host, port = gateway_url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 1000\r\n\r\n" + b'{"messages": [')
     await writer.drain()

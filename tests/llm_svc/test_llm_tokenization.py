@@ -4,6 +4,7 @@ chat's images included (fed to vLLM as raw images), and token ids decode back to
 import hashlib
 
 import pytest
+import transformers
 
 from llm_svc.admission import AdmissionCheck
 from llm_svc.image_tokens import ImageTokenCounter
@@ -59,6 +60,19 @@ async def test_a_chats_tokens_equal_vllms_with_the_raw_images(service, sizes, ma
     (monolithic,) = await llm_engine.renderer.render_cmpl_async([raw])
     assert tokens.token_ids == list(monolithic["prompt_token_ids"])
     assert tokens.token_strs is None
+
+
+def test_a_chat_renders_to_the_templates_text_without_tokenizing_it(service, monkeypatch):
+    """The engine input tokenizes the text once; the template's own tokenizing would be a second pass."""
+    _, prompts, llm_engine = service
+    tokenized = []
+    tokenize = transformers.PreTrainedTokenizerBase.__call__
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__call__",
+                        lambda self, *args, **kwargs: tokenized.append(args) or tokenize(self, *args, **kwargs))
+    text = prompts.render(chat_input([], "Hello there.").messages)
+    assert tokenized == []
+    assert text == llm_engine.renderer.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "Hello there."}], tokenize=False, add_generation_prompt=True)
 
 
 async def test_a_prompt_is_tokenized_as_is_with_special_tokens_as_asked(service):
