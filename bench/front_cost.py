@@ -11,9 +11,9 @@ vLLM's API server, its tree but the engine; and the engines themselves, for scal
 with requests/s, TTFT and TPOT from the same run, and the context switches of the fronts' threads per output token
 (each time a thread went to sleep or was preempted: on a virtual machine a wake-up can cost more CPU than the work
 it wakes for, so these say where per-token time goes when the work itself is small; `bench.wakeups` measures one).
-Each front's CPU use with no request in flight is read first, and
-the figures are also given net of it ("net of idle"): a helper that polls on a timer (llm_svc's orphan guard) costs
-per second, not per token, and would otherwise look like a per-token cost that grows as tokens come slower.
+Each front's CPU use with no request in flight is read first, and the figures are also given net of it ("net of
+idle"): a helper that polls on a timer (llm_svc's orphan guard) costs per second, not per token, and would otherwise
+look like a per-token cost that grows as tokens come slower.
 CPU time per token depends much less on what else the machine runs than the latencies do (the load average is
 printed), but not at all is too much to claim: contention for caches and cores inflates it too.
 
@@ -106,11 +106,12 @@ def split_cpu(root_pid: int, before: dict[int, ProcessCpu], after: dict[int, Pro
     main = helpers = engine = 0.0
     switches = 0
     for pid, now in after.items():
-        spent = now.cpu_s - (before[pid].cpu_s if pid in before else 0.0)
+        was = before.get(pid, ProcessCpu(now.engine, 0.0))
+        spent = now.cpu_s - was.cpu_s
         if now.engine:
             engine += spent
             continue
-        switches += now.switches - (before[pid].switches if pid in before else 0)
+        switches += now.switches - was.switches
         if pid == root_pid:
             main += spent
         else:
