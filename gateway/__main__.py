@@ -6,6 +6,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import config_from_args
+from protos.heap import freeze_startup_heap
 from protos.logs import configure_logging
 from protos.tracing import start_tracing
 
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     flush_before_dying_of(signal.SIGTERM, stop_tracing)
     try:
         # log_config=None keeps the handler configured above for uvicorn's loggers too.
-        uvicorn.run(create_app(config), host=config.host, port=config.port, loop="uvloop", log_config=None,
+        app = create_app(config, before_serving=freeze_startup_heap)
+        uvicorn.run(app, host=config.host, port=config.port, loop="uvloop", log_config=None,
                     timeout_graceful_shutdown=config.shutdown_grace_s)
     finally:
         stop_tracing()  # exports the spans still queued

@@ -6,6 +6,7 @@ them, the request context (id, metrics) and the work limit (requests and bytes i
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from fastapi import FastAPI
 
@@ -53,7 +54,9 @@ class Gateway:
         return served
 
 
-def create_app(config: GatewayConfig) -> FastAPI:
+def create_app(config: GatewayConfig, before_serving: Callable[[], object] = lambda: None) -> FastAPI:
+    """`before_serving` runs once the app is up, before it serves: what the process does then (`gateway.__main__`
+    freezes its heap), which an app that shares its process (tests) leaves out."""
     metrics = GatewayMetrics()
     work_limit = WorkLimit("the gateway", config.max_requests_in_flight, config.max_bytes_in_flight)
     metrics.watch_work_limit(work_limit)
@@ -63,6 +66,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         # Created here so the gRPC channels belong to the server's event loop.
         app.state.gateway = Gateway(config, metrics)
         await app.state.gateway.llm.start()
+        before_serving()
         yield
         await app.state.gateway.close()
 

@@ -13,6 +13,7 @@ from llm_svc.cpu_defaults import check_parallel_layout
 from llm_svc.limits import WorkLimitTooSmall
 from llm_svc.server import IncompatibleVisionStage, LlmServer
 from protos.errors import Unavailable
+from protos.heap import freeze_startup_heap
 from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
 from protos.malloc import limit_fragmentation
@@ -25,7 +26,7 @@ log = logging.getLogger("llm_svc")
 async def serve(config, engine_args) -> None:
     server = LlmServer(config, engine_args)
     try:
-        port = await server.start()
+        port = await server.start(before_serving=freeze_startup_heap)
     except (IncompatibleVisionStage, WorkLimitTooSmall, Unavailable, OSError) as error:
         await server.stop()
         sys.exit(f"llm_svc: cannot start: {error}")

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import torch
 import vllm
@@ -50,8 +51,9 @@ class LlmServer:
         self.grpc: GrpcServer | None = None
         self._engine_watch: asyncio.Task | None = None
 
-    async def start(self) -> int:
-        """Checks the vision stage, starts the engine, warms it, then serves; returns the bound port."""
+    async def start(self, before_serving: Callable[[], object] = lambda: None) -> int:
+        """Checks the vision stage, starts the engine, warms it, runs `before_serving` (what the process does once up:
+        `llm_svc.__main__` freezes its heap), then serves; returns the bound port."""
         await self.vision.start()
         info = await self.vision.get_info(self.config.vision_start_timeout_s)
         self.vision.receiver.set_slot_bytes(largest_embedding_bytes(info))
@@ -97,6 +99,7 @@ class LlmServer:
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, addr=self.config.host)
         await self._warm_up()
+        before_serving()
         await self.grpc.set_serving()
         self._engine_watch = asyncio.create_task(self._watch_engine())
         return port

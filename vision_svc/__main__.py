@@ -4,6 +4,7 @@ import asyncio
 import logging
 import sys
 
+from protos.heap import freeze_startup_heap
 from protos.lifetime import start_orphan_guard
 from protos.logs import configure_logging
 from protos.malloc import limit_fragmentation
@@ -20,7 +21,7 @@ log = logging.getLogger("vision_svc")
 async def serve(config) -> None:
     server = VisionServer(config)
     try:
-        port = await server.start()
+        port = await server.start(before_serving=freeze_startup_heap)
     except OSError as error:
         await server.stop()
         sys.exit(f"vision_svc: cannot start: {error}")

@@ -3,6 +3,7 @@
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from prometheus_client import start_http_server
@@ -90,13 +91,16 @@ class VisionServer:
         self.grpc.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server,
                               VisionEncoderServicer(self.service, self.info, self.sender, videos), SERVICE_NAME)
 
-    async def start(self) -> int:
+    async def start(self, before_serving: Callable[[], object] = lambda: None) -> int:
+        """Warms up, runs `before_serving` (what the process does once up: `vision_svc.__main__` freezes its heap),
+        then serves; returns the bound port."""
         port = await self.grpc.start()
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, addr=self.config.host)
         await self.pool.warm_up()
         await self._warm_up()
         await self.sender.start()
+        before_serving()
         await self.grpc.set_serving()
         return port
 

@@ -155,6 +155,13 @@ def test_request_id_appears_in_every_stage_log(client, stack):
         assert "trace-me-4242" in stack[name].log_path.read_text(errors="replace"), f"{name} log lacks the id"
 
 
+def test_every_stage_froze_its_startup_heap_before_serving(stack):
+    # Else a collection of its oldest generation walks the whole of vLLM, torch or FastAPI and stalls every stream.
+    for name in ("gateway", "llm", "vision"):
+        log = stack[name].log_path.read_text(errors="replace")
+        assert "start-up heap frozen" in log, f"{name} did not freeze its start-up heap"
+
+
 def test_a_flood_of_image_requests_gets_answers_or_429s_never_an_error(stack, tmp_path):
     picture = data_url(image(1600, 1200, seed=5))
     # The byte budget fits about one such request at a time while its image is on its way to llm_svc.
