@@ -19,19 +19,16 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class FrozenHeap:
     objects: int  # left out of collections from now on
-    full_collection_ms: float  # CPU time of a full collection before the freeze
-    full_collection_after_ms: float  # and after it
+    full_collection_ms: float  # CPU time a full collection took before the freeze
 
 
 def freeze_startup_heap() -> FrozenHeap:
     """Collects what start-up left behind, then freezes the rest; call it once the stage is ready to serve."""
-    # This thread's CPU time: what a collection costs, without the time other threads hold the GIL meanwhile.
-    started = time.thread_time()
+    started = time.thread_time()  # this thread's: what the collection costs, not the time other threads run meanwhile
     gc.collect()
-    collected = time.thread_time()
+    collection_ms = (time.thread_time() - started) * 1e3
     gc.freeze()
-    gc.collect()
-    frozen = FrozenHeap(gc.get_freeze_count(), (collected - started) * 1e3, (time.thread_time() - collected) * 1e3)
-    log.info("start-up heap frozen: %d objects left out of garbage collection; a full collection took %.1f ms, "
-             "now %.1f ms", frozen.objects, frozen.full_collection_ms, frozen.full_collection_after_ms)
+    frozen = FrozenHeap(gc.get_freeze_count(), collection_ms)
+    log.info("start-up heap frozen: %d objects left out of garbage collection (a full collection took %.0f ms)",
+             frozen.objects, frozen.full_collection_ms)
     return frozen
