@@ -3,7 +3,7 @@
 A stage's libraries (FastAPI and gRPC; vLLM and torch) and its server leave hundreds of thousands of objects that
 live as long as the process. CPython's collection of its oldest generation walks every one of them, and it comes
 whenever enough objects have outlived the younger collections, which streams that last seconds do: the event loop
-stops for that long, and every stream with it (94 ms in the gateway, 0.46 s in llm_svc on a CPU machine,
+stops for that long, and every stream with it (~90 ms in the gateway, ~0.5 s in llm_svc on a CPU machine,
 `bench/RESULTS.md`). Frozen once the stage is up, they are left out of every collection; what is created later is
 collected as before.
 """

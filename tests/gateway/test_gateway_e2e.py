@@ -155,7 +155,7 @@ def test_request_id_appears_in_every_stage_log(client, stack):
         assert "trace-me-4242" in stack[name].log_path.read_text(errors="replace"), f"{name} log lacks the id"
 
 
-def test_every_stage_froze_its_startup_heap_before_serving(stack):
+def test_every_stage_froze_its_startup_heap(stack):
     # Else a collection of its oldest generation walks the whole of vLLM, torch or FastAPI and stalls every stream.
     for name in ("gateway", "llm", "vision"):
         log = stack[name].log_path.read_text(errors="replace")
