@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pathlib
+import random
 import shlex
 import signal
 import socket
@@ -39,10 +40,41 @@ LOG_TAIL_LINES = 40
 LEFTOVER_WAIT_S = 10.0
 
 
+# Ports `free_port` handed out: their stages bind them later, so none may be handed out twice.
+_handed_out: set[int] = set()
+# free_port picks below the kernel's ephemeral range: a port from that range (what binding port 0 gives) may be
+# taken, before its stage binds it, by any socket that gets an ephemeral port: an outgoing connection, or another
+# stage's listener on port 0 (which once made a test stack's llm_svc fail to start: "Address already in use").
+FIRST_FREE_PORT = 10000
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port that nothing listens on now, for a stage to bind soon."""
+    ephemeral_start = _ephemeral_port_range_start()
+    if ephemeral_start - FIRST_FREE_PORT >= 1000:
+        for port in random.sample(range(FIRST_FREE_PORT, ephemeral_start), 200):
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
+    with socket.socket() as s:  # a machine whose ephemeral range leaves no room below it: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_port_range_start() -> int:
+    try:
+        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def flag_value(args: list[str], flag: str) -> str | None:

@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from deploy.local import free_port
+from deploy.local import FIRST_FREE_PORT, free_port
 from protos import lifetime, llm_pb2
 from tests.llm_svc.llm_helpers import LlmClient, greedy
 from tests.readme_examples import README, readme_example
@@ -92,6 +93,18 @@ def launchers(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def make_serve(launchers):
     return launchers["make serve"].wait_serving()
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    # Below it, no outgoing connection or listener on port 0 can take a port before its stage binds it.
+    ephemeral_start = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if ephemeral_start < FIRST_FREE_PORT + 1000:
+        pytest.skip(f"this machine's ephemeral ports start at {ephemeral_start}: free_port takes the kernel's pick")
+    ports = [free_port() for _ in range(100)]
+    assert len(set(ports)) == len(ports)
+    assert all(port < ephemeral_start for port in ports)
+    listener = socket.create_server(("127.0.0.1", ports[0]))  # free now, as it said
+    listener.close()
 
 
 def test_every_python_example_of_the_readme_is_run_by_a_test():

@@ -4,7 +4,6 @@ import asyncio
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from deploy.local import free_port
 from gateway.config import MIB, build_parser, config_from_args
 
 
@@ -63,9 +63,7 @@ def test_module_help_runs():
 async def test_cli_serves_with_uvloop_and_exits_cleanly_on_sigterm(backend, monkeypatch):
     # Async, so the fake backend in this event loop keeps answering while the gateway process calls it.
     monkeypatch.delenv("GATEWAY_API_KEY", raising=False)  # the child inherits os.environ; /v1/models stays open
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "--llm", backend.target, "--host", "127.0.0.1", "--port", str(port),
         "--shutdown-grace-s", "1", env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.PIPE)

@@ -3,12 +3,12 @@ go to the log line with that id); a 4xx its own message, without the peer that p
 
 import json
 import logging
-import socket
 
 import grpc
 import httpx
 import pytest
 
+from deploy.local import free_port
 from gateway import translate
 from gateway.errors import client_message, http_error
 from protos import errors
@@ -17,12 +17,6 @@ from protos.logs import request_id_var
 
 def chat(text: str, **extra) -> dict:
     return {"messages": [{"role": "user", "content": text}], **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

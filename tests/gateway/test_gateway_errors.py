@@ -2,12 +2,12 @@
 
 import asyncio
 import base64
-import socket
 
 import httpx
 import openai
 import pytest
 
+from deploy.local import free_port
 from gateway import images
 
 
@@ -32,12 +32,6 @@ def assert_error(response: httpx.Response, status: int, words: str) -> None:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
     assert words in error["message"], error["message"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_bad_json_and_bad_schema_are_400(gateway_url, fake):
