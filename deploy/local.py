@@ -44,7 +44,7 @@ LEFTOVER_WAIT_S = 10.0
 _handed_out: set[int] = set()
 # free_port picks below the kernel's ephemeral range: a port from that range (what binding port 0 gives) may be
 # taken, before its stage binds it, by any socket that gets an ephemeral port: an outgoing connection, or another
-# stage's listener on port 0 (which once made a test stack's llm_svc fail to start: "Address already in use").
+# stage's listener on port 0 (once a test stack's llm_svc failed to start so: "Address already in use").
 FIRST_FREE_PORT = 10000
 
 
