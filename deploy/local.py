@@ -50,7 +50,7 @@ FIRST_FREE_PORT = 10000
 
 def free_port() -> int:
     """A loopback port that nothing listens on now, for a stage to bind soon."""
-    ephemeral_start = _ephemeral_port_range_start()
+    ephemeral_start = ephemeral_port_range_start()
     if ephemeral_start - FIRST_FREE_PORT >= 1000:
         for port in random.sample(range(FIRST_FREE_PORT, ephemeral_start), 200):
             if port not in _handed_out and _bindable(port):
@@ -61,7 +61,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ephemeral_port_range_start() -> int:
+def ephemeral_port_range_start() -> int:
+    """The first port the kernel hands out as an ephemeral one (an outgoing connection's, a listener on port 0)."""
     try:
         return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):

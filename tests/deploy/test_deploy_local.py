@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from deploy.local import FIRST_FREE_PORT, free_port
+from deploy.local import FIRST_FREE_PORT, ephemeral_port_range_start, free_port
 from protos import lifetime, llm_pb2
 from tests.llm_svc.llm_helpers import LlmClient, greedy
 from tests.readme_examples import README, readme_example
@@ -97,7 +97,7 @@ def make_serve(launchers):
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
     # Below it, no outgoing connection or listener on port 0 can take a port before its stage binds it.
-    ephemeral_start = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ephemeral_start = ephemeral_port_range_start()
     if ephemeral_start < FIRST_FREE_PORT + 1000:
         pytest.skip(f"this machine's ephemeral ports start at {ephemeral_start}: free_port takes the kernel's pick")
     ports = [free_port() for _ in range(100)]
