@@ -1,14 +1,22 @@
 """`python -m gateway --llm HOST:PORT[,...] --port P`: serves the OpenAI API in front of llm_svc."""
 
-import signal
+import os
 
-import uvicorn
+# grpc reads this once, when it is imported. Its EventEngine client reads each message on a thread of its own and
+# hands it to the completion-queue thread; its older I/O manager reads on the completion-queue thread itself: 3-4
+# fewer thread wake-ups for every message from llm_svc, a message per token at low concurrency (bench/RESULTS.md,
+# "grpc's client I/O"). A user's own GRPC_EXPERIMENTS is kept.
+os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
 
-from gateway.app import create_app
-from gateway.config import config_from_args
-from protos.heap import freeze_startup_heap
-from protos.logs import configure_logging
-from protos.tracing import start_tracing
+import signal  # noqa: E402
+
+import uvicorn  # noqa: E402
+
+from gateway.app import create_app  # noqa: E402
+from gateway.config import config_from_args  # noqa: E402
+from protos.heap import freeze_startup_heap  # noqa: E402
+from protos.logs import configure_logging  # noqa: E402
+from protos.tracing import start_tracing  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
