@@ -167,9 +167,12 @@ def event_engine_switches(pid: int) -> int:
     """Context switches so far of the process's grpc EventEngine threads."""
     total = 0
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        if (task / "comm").read_text().strip() == "event_engine":
-            total += sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
-                         if "ctxt_switches:" in line)
+        try:
+            if (task / "comm").read_text().strip() == "event_engine":
+                total += sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
+                             if "ctxt_switches:" in line)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
     return total
 
 
