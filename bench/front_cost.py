@@ -61,11 +61,13 @@ class ProcessCpu:
     switches: int = 0  # context switches of all its threads, voluntary and involuntary
 
 
-def context_switches(pid: int) -> int:
-    """Of every thread of the process (/proc/PID/status counts its first thread's only)."""
+def context_switches(pid: int, thread_name: str | None = None) -> int:
+    """Of every thread of the process (/proc/PID/status counts its first thread's only), or of those so named."""
     total = 0
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
         try:
+            if thread_name is not None and (task / "comm").read_text().strip() != thread_name:
+                continue
             status = (task / "status").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended meanwhile

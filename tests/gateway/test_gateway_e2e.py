@@ -3,7 +3,6 @@ parity with vLLM's own (monolithic) OpenAI server on the same checkpoint."""
 
 import base64
 import concurrent.futures
-import pathlib
 import time
 
 import httpx
@@ -11,6 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
+from bench.front_cost import context_switches
 from deploy.local import Stage, free_port
 from tests.gateway.conftest import API_KEY, MODEL
 from tests.llm_svc.llm_helpers import image, metric, png_bytes
@@ -163,28 +163,15 @@ def test_every_stage_froze_its_startup_heap(stack):
         assert "start-up heap frozen" in log, f"{name} did not freeze its start-up heap"
 
 
-def event_engine_switches(pid: int) -> int:
-    """Context switches so far of the process's grpc EventEngine threads."""
-    total = 0
-    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if (task / "comm").read_text().strip() == "event_engine":
-                total += sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
-                             if "ctxt_switches:" in line)
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread ended meanwhile
-    return total
-
-
 def test_the_gateway_reads_streamed_tokens_without_a_thread_hop_per_message(client, stack):
     # grpc's EventEngine client would wake its threads 3-4 times for each message from llm_svc (gateway/__main__.py).
     pid = stack["gateway"].proc.pid
-    before = event_engine_switches(pid)
+    before = context_switches(pid, "event_engine")
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "story"}], stream=True,
                                             max_tokens=100, extra_body={"ignore_eos": True}, temperature=0)
     chunks = sum(1 for _ in stream)
     assert chunks >= 100
-    assert event_engine_switches(pid) - before < 0.5 * chunks
+    assert context_switches(pid, "event_engine") - before < 0.5 * chunks
 
 
 def test_a_flood_of_image_requests_gets_answers_or_429s_never_an_error(stack, tmp_path):
