@@ -14,7 +14,10 @@ The end of the stream cancels every call.
 
 Client (`CallStream`): one stream per replica; `start` sends a call's request and returns a `StreamedCall`, read
 like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
-`protos.errors`). Cancelling a call cancels its request in llm_svc, and so in the engine. A stream takes new calls
+`protos.errors`). Cancelling a call cancels its request in llm_svc, and so in the engine. The stream must be read for
+all its calls, so a call whose reader falls behind (its HTTP client reads slowly) is paused instead, and resumed once
+its reader has caught up: the engine merges its tokens meanwhile, as HTTP/2's flow control makes it do for a Generate
+call of its own, and what waits here for a slow reader stays small. A stream takes new calls
 for `NEW_CALLS_S` only, then ends once its calls have: servers recycle connections (`protos.server`) and cut the
 streams still open on one after a grace, so a stream must not outlive the calls it took.
 """
@@ -37,6 +40,10 @@ METHOD = "LanguageModel/GenerateStream"
 MAX_MESSAGE_EVENT_BYTES = 1 << 20
 # How long a client's stream takes new calls; the server's connection grace must cover this plus a call's deadline.
 NEW_CALLS_S = 60.0
+# A call whose reader has this many of its messages unread is paused (the engine merges its tokens meanwhile), and
+# resumed once its reader is down to RESUME_AT: a reader that keeps up has one or none waiting.
+PAUSE_AT = 16
+RESUME_AT = 4
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -110,8 +117,10 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
     """The messages of one GenerateStream whose calls `generate` (a servicer's Generate) serves."""
     outbox = _Outbox()
     calls: dict[int, asyncio.Task] = {}
+    flowing: dict[int, asyncio.Event] = {}  # a call's is clear while its caller has paused it
 
     async def run(call_id: int, request: llm_pb2.GenerateRequest, trace_context: dict[str, str]) -> None:
+        flow = flowing[call_id]
         try:
             # Closed at once however the call ends: a cancelled call's engine request is aborted now, not whenever
             # the generator is collected.
@@ -121,6 +130,8 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                     if written is not None and not written.done():
                         await written
                     written = outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, message=response))
+                    if not flow.is_set():
+                        await flow.wait()  # the engine merges the call's outputs meanwhile
             status = llm_pb2.CallStatus(code=grpc.StatusCode.OK.value[0])
         except asyncio.CancelledError:
             return  # cancelled by the caller, or the stream ended: nobody waits for its status
@@ -130,6 +141,7 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                                         metadata=[llm_pb2.MetadataEntry(key=k, value=v) for k, v in metadata])
         finally:
             calls.pop(call_id, None)
+            flowing.pop(call_id, None)
             if outbox.closed and not calls:
                 outbox.close()  # wakes the writer to end the stream
         outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, status=status))
@@ -142,10 +154,16 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                     if message.call_id in calls:
                         log.warning("%s: call %d started twice; the second is ignored", METHOD, message.call_id)
                         continue
+                    flowing[message.call_id] = asyncio.Event()
+                    flowing[message.call_id].set()
                     calls[message.call_id] = asyncio.create_task(
                         run(message.call_id, message.start, dict(message.trace_context)))
                 elif action == "cancel" and (task := calls.get(message.call_id)) is not None:
                     task.cancel()
+                elif action == "pause" and (flow := flowing.get(message.call_id)) is not None:
+                    flow.clear()
+                elif action == "resume" and (flow := flowing.get(message.call_id)) is not None:
+                    flow.set()
         finally:
             outbox.close()  # the caller sends no more: the stream ends once its calls have
 
@@ -173,6 +191,7 @@ class StreamedCall:
         self.call_id = call_id
         self.events: asyncio.Queue = asyncio.Queue()  # GenerateResponse, then None (OK) or a ServingError
         self.ended = False
+        self.paused = False
         self._deadline: asyncio.TimerHandle | None = None
 
     def set_timeout(self, timeout_s: float) -> None:
@@ -181,6 +200,9 @@ class StreamedCall:
     async def read(self) -> llm_pb2.GenerateResponse | object:
         item = await self.events.get()
         if isinstance(item, llm_pb2.GenerateResponse):
+            if self.paused and self.events.qsize() <= RESUME_AT:
+                self.paused = False
+                self._stream.send_flow(self.call_id, resume=True)
             return item
         if item is None:
             return grpc.aio.EOF
@@ -257,6 +279,13 @@ class CallStream:
             raise
         return call
 
+    def send_flow(self, call_id: int, *, resume: bool) -> None:
+        """Pauses or resumes a running call."""
+        if call_id in self._calls and self.failed is None:
+            self._in_background(self._write_quietly(
+                llm_pb2.GenerateStreamRequest(call_id=call_id, resume=True) if resume else
+                llm_pb2.GenerateStreamRequest(call_id=call_id, pause=True)))
+
     def send_cancel(self, call_id: int) -> None:
         if self._calls.pop(call_id, None) is None or self.failed is not None:
             return
@@ -283,6 +312,9 @@ class CallStream:
                         continue  # cancelled here; its last events were on their way
                     if event.HasField("message"):
                         call.events.put_nowait(event.message)
+                        if not call.paused and call.events.qsize() >= PAUSE_AT:
+                            call.paused = True
+                            self.send_flow(call.call_id, resume=False)
                         continue
                     del self._calls[event.call_id]
                     self._end_when_idle()

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from bench.front_cost import context_switches
+from bench.slow_reader import stalled_read
 from deploy.local import Stage, free_port
 from tests.gateway.conftest import API_KEY, MODEL
 from tests.llm_svc.llm_helpers import image, metric, png_bytes
@@ -146,6 +147,25 @@ def test_client_disconnect_mid_stream_leaves_no_request_in_the_engine(stack):
     while metric(stack["llm_metrics"], "vllm:num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert metric(stack["llm_metrics"], "vllm:num_requests_running") == 0
+
+
+def test_a_reader_that_stalls_gets_the_tokens_made_meanwhile_merged_and_loses_none(stack):
+    # Once the ~3 MB of socket buffers are full, the gateway pauses the call on its GenerateStream and the engine
+    # merges its tokens, as vLLM's server does: the rest comes in a few large events, not one queued per token.
+    # (~1.5 KB events with 20 top logprobs fill the buffers in ~1600 tokens.)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "story"}], "stream": True, "max_tokens": 2500,
+            "ignore_eos": True, "temperature": 0, "logprobs": True, "top_logprobs": 20,
+            "stream_options": {"include_usage": True}}
+
+    def until_the_engine_is_done() -> None:
+        deadline = time.monotonic() + 120
+        while metric(stack["llm_metrics"], "vllm:num_requests_running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    answer = stalled_read(stack["gateway"].address, body, until_the_engine_is_done,
+                          {"Authorization": f"Bearer {API_KEY}"})
+    assert answer.completion_tokens == len(answer.token_bytes) == 2500  # every token's delta came
+    assert answer.events < 0.8 * 2500  # 0.99 with one event per token
 
 
 def test_request_id_appears_in_every_stage_log(client, stack):

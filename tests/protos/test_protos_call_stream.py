@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from protos import errors, llm_pb2, llm_pb2_grpc
-from protos.call_stream import CallStream, ServesCallStreams, serve_calls
+from protos.call_stream import PAUSE_AT, CallStream, ServesCallStreams, serve_calls
 from protos.server import GrpcServer
 
 
@@ -17,6 +17,7 @@ class ScriptedLanguageModel(ServesCallStreams, llm_pb2_grpc.LanguageModelService
     def __init__(self):
         self.cancelled: list[str] = []
         self.metadata: list[tuple] = []
+        self.yielded: dict[str, int] = {}  # request id -> messages taken from its Generate
 
     async def Generate(self, request, context):
         self.metadata.append(tuple(context.invocation_metadata()))
@@ -25,6 +26,7 @@ class ScriptedLanguageModel(ServesCallStreams, llm_pb2_grpc.LanguageModelService
                 for i in range(int(request.prompt.split()[1])):
                     await asyncio.sleep(0)
                     yield llm_pb2.GenerateResponse(request_id=request.request_id, text=str(i))
+                    self.yielded[request.request_id] = i + 1
             elif request.prompt == "slow":
                 while True:
                     yield llm_pb2.GenerateResponse(request_id=request.request_id, text="x")
@@ -34,7 +36,7 @@ class ScriptedLanguageModel(ServesCallStreams, llm_pb2_grpc.LanguageModelService
             elif request.prompt == "bug":
                 yield llm_pb2.GenerateResponse(request_id=request.request_id, text="a")
                 raise RuntimeError("engine crashed")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed while it waited at a yield
             self.cancelled.append(request.request_id)
             raise
 
@@ -82,6 +84,35 @@ async def test_an_error_ends_the_call_with_its_status_and_metadata_and_leaves_th
     with pytest.raises(errors.InternalError, match="RuntimeError: engine crashed"):
         await bug.read()
     assert await read_all(fine) == ["0", "1", "2"]
+
+
+async def test_a_call_whose_reader_falls_behind_is_paused_until_it_catches_up_and_loses_nothing(replica):
+    servicer, calls, _ = replica
+    behind, reading = await calls.start(generate("count 400", "behind"), 10, None), \
+        await calls.start(generate("count 400", "reading"), 10, None)
+    assert await read_all(reading) == [str(i) for i in range(400)]  # the other call on the stream is not held up
+    await asyncio.sleep(0.2)
+    # Its Generate was not advanced past what the reader has waiting (the engine would have merged the rest).
+    assert PAUSE_AT <= servicer.yielded["behind"] <= PAUSE_AT + 4
+    assert behind.paused
+    assert await read_all(behind) == [str(i) for i in range(400)]
+    assert not behind.paused
+
+
+async def test_a_paused_call_is_still_cancelled(replica):
+    servicer, calls, _ = replica
+    call = await calls.start(generate("count 400"), 10, None)
+    for _ in range(40):
+        if call.paused:
+            break
+        await asyncio.sleep(0.05)
+    assert call.paused
+    call.cancel()
+    for _ in range(40):
+        if servicer.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert servicer.cancelled == ["count 400"]
 
 
 async def test_cancelling_a_call_cancels_its_generate_and_no_other(replica):
