@@ -123,8 +123,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="requests per system, the systems in turns")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of both engines")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=["DvD (gateway)", VLLM],
-                        help="which to measure (the third: a Generate call per request, held by HTTP/2's flow "
-                             "control instead)")
+                        help="which to measure (the third: this stack with a Generate call per request)")
     args = parser.parse_args()
     args.concurrency = [1]  # for bench.e2e's engine flags
     return args

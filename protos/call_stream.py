@@ -16,8 +16,8 @@ Client (`CallStream`): one stream per replica; `start` sends a call's request an
 like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
 `protos.errors`). Cancelling a call cancels its request in llm_svc, and so in the engine. The stream must be read for
 all its calls, so a call whose reader falls behind (its HTTP client reads slowly) is paused instead, and resumed once
-its reader has caught up: the engine merges its tokens meanwhile, as HTTP/2's flow control makes it do for a Generate
-call of its own, and what waits here for a slow reader stays small. A stream takes new calls
+its reader has caught up: the engine merges its tokens meanwhile, as vLLM's server has it do for a slow client, and
+what waits here for a slow reader stays small. A stream takes new calls
 for `NEW_CALLS_S` only, then ends once its calls have: servers recycle connections (`protos.server`) and cut the
 streams still open on one after a grace, so a stream must not outlive the calls it took.
 """
