@@ -112,12 +112,19 @@ def _messages(events: list[llm_pb2.GenerateStreamEvent]) -> list[llm_pb2.Generat
     return messages
 
 
-async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], context,
-                      generate: Generate) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
-    """The messages of one GenerateStream whose calls `generate` (a servicer's Generate) serves."""
+async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], context, generate: Generate,
+                      no_pauses: asyncio.Event | None = None) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
+    """The messages of one GenerateStream whose calls `generate` (a servicer's Generate) serves. Once `no_pauses`
+    is set, paused calls flow again and pauses are ignored."""
     outbox = _Outbox()
     calls: dict[int, asyncio.Task] = {}
     flowing: dict[int, asyncio.Event] = {}  # a call's is clear while its caller has paused it
+    no_pauses = no_pauses or asyncio.Event()
+
+    async def release_on_no_pauses() -> None:
+        await no_pauses.wait()
+        for flow in flowing.values():
+            flow.set()
 
     async def run(call_id: int, request: llm_pb2.GenerateRequest, trace_context: dict[str, str]) -> None:
         flow = flowing[call_id]
@@ -161,13 +168,15 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                 elif action == "cancel" and (task := calls.get(message.call_id)) is not None:
                     task.cancel()
                 elif action == "pause" and (flow := flowing.get(message.call_id)) is not None:
-                    flow.clear()
+                    if not no_pauses.is_set():
+                        flow.clear()
                 elif action == "resume" and (flow := flowing.get(message.call_id)) is not None:
                     flow.set()
         finally:
             outbox.close()  # the caller sends no more: the stream ends once its calls have
 
     reader = asyncio.create_task(read())
+    releaser = asyncio.create_task(release_on_no_pauses())
     try:
         while True:
             events, sent = await outbox.take()
@@ -179,6 +188,7 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
         reader.result()  # a failure to read the requests fails the stream
     finally:
         reader.cancel()
+        releaser.cancel()
         for task in list(calls.values()):
             task.cancel()
 
@@ -344,6 +354,19 @@ class CallStream:
 class ServesCallStreams:
     """For a LanguageModel servicer: GenerateStream, its calls served by the servicer's own Generate."""
 
+    _no_pauses: asyncio.Event | None = None
+
+    def stop_pausing(self) -> None:
+        """For a server that drains: paused calls flow again and later pauses are ignored, so that no call waits
+        for a slow reader past the server's grace (the caller holds what its reader has not read, as it would
+        without pauses)."""
+        self._pauses_ended().set()
+
+    def _pauses_ended(self) -> asyncio.Event:
+        if self._no_pauses is None:
+            self._no_pauses = asyncio.Event()
+        return self._no_pauses
+
     async def GenerateStream(self, request_iterator, context):
-        async for message in serve_calls(request_iterator, context, self.Generate):
+        async for message in serve_calls(request_iterator, context, self.Generate, self._pauses_ended()):
             yield message

@@ -99,6 +99,25 @@ async def test_a_call_whose_reader_falls_behind_is_paused_until_it_catches_up_an
     assert not behind.paused
 
 
+async def test_a_draining_server_lets_paused_calls_flow_and_ignores_later_pauses(replica):
+    servicer, calls, _ = replica
+    first = await calls.start(generate("count 400", "first"), 10, None)
+    for _ in range(40):
+        if first.paused:
+            break
+        await asyncio.sleep(0.05)
+    assert first.paused and servicer.yielded["first"] < 400
+    servicer.stop_pausing()
+    second = await calls.start(generate("count 400", "second"), 10, None)
+    for _ in range(40):
+        if servicer.yielded.get("first") == servicer.yielded.get("second") == 400:
+            break
+        await asyncio.sleep(0.05)
+    # Both ran to their end unread: no call waits for its reader past the server's grace.
+    assert servicer.yielded == {"first": 400, "second": 400} and second.paused
+    assert await read_all(first) == await read_all(second) == [str(i) for i in range(400)]
+
+
 async def test_a_paused_call_is_still_cancelled(replica):
     servicer, calls, _ = replica
     call = await calls.start(generate("count 400"), 10, None)
