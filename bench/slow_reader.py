@@ -24,11 +24,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from bench.common import markdown_table, work_dir
-from bench.e2e import chat_body, random_texts, stop
+from bench.common import markdown_table
+from bench.e2e import chat_body, model_and_work_dir, random_texts, stop
 from bench.front_cost import SYSTEMS, VLLM, split_cpu, tree_cpu
 from deploy.local import Stage
-from deploy.tiny_model.build import build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +130,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    directory = work_dir(args.work_dir)
-    model_dir = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
-    print(f"model {model_dir}, logs in {directory / 'logs'}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    model_dir, directory = model_and_work_dir(args)
     servers: dict[str, list[Stage]] = {}
     rows = []
     try:

@@ -59,6 +59,14 @@ def generate(prompt: str, request_id: str = "") -> llm_pb2.GenerateRequest:
     return llm_pb2.GenerateRequest(request_id=request_id or prompt, prompt=prompt)
 
 
+async def eventually(condition, timeout_s: float = 2.0) -> None:
+    """Returns once `condition()` holds, checked every 50 ms, or after `timeout_s` (the caller asserts)."""
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def read_all(call) -> list[str]:
     texts = []
     while (message := await call.read()) is not grpc.aio.EOF:
@@ -102,17 +110,11 @@ async def test_a_call_whose_reader_falls_behind_is_paused_until_it_catches_up_an
 async def test_a_draining_server_lets_paused_calls_flow_and_ignores_later_pauses(replica):
     servicer, calls, _ = replica
     first = await calls.start(generate("count 400", "first"), 10, None)
-    for _ in range(40):
-        if first.paused:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: first.paused)
     assert first.paused and servicer.yielded["first"] < 400
     servicer.stop_pausing()
     second = await calls.start(generate("count 400", "second"), 10, None)
-    for _ in range(40):
-        if servicer.yielded.get("first") == servicer.yielded.get("second") == 400:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: servicer.yielded.get("first") == servicer.yielded.get("second") == 400)
     # Both ran to their end unread: no call waits for its reader past the server's grace.
     assert servicer.yielded == {"first": 400, "second": 400} and second.paused
     assert await read_all(first) == await read_all(second) == [str(i) for i in range(400)]
@@ -121,16 +123,10 @@ async def test_a_draining_server_lets_paused_calls_flow_and_ignores_later_pauses
 async def test_a_paused_call_is_still_cancelled(replica):
     servicer, calls, _ = replica
     call = await calls.start(generate("count 400"), 10, None)
-    for _ in range(40):
-        if call.paused:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: call.paused)
     assert call.paused
     call.cancel()
-    for _ in range(40):
-        if servicer.cancelled:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: servicer.cancelled)
     assert servicer.cancelled == ["count 400"]
 
 
@@ -139,10 +135,7 @@ async def test_cancelling_a_call_cancels_its_generate_and_no_other(replica):
     slow, other = await calls.start(generate("slow"), 10, None), await calls.start(generate("slow", "other"), 10, None)
     await slow.read()
     slow.cancel()
-    for _ in range(20):
-        if servicer.cancelled:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: servicer.cancelled, 1)
     assert servicer.cancelled == ["slow"]
     assert (await other.read()).text == "x"
     other.cancel()
@@ -153,10 +146,7 @@ async def test_a_call_past_its_deadline_fails_and_its_generate_is_cancelled(repl
     call = await calls.start(generate("slow"), 0.2, None)
     with pytest.raises(errors.DeadlineExceeded):
         await read_all(call)
-    for _ in range(20):
-        if servicer.cancelled:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: servicer.cancelled, 1)
     assert servicer.cancelled == ["slow"]
 
 
