@@ -10,16 +10,17 @@ stream writes as one message whenever gRPC takes the next. A call puts its next 
 previous one was handed to gRPC, so at most one delta of a call waits: meanwhile vLLM merges the request's outputs,
 and a slow stream means fewer, larger messages, not a queue. It waits at the next delta, not after each write: a call
 whose previous delta has gone by the time the engine has another is not woken in between (a task step per token).
-The end of the stream cancels every call.
+A call its caller has paused takes nothing more from the engine until resumed, unless the server drains
+(`ServesCallStreams.stop_pausing`). The end of the stream cancels every call.
 
 Client (`CallStream`): one stream per replica; `start` sends a call's request and returns a `StreamedCall`, read
 like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
 `protos.errors`). Cancelling a call cancels its request in llm_svc, and so in the engine. The stream must be read for
 all its calls, so a call whose reader falls behind (its HTTP client reads slowly) is paused instead, and resumed once
 its reader has caught up: the engine merges its tokens meanwhile, as vLLM's server has it do for a slow client, and
-what waits here for a slow reader stays small. A stream takes new calls
-for `NEW_CALLS_S` only, then ends once its calls have: servers recycle connections (`protos.server`) and cut the
-streams still open on one after a grace, so a stream must not outlive the calls it took.
+what waits here for a slow reader stays small. A stream takes new calls for `NEW_CALLS_S` only, then ends once its
+calls have: servers recycle connections (`protos.server`) and cut the streams still open on one after a grace, so a
+stream must not outlive the calls it took.
 """
 
 import asyncio
