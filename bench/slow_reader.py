@@ -1,6 +1,6 @@
 """A client that stops reading: what a streamed answer costs the front meanwhile, this stack against vLLM's server.
 
-    python -m bench.slow_reader                 # ~2 minutes
+    python -m bench.slow_reader                 # ~3 minutes
     python -m bench.slow_reader --stall-s 20 --output-len 6000
 
 Each system gets the same streamed chat completion (a random prompt, --output-len tokens with ignore_eos, greedy,
