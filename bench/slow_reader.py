@@ -4,9 +4,8 @@
     python -m bench.slow_reader --stall-s 20 --output-len 6000
 
 Each system gets the same streamed chat completion (a random prompt, --output-len tokens with ignore_eos, greedy,
-each token with its --top-logprobs),
-read by a client with a small receive buffer that takes the response's first event, reads nothing for --stall-s
-seconds (a phone in a tunnel, a consumer busy elsewhere), then reads the rest. Once the socket's and the server's
+each token with its --top-logprobs), read by a client with a small receive buffer that takes the response's first
+event, reads nothing for --stall-s seconds (a phone in a tunnel, a consumer busy elsewhere), then reads the rest. Once the socket's and the server's
 write buffers are full the server must hold what the engine makes: vLLM's server lets the engine merge the request's
 tokens meanwhile (its output collector), so the answer comes in fewer, larger events and nothing is done per token
 for it; the gateway pauses the call on its GenerateStream for the same effect (`protos/call_stream.py`). Reported
@@ -117,7 +116,7 @@ def parse_args() -> argparse.Namespace:
                         help="tokens of the answer (ignore_eos): enough that the engine outlasts the stall")
     parser.add_argument("--input-len", type=int, default=64, help="random text tokens of the prompt")
     parser.add_argument("--top-logprobs", type=int, default=20,
-                        help="top logprobs of each token (0: none): ~1.5 KB events at 20, which fill the ~3 MB of "
+                        help="top logprobs of each token (0: none): ~2 KB events at 20, which fill the ~3 MB of "
                              "socket buffers that a stalled reader gets on Linux in seconds rather than minutes")
     parser.add_argument("--rounds", type=int, default=2, help="requests per system, the systems in turns")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of both engines")

@@ -152,7 +152,7 @@ def test_client_disconnect_mid_stream_leaves_no_request_in_the_engine(stack):
 def test_a_reader_that_stalls_gets_the_tokens_made_meanwhile_merged_and_loses_none(stack):
     # Once the ~3 MB of socket buffers are full, the gateway pauses the call on its GenerateStream and the engine
     # merges its tokens, as vLLM's server does: the rest comes in a few large events, not one queued per token.
-    # (~1.5 KB events with 20 top logprobs fill the buffers in ~1600 tokens.)
+    # (~2 KB events with 20 top logprobs fill the buffers in ~1600 tokens.)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "story"}], "stream": True, "max_tokens": 2500,
             "ignore_eos": True, "temperature": 0, "logprobs": True, "top_logprobs": 20,
             "stream_options": {"include_usage": True}}
