@@ -152,12 +152,28 @@ class EncoderRunner:
                 for job, _, _ in live:
                     job.loop.call_soon_threadsafe(_fail, job.future, error)
 
+    def _pixels(self, batch: list[tuple[_Job, int, int]]) -> torch.Tensor:
+        """The batch's tiles as one `[tiles, 3, H, W]` tensor on the device, in the encoder's dtype. One image's go as
+        they are; several are copied straight into a buffer of that dtype. (`torch.cat` then `.to` copied the float
+        pixels twice: 5 ms for the 5 tiles of one image on a CPU, the image's whole time in the batch queue.)"""
+        if len(batch) == 1:
+            job, start, end = batch[0]
+            return job.tiles[start:end].to(self._device, self._dtype)
+        tile_shape = batch[0][0].tiles.shape[1:]
+        pixels = torch.empty((sum(end - start for _, start, end in batch), *tile_shape), dtype=self._dtype,
+                             device=self._device)
+        offset = 0
+        for job, start, end in batch:
+            pixels[offset:offset + end - start].copy_(job.tiles[start:end])
+            offset += end - start
+        return pixels
+
     def _forward(self, batch: list[tuple[_Job, int, int]]) -> None:
-        pixels = torch.cat([job.tiles[start:end] for job, start, end in batch])  # [tiles, 3, H, W]
         started = time.perf_counter()
         started_ns = time.time_ns()
         with torch.inference_mode():
-            embeddings = self._encode(pixels.to(self._device, self._dtype)).cpu()  # [tiles, tokens, hidden]
+            pixels = self._pixels(batch)
+            embeddings = self._encode(pixels).cpu()  # [tiles, tokens, hidden]
         metrics.BATCH_TILES.observe(len(pixels))
         metrics.TILES.inc(len(pixels))
         metrics.FORWARD_SECONDS.observe(time.perf_counter() - started)
