@@ -10,8 +10,8 @@ stream writes as one message whenever gRPC takes the next. A call puts its next 
 previous one was handed to gRPC, so at most one delta of a call waits: meanwhile vLLM merges the request's outputs,
 and a slow stream means fewer, larger messages, not a queue. It waits at the next delta, not after each write: a call
 whose previous delta has gone by the time the engine has another is not woken in between (a task step per token).
-A call its caller has paused takes nothing more from the engine until resumed, unless the server drains
-(`ServesCallStreams.stop_pausing`). The end of the stream cancels every call.
+A call its caller has paused takes the engine's output once every `PAUSED_TAKE_S` only, merged, until resumed or the
+server drains (`ServesCallStreams.stop_pausing`). The end of the stream cancels every call.
 
 Client (`CallStream`): one stream per replica; `start` sends a call's request and returns a `StreamedCall`, read
 like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
@@ -45,6 +45,9 @@ NEW_CALLS_S = 60.0
 # resumed once its reader is down to RESUME_AT: a reader that keeps up has one or none waiting.
 PAUSE_AT = 16
 RESUME_AT = 4
+# A paused call still takes the engine's output (all of it merged) this often, so that it ends within this much of its
+# engine request (and with it its deadline on the caller's side), its answer then held by the caller as without pauses.
+PAUSED_TAKE_S = 1.0
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -139,7 +142,9 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                         await written
                     written = outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, message=response))
                     if not flow.is_set():
-                        await flow.wait()  # the engine merges the call's outputs meanwhile
+                        with contextlib.suppress(TimeoutError):  # the engine merges the call's outputs meanwhile
+                            async with asyncio.timeout(PAUSED_TAKE_S):
+                                await flow.wait()
             status = llm_pb2.CallStatus(code=grpc.StatusCode.OK.value[0])
         except asyncio.CancelledError:
             return  # cancelled by the caller, or the stream ended: nobody waits for its status

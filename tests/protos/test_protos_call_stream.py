@@ -5,8 +5,8 @@ import asyncio
 import grpc
 import pytest
 
-from protos import errors, llm_pb2, llm_pb2_grpc
-from protos.call_stream import PAUSE_AT, CallStream, ServesCallStreams, serve_calls
+from protos import call_stream, errors, llm_pb2, llm_pb2_grpc
+from protos.call_stream import CallStream, ServesCallStreams, serve_calls
 from protos.server import GrpcServer
 
 
@@ -67,6 +67,17 @@ async def eventually(condition, timeout_s: float = 2.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def settled(value, step_s: float = 0.2):
+    """`value()` once two readings `step_s` apart agree (at most 4 s)."""
+    last = value()
+    for _ in range(int(4 / step_s)):
+        await asyncio.sleep(step_s)
+        if (now := value()) == last:
+            return now
+        last = now
+    return last
+
+
 async def read_all(call) -> list[str]:
     texts = []
     while (message := await call.read()) is not grpc.aio.EOF:
@@ -94,17 +105,31 @@ async def test_an_error_ends_the_call_with_its_status_and_metadata_and_leaves_th
     assert await read_all(fine) == ["0", "1", "2"]
 
 
-async def test_a_call_whose_reader_falls_behind_is_paused_until_it_catches_up_and_loses_nothing(replica):
+async def test_a_call_whose_reader_falls_behind_is_paused_until_it_catches_up_and_loses_nothing(replica, monkeypatch):
+    monkeypatch.setattr(call_stream, "PAUSED_TAKE_S", 60)
     servicer, calls, _ = replica
     behind, reading = await calls.start(generate("count 400", "behind"), 10, None), \
         await calls.start(generate("count 400", "reading"), 10, None)
     assert await read_all(reading) == [str(i) for i in range(400)]  # the other call on the stream is not held up
-    await asyncio.sleep(0.2)
-    # Its Generate was not advanced past what the reader has waiting (the engine would have merged the rest).
-    assert PAUSE_AT <= servicer.yielded["behind"] <= PAUSE_AT + 4
     assert behind.paused
+    held = await settled(lambda: servicer.yielded["behind"])
+    await asyncio.sleep(0.3)
+    # Its Generate is not advanced while it is paused (the engine would merge meanwhile).
+    assert servicer.yielded["behind"] == held < 400
     assert await read_all(behind) == [str(i) for i in range(400)]
     assert not behind.paused
+
+
+async def test_a_paused_call_still_takes_an_output_every_so_often(replica, monkeypatch):
+    monkeypatch.setattr(call_stream, "PAUSED_TAKE_S", 0.1)
+    servicer, calls, _ = replica
+    call = await calls.start(generate("count 400"), 10, None)
+    await eventually(lambda: call.paused)
+    held = await settled(lambda: servicer.yielded["count 400"], 0.05)
+    await asyncio.sleep(1)
+    # About one take per PAUSED_TAKE_S (each would carry all the engine made meanwhile), not one per output.
+    assert 1 <= servicer.yielded["count 400"] - held <= 15
+    call.cancel()
 
 
 async def test_a_draining_server_lets_paused_calls_flow_and_ignores_later_pauses(replica):
