@@ -65,30 +65,29 @@ async def test_an_image_that_never_comes_stops_holding_the_batch_when_its_prepar
     assert encoder.passes == [2]
 
 
+async def in_one_batch(work: EncoderRunner, first: torch.Tensor, second: torch.Tensor) -> None:
+    """Encodes both in one pass: the first waits for the second, announced before it."""
+    with work.expecting() as expected:
+        batched = asyncio.ensure_future(work.encode(first))
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(work.encode(second, expected), 30)
+    await asyncio.wait_for(batched, 30)
+
+
 async def test_one_image_goes_to_the_encoder_uncopied_and_a_batch_in_the_encoders_dtype():
     encoder = RecordingEncoder()
-    work = runner(encoder, batch_wait_s=600)
     lone = torch.rand(2, 3, 4, 4)
     first, second = torch.rand(2, 3, 4, 4), torch.rand(3, 3, 4, 4)
-    try:
-        await asyncio.wait_for(work.encode(lone), 30)
-        with work.expecting() as expected:
-            batched = asyncio.ensure_future(work.encode(first))
-            await asyncio.sleep(0.2)
-            await asyncio.wait_for(work.encode(second, expected), 30)
-        await asyncio.wait_for(batched, 30)
-    finally:
-        work.stop()
+    for dtype in (torch.float32, torch.bfloat16):
+        work = EncoderRunner(encoder, torch.device("cpu"), dtype, max_batch_tiles=8, batch_wait_s=600,
+                             max_queue_tiles=64)
+        try:
+            await asyncio.wait_for(work.encode(lone), 30)
+            await in_one_batch(work, first, second)
+        finally:
+            work.stop()
+    assert encoder.passes == [2, 5, 2, 5]
     assert encoder.pixels[0].data_ptr() == lone.data_ptr()  # float32 on the CPU already: no copy
-    assert encoder.passes == [2, 5] and torch.equal(encoder.pixels[1], torch.cat([first, second]))
-    bf16 = EncoderRunner(encoder, torch.device("cpu"), torch.bfloat16, max_batch_tiles=8, batch_wait_s=600,
-                         max_queue_tiles=64)
-    try:
-        with bf16.expecting() as expected:
-            batched = asyncio.ensure_future(bf16.encode(first))
-            await asyncio.sleep(0.2)
-            await asyncio.wait_for(bf16.encode(second, expected), 30)
-        await asyncio.wait_for(batched, 30)
-    finally:
-        bf16.stop()
-    assert torch.equal(encoder.pixels[2], torch.cat([first, second]).to(torch.bfloat16))
+    assert torch.equal(encoder.pixels[1], torch.cat([first, second]))
+    assert torch.equal(encoder.pixels[2], lone.to(torch.bfloat16))
+    assert torch.equal(encoder.pixels[3], torch.cat([first, second]).to(torch.bfloat16))
