@@ -49,7 +49,6 @@ class LlmServer:
                                                                device=config.embedding_device))
         self.engine: AsyncLLM | None = None
         self.grpc: GrpcServer | None = None
-        self.servicer: LanguageModelServicer | None = None
         self._engine_watch: asyncio.Task | None = None
 
     async def start(self, before_serving: Callable[[], object] = lambda: None) -> int:
@@ -94,8 +93,8 @@ class LlmServer:
                                reflection=self.config.reflection, health_port=self.config.health_port)
         tokenization = TokenizationService(self.engine.renderer, self.service.renderer, admission, limits)
         version = llm_pb2.GetVersionResponse(vllm_version=vllm.__version__, server_version=server_version())
-        self.servicer = LanguageModelServicer(self.service, model_info, tokenization, version)
-        self.grpc.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, self.servicer, SERVICE_NAME)
+        self.grpc.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server,
+                              LanguageModelServicer(self.service, model_info, tokenization, version), SERVICE_NAME)
         port = await self.grpc.start()
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, addr=self.config.host)
@@ -130,8 +129,6 @@ class LlmServer:
     async def stop(self) -> None:
         if self._engine_watch is not None:
             self._engine_watch.cancel()
-        if self.servicer is not None:
-            self.servicer.stop_pausing()  # a call paused for a slow client must not hold the drain up
         if self.grpc is not None:
             await self.grpc.drain()
         if self.engine is not None:

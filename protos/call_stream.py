@@ -10,8 +10,8 @@ stream writes as one message whenever gRPC takes the next. A call puts its next 
 previous one was handed to gRPC, so at most one delta of a call waits: meanwhile vLLM merges the request's outputs,
 and a slow stream means fewer, larger messages, not a queue. It waits at the next delta, not after each write: a call
 whose previous delta has gone by the time the engine has another is not woken in between (a task step per token).
-A call its caller has paused takes the engine's output once every `PAUSED_TAKE_S` only, merged, until resumed or the
-server drains (`ServesCallStreams.stop_pausing`). The end of the stream cancels every call.
+A call its caller has paused takes the engine's output once every `PAUSED_TAKE_S` only, merged, until resumed. The
+end of the stream cancels every call.
 
 Client (`CallStream`): one stream per replica; `start` sends a call's request and returns a `StreamedCall`, read
 like grpcio's UnaryStreamCall (`read()` gives messages, then EOF; a failed status raises the typed error of
@@ -116,19 +116,12 @@ def _messages(events: list[llm_pb2.GenerateStreamEvent]) -> list[llm_pb2.Generat
     return messages
 
 
-async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], context, generate: Generate,
-                      no_pauses: asyncio.Event | None = None) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
-    """The messages of one GenerateStream whose calls `generate` (a servicer's Generate) serves. Once `no_pauses`
-    is set, paused calls flow again and pauses are ignored."""
+async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], context,
+                      generate: Generate) -> AsyncIterator[llm_pb2.GenerateStreamResponse]:
+    """The messages of one GenerateStream whose calls `generate` (a servicer's Generate) serves."""
     outbox = _Outbox()
     calls: dict[int, asyncio.Task] = {}
     flowing: dict[int, asyncio.Event] = {}  # a call's is clear while its caller has paused it
-    no_pauses = no_pauses or asyncio.Event()
-
-    async def release_on_no_pauses() -> None:
-        await no_pauses.wait()
-        for flow in flowing.values():
-            flow.set()
 
     async def run(call_id: int, request: llm_pb2.GenerateRequest, trace_context: dict[str, str]) -> None:
         flow = flowing[call_id]
@@ -174,15 +167,13 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                 elif action == "cancel" and (task := calls.get(message.call_id)) is not None:
                     task.cancel()
                 elif action == "pause" and (flow := flowing.get(message.call_id)) is not None:
-                    if not no_pauses.is_set():
-                        flow.clear()
+                    flow.clear()
                 elif action == "resume" and (flow := flowing.get(message.call_id)) is not None:
                     flow.set()
         finally:
             outbox.close()  # the caller sends no more: the stream ends once its calls have
 
     reader = asyncio.create_task(read())
-    releaser = asyncio.create_task(release_on_no_pauses())
     try:
         while True:
             events, sent = await outbox.take()
@@ -194,7 +185,6 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
         reader.result()  # a failure to read the requests fails the stream
     finally:
         reader.cancel()
-        releaser.cancel()
         for task in list(calls.values()):
             task.cancel()
 
@@ -360,19 +350,6 @@ class CallStream:
 class ServesCallStreams:
     """For a LanguageModel servicer: GenerateStream, its calls served by the servicer's own Generate."""
 
-    _no_pauses: asyncio.Event | None = None
-
-    def stop_pausing(self) -> None:
-        """For a server that drains: paused calls flow again and later pauses are ignored, so that no call waits
-        for a slow reader past the server's grace (the caller holds what its reader has not read, as it would
-        without pauses)."""
-        self._pauses_ended().set()
-
-    def _pauses_ended(self) -> asyncio.Event:
-        if self._no_pauses is None:
-            self._no_pauses = asyncio.Event()
-        return self._no_pauses
-
     async def GenerateStream(self, request_iterator, context):
-        async for message in serve_calls(request_iterator, context, self.Generate, self._pauses_ended()):
+        async for message in serve_calls(request_iterator, context, self.Generate):
             yield message
