@@ -5,13 +5,13 @@
 
 Each system gets the same streamed chat completion (a random prompt, --output-len tokens with ignore_eos, greedy,
 each token with its --top-logprobs), read by a client with a small receive buffer that takes the response's first
-event, reads nothing for --stall-s seconds (a phone in a tunnel, a consumer busy elsewhere), then reads the rest. Once the socket's and the server's
-write buffers are full the server must hold what the engine makes: vLLM's server lets the engine merge the request's
-tokens meanwhile (its output collector), so the answer comes in fewer, larger events and nothing is done per token
-for it; the gateway pauses the call on its GenerateStream for the same effect (`protos/call_stream.py`). Reported
-per request: the answer's tokens and the events they came in, and the fronts' CPU time (psutil; the gateway and
-llm_svc, or vLLM's API server, without the engine) and context switches per second of the stall; a line says so if
-the systems' texts differ (they must not: nothing may be lost).
+event, reads nothing for --stall-s seconds (a phone in a tunnel, a consumer busy elsewhere), then reads the rest.
+Once the socket's and the server's write buffers are full the server must hold what the engine makes: vLLM's server
+lets the engine merge the request's tokens meanwhile (its output collector), so the answer comes in fewer, larger
+events and nothing is done per token for it; the gateway pauses the call on its GenerateStream for the same effect
+(`protos/call_stream.py`). Reported per request: the answer's tokens and the events they came in, and the fronts'
+CPU time (psutil; the gateway and llm_svc, or vLLM's API server, without the engine) and context switches per second
+of the stall; a line says so if the systems' texts differ (they must not: nothing may be lost).
 """
 
 import argparse
