@@ -203,6 +203,13 @@ class StreamedCall:
     def set_timeout(self, timeout_s: float) -> None:
         self._deadline = asyncio.get_running_loop().call_later(timeout_s, self._expire)
 
+    def deliver(self, message: llm_pb2.GenerateResponse) -> None:
+        """Queues a message for `read`, pausing the call once its reader has fallen PAUSE_AT behind."""
+        self.events.put_nowait(message)
+        if not self.paused and self.events.qsize() >= PAUSE_AT:
+            self.paused = True
+            self._stream.send_flow(self.call_id, resume=False)
+
     async def read(self) -> llm_pb2.GenerateResponse | object:
         item = await self.events.get()
         if isinstance(item, llm_pb2.GenerateResponse):
@@ -317,10 +324,7 @@ class CallStream:
                     if call is None:
                         continue  # cancelled here; its last events were on their way
                     if event.HasField("message"):
-                        call.events.put_nowait(event.message)
-                        if not call.paused and call.events.qsize() >= PAUSE_AT:
-                            call.paused = True
-                            self.send_flow(call.call_id, resume=False)
+                        call.deliver(event.message)
                         continue
                     del self._calls[event.call_id]
                     self._end_when_idle()
