@@ -1,9 +1,10 @@
 """Renders the messages of one Generate call as OpenAI's answer: SSE events (`data: {...}`, ending with
 `data: [DONE]`) or one JSON body, recording the token counts on the way."""
 
-import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+
+import msgspec
 
 from gateway import translate
 from gateway.errors import http_error
@@ -55,17 +56,20 @@ def completion_renderer(meta: translate.ResponseMeta, logprobs: int | None, echo
     return render
 
 
-# One encoder for every event: `json.dumps` with options builds a new one per call (a quarter of its time per chunk).
-_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# Every streamed token is an event: msgspec encodes one in a tenth of the time of the json module (0.3 against 3.5 us).
+# The same JSON as `json.dumps(ensure_ascii=False)` but for how floats are spelled (1e16 and 0.00001 for 1e+16 and
+# 1e-05: the same numbers to any parser; vLLM's server spells them its own way too), and NaN, which no JSON has, is
+# written as null.
+_to_json = msgspec.json.Encoder().encode
 
 
-def sse(payload: dict) -> str:
-    return f"data: {_to_json(payload)}\n\n"
+def sse(payload: dict) -> bytes:
+    return b"data: " + _to_json(payload) + b"\n\n"
 
 
 async def sse_events(stream: Messages, render: RenderChunk, first_chunks: list[dict], meta: translate.ResponseMeta,
                      obj: str, include_usage: bool, metrics: GatewayMetrics,
-                     continuous_usage: bool = False) -> AsyncIterator[str]:
+                     continuous_usage: bool = False) -> AsyncIterator[bytes]:
     """`first_chunks` go before the first message's; with `continuous_usage` every chunk carries its choice's usage
     so far, which each message brings (GenerateResponse.choice_usage)."""
     chat = obj == "chat.completion.chunk"
@@ -89,4 +93,4 @@ async def sse_events(stream: Messages, render: RenderChunk, first_chunks: list[d
     except ServingError as error:
         log.warning("stream failed after it started: %s", error)
         yield sse(http_error(error)[1])
-    yield "data: [DONE]\n\n"
+    yield b"data: [DONE]\n\n"

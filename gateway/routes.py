@@ -286,7 +286,7 @@ async def collect_unless_disconnected(request: Request,
         await stream.close()
 
 
-def event_stream(events: AsyncIterator[str], stream: TokenStream | MergedTokenStream) -> StreamingResponse:
+def event_stream(events: AsyncIterator[bytes], stream: TokenStream | MergedTokenStream) -> StreamingResponse:
     # The close also covers a client gone before the first event, when the generator never ran.
     return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(stream.close))
 

@@ -1,12 +1,16 @@
 """Table tests of the gateway's pure functions: OpenAI JSON <-> LanguageModel messages, data URLs, addresses."""
 
 import base64
+import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import translate
 from gateway.errors import HTTP_BY_GRPC_CODE, PayloadTooLarge, http_error
 from gateway.images import decode_data_url, is_public_address
+from gateway.responses import sse
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from protos import errors, llm_pb2
 
@@ -244,3 +248,21 @@ def test_data_url_decoded_size_is_known_before_decoding(payload):
 ])
 def test_public_addresses(address, public):
     assert is_public_address(address) is public
+
+
+_JSON_LEAVES = (st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text())
+_JSON_VALUES = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
+                            | st.dictionaries(st.text(), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _JSON_VALUES, max_size=6))
+def test_an_sse_event_is_one_line_of_json_that_reads_back_as_its_payload(payload):
+    event = sse(payload)
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
+    assert json.loads(event[len(b"data: "):-2]) == payload
+
+
+def test_an_sse_event_writes_what_json_cannot_carry_as_null():
+    assert sse({"logprob": float("nan"), "top": [float("-inf")]}) == b'data: {"logprob":null,"top":[null]}\n\n'
