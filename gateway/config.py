@@ -80,10 +80,14 @@ class GatewayConfig:
                              f"{self.grpc_max_message_bytes}); raise it or lower those")
 
     @property
+    def max_media_bytes(self) -> int:
+        """The most that one request's images and videos may hold."""
+        return self.max_images_per_request * self.max_image_bytes + self.max_videos_per_request * self.max_video_bytes
+
+    @property
     def grpc_max_message_bytes(self) -> int:
         # The largest GenerateRequest: every image and video at its limit plus text no longer than the HTTP body.
-        return (self.max_images_per_request * self.max_image_bytes
-                + self.max_videos_per_request * self.max_video_bytes + self.max_request_bytes)
+        return self.max_media_bytes + self.max_request_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bytes-in-flight", type=int, default=d.max_bytes_in_flight,
                         help="most bytes of request bodies and images held at once by the requests being served "
                              "(each holds them until its call to llm_svc is sent); a request that would pass it "
-                             "gets 429 with Retry-After. At least --max-request-bytes + --max-images-per-request x "
-                             "--max-image-bytes, what one request may hold")
+                             "gets 429 with Retry-After, and a body is taken only while it leaves room for the "
+                             "most images and videos one request may bring. At least what one request may hold: "
+                             "--max-request-bytes plus --max-images-per-request x --max-image-bytes plus "
+                             "--max-videos-per-request x --max-video-bytes")
     parser.add_argument("--unavailable-cooldown-s", type=float, default=d.unavailable_cooldown_s,
                         help="how long a replica that answered UNAVAILABLE is skipped by the balancer")
     parser.add_argument("--multiplex-llm-calls", action=argparse.BooleanOptionalAction, default=d.multiplex_llm_calls,

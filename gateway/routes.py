@@ -10,6 +10,7 @@ The request's bytes (body, images) count against the gateway's work limit until 
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import time
 import uuid
@@ -215,11 +216,13 @@ router.include_router(api)
 
 
 async def parse_body(request: Request, model: type[Model]) -> Model:
-    limit = gateway_of(request).config.max_request_bytes
+    config = gateway_of(request).config
+    # The body leaves room in the work limit for the images and videos it may bring (`AdmittedWork.hold`).
+    hold = functools.partial(request.state.work.hold, leaving=config.max_media_bytes)
     with tracing.span("parse") as span:  # reading the body included: a slow client shows here
         try:
-            body = await read_capped(request.stream(), request.headers.get("content-length"), limit, "request body",
-                                     request.state.work.hold)
+            body = await read_capped(request.stream(), request.headers.get("content-length"), config.max_request_bytes,
+                                     "request body", hold)
         except ClientDisconnect:  # the client's own doing, not a server error: 499, as a disconnect mid-stream
             raise Cancelled("client disconnected before its request body arrived") from None
         if span.is_recording():

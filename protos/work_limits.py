@@ -43,13 +43,18 @@ class AdmittedWork:
         self.bytes = 0
         self._released = False
 
-    def hold(self, nbytes: int) -> None:
+    def hold(self, nbytes: int, leaving: int = 0) -> None:
         """Counts `nbytes` more against the limit, or raises Overloaded (holding nothing more) when they do not
-        fit beside what every request holds now."""
+        fit beside what every request holds now with `leaving` bytes to spare.
+
+        A request's first bytes (its body) leave room for the most it may hold next (its images): else a flood of
+        requests could each hold a body, none find room for its images, and every one be refused. With that room
+        kept, the first of them to hold its images finds it, so a flood always gets some answers."""
         limit = self._limit
-        if limit.bytes + nbytes > limit.max_bytes:
-            raise Overloaded(f"{limit.stage} holds {limit.bytes} bytes of requests in flight; {nbytes} more would "
-                             f"pass its limit of {limit.max_bytes}; retry later")
+        if limit.bytes + nbytes + leaving > limit.max_bytes:
+            room = f" and room for {leaving} more it may need" if leaving else ""
+            raise Overloaded(f"{limit.stage} holds {limit.bytes} bytes of requests in flight; {nbytes} more{room} "
+                             f"would pass its limit of {limit.max_bytes}; retry later")
         limit.bytes += nbytes
         self.bytes += nbytes
 

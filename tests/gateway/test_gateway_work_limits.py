@@ -3,6 +3,7 @@ Retry-After at once, nothing else fails, and every slot and byte comes back when
 
 import asyncio
 import base64
+import json
 
 import httpx
 import openai
@@ -69,6 +70,35 @@ async def test_a_flood_of_large_requests_gets_answers_and_429s_never_an_error(st
                 assert_retry_later(response)
         await wait_until_idle(url)
         assert (await post(url, body)).status_code == 200
+
+
+async def test_bodies_that_arrive_together_leave_room_for_the_first_one_s_image(start_gateway, fake):
+    # Each client sends its headers, and its body only once the gateway has them all: a body is held from its
+    # Content-Length on, before it arrives. Held with no room to spare, four bodies would fit in 4 MiB and none of
+    # them its 0.7 MB image: each request would be refused but for the room the others' refusals free, which in a
+    # flood that keeps coming the next bodies take.
+    limits = dict(max_request_bytes=2 * MIB, max_image_bytes=MIB, max_images_per_request=1, max_video_bytes=1,
+                  max_videos_per_request=1)
+    image = base64.b64encode(bytes(700_000)).decode()
+    payload = json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {
+        "type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}]}).encode()
+    arrived = asyncio.Event()
+
+    async def body_once_all_have_asked():
+        await arrived.wait()
+        yield payload
+
+    async with start_gateway(**limits, max_bytes_in_flight=4 * MIB) as url, \
+            httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=8)) as http:
+        sent = [asyncio.ensure_future(http.post(
+            f"{url}/v1/chat/completions", content=body_once_all_have_asked(),
+            headers={"content-type": "application/json", "content-length": str(len(payload))})) for _ in range(6)]
+        await asyncio.sleep(1.0)  # every request's headers in, and its body's bytes held or refused
+        held = await admitted(url)
+        assert held["gateway_admitted_bytes"] + MIB <= 4 * MIB, held  # room for one more image
+        arrived.set()
+        statuses = sorted(r.status_code for r in await asyncio.gather(*sent))
+    assert 200 in statuses and set(statuses) <= {200, 429}, statuses
 
 
 async def test_the_openai_client_retries_a_429_after_the_time_it_names(start_gateway, fake):
