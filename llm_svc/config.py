@@ -128,7 +128,9 @@ def build_parser() -> FlexibleArgumentParser:
     own.add_argument("--max-bytes-in-flight", type=int, default=d.max_bytes_in_flight,
                      help="most bytes held at once by the requests being served: their messages (images included) "
                           "and the embeddings received for them, each counted when its header arrives; a request "
-                          "that would pass it gets RESOURCE_EXHAUSTED with a retry-after-s hint. At least "
+                          "that would pass it gets RESOURCE_EXHAUSTED with a retry-after-s hint, and a Generate "
+                          "message is taken only while it leaves room for the most embeddings one request may hold. "
+                          "At least "
                           "--max-message-bytes + --max-embedding-bytes, and at start at least what a request of the "
                           "most images may hold with the vision stage's tiling")
     own.add_argument("--grace-s", type=float, default=d.grace_s,

@@ -41,16 +41,19 @@ class RequestLimits:
     # Work held at once: Generate requests being served, and the bytes they hold (messages, embeddings received).
     max_requests_in_flight: int
     max_bytes_in_flight: int
+    # The most embeddings one request may hold: a Generate message is admitted only while it leaves room for them.
+    embedding_room_bytes: int = 0
 
     @classmethod
-    def agreed(cls, config: LlmConfig, vision: vision_pb2.GetInfoResponse) -> "RequestLimits":
+    def agreed(cls, config: LlmConfig, vision: vision_pb2.GetInfoResponse, dims: ModelDimensions) -> "RequestLimits":
         vision_request_bytes = vision.max_request_bytes or config.max_message_bytes
         return cls(max_images_per_request=_agreed_images_per_request(config, vision),
                    max_request_bytes=min(config.max_message_bytes, vision_request_bytes),
                    max_image_bytes_per_request=vision_request_bytes - ENCODE_OVERHEAD_BYTES,
                    max_embedding_bytes=config.max_embedding_bytes, vision_timeout_s=config.vision_timeout_s,
                    max_requests_in_flight=config.max_requests_in_flight,
-                   max_bytes_in_flight=config.max_bytes_in_flight)
+                   max_bytes_in_flight=config.max_bytes_in_flight,
+                   embedding_room_bytes=largest_request_bytes(config, vision, dims) - config.max_message_bytes)
 
     def check_images(self, images: list) -> None:
         """Refuses more images, or more image bytes, than one request may carry (`images`: `ImageBlob`s)."""

@@ -68,7 +68,7 @@ class LlmServer:
         dims = ModelDimensions(hidden_size=hidden, tokens_per_tile=info.tokens_per_tile,
                                max_model_len=model_config.max_model_len)
         check_work_limit(self.config, info, dims)
-        limits = RequestLimits.agreed(self.config, info)
+        limits = RequestLimits.agreed(self.config, info, dims)
         admission = AdmissionCheck(self.engine.renderer, self.engine.input_processor,
                                    await self.engine.get_supported_tasks(),
                                    ImageTokenCounter(TilingPolicy.from_info(info)), hidden)

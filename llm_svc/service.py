@@ -100,9 +100,12 @@ class LanguageService:
         # Running request ids -> whether Abort asked to stop them (it may come before the engine knows them).
         self._running: dict[str, bool] = {}
 
-    def admit(self, request_bytes: int) -> AdmittedWork:
-        """A slot for one request holding its message's bytes, or Overloaded (holding nothing) past the limits."""
-        return self.work_limit.admit(request_bytes)
+    def admit(self, request_bytes: int, embeddings: bool = True) -> AdmittedWork:
+        """A slot for one request holding its message's bytes, or Overloaded (holding nothing) past the limits. A
+        request that may receive `embeddings` is admitted only while it leaves room for the most one may hold: else a
+        flood of messages could leave none of them room for its embeddings, and every one be refused after its
+        images were encoded."""
+        return self.work_limit.admit(request_bytes, self.limits.embedding_room_bytes if embeddings else 0)
 
     async def abort(self, request_id: str) -> bool:
         if request_id not in self._running:

@@ -202,7 +202,7 @@ class LanguageModelServicer(ServesCallStreams, llm_pb2_grpc.LanguageModelService
     async def Tokenize(self, request: llm_pb2.TokenizeRequest, context):
         request_id_var.set(request.request_id or "-")
         # Admitted like a Generate request: its message holds images' bytes.
-        with self._service.admit(request.ByteSize()):
+        with self._service.admit(request.ByteSize(), embeddings=False):
             # Off the event loop: hashing the images' bytes.
             tokenize_input = await asyncio.to_thread(tokenize_input_from_pb, request)
             tokens = await self._tokenization.tokenize(tokenize_input)

@@ -21,14 +21,15 @@ class WorkLimit:
         self.requests = 0
         self.bytes = 0
 
-    def admit(self, holding: int = 0) -> "AdmittedWork":
-        """A slot for one request that holds `holding` bytes already, or Overloaded (holding nothing)."""
+    def admit(self, holding: int = 0, leaving: int = 0) -> "AdmittedWork":
+        """A slot for one request that holds `holding` bytes already (with `leaving` to spare, as `hold` has it), or
+        Overloaded (holding nothing)."""
         if self.requests >= self.max_requests:
             raise Overloaded(f"{self.stage} is serving {self.requests} requests, its limit; retry later")
         self.requests += 1
         work = AdmittedWork(self)
         try:
-            work.hold(holding)
+            work.hold(holding, leaving)
         except Overloaded:
             work.release()
             raise

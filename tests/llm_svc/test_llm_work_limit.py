@@ -165,6 +165,24 @@ async def test_an_embedding_past_the_byte_limit_ends_the_request_and_releases_wh
     assert_nothing_held(service)
 
 
+async def test_a_message_is_admitted_only_while_it_leaves_room_for_its_embeddings():
+    # Room for two messages but for the embeddings of one: the second message waits its turn with a 429 rather than
+    # leaving the first without room for its embeddings.
+    first, second = (image_request(f"r{i}", images=2, image_bytes=1000) for i in (1, 2))
+    room = 2 * EMBEDDING.nbytes
+    limits = dataclasses.replace(LIMITS, embedding_room_bytes=room,
+                                 max_bytes_in_flight=first.ByteSize() + second.ByteSize() + room - 1)
+    grpc_servicer, service, engine = servicer(Vision(), limits=limits)
+    held = service.admit(first.ByteSize())
+    with pytest.raises(errors.Overloaded, match=f"room for {room} more"):
+        await collect(grpc_servicer, second)
+    assert (service.work_limit.requests, service.work_limit.bytes) == (1, first.ByteSize())  # the refused held nothing
+    held.release()
+    await collect(grpc_servicer, first)
+    assert engine.held == [(1, first.ByteSize() + room)]
+    assert_nothing_held(service)
+
+
 async def test_text_requests_hold_only_their_message():
     grpc_servicer, service, engine = servicer(Vision())
     request = llm_pb2.GenerateRequest(prompt="hello", sampling=llm_pb2.SamplingParams(max_tokens=3))
