@@ -53,7 +53,7 @@ class RequestLimits:
                    max_embedding_bytes=config.max_embedding_bytes, vision_timeout_s=config.vision_timeout_s,
                    max_requests_in_flight=config.max_requests_in_flight,
                    max_bytes_in_flight=config.max_bytes_in_flight,
-                   embedding_room_bytes=largest_request_bytes(config, vision, dims) - config.max_message_bytes)
+                   embedding_room_bytes=largest_embeddings_bytes(config, vision, dims))
 
     def check_images(self, images: list) -> None:
         """Refuses more images, or more image bytes, than one request may carry (`images`: `ImageBlob`s)."""
@@ -66,8 +66,14 @@ class RequestLimits:
 
 
 def largest_request_bytes(config: LlmConfig, vision: vision_pb2.GetInfoResponse, dims: ModelDimensions) -> int:
-    """The most bytes one admissible request can hold: its message, as large as this stage receives, and the
-    embeddings of its images, each at the vision stage's most tiles, all together within the context."""
+    """The most bytes one admissible request can hold: its message, as large as this stage receives, and its
+    embeddings at their largest."""
+    return config.max_message_bytes + largest_embeddings_bytes(config, vision, dims)
+
+
+def largest_embeddings_bytes(config: LlmConfig, vision: vision_pb2.GetInfoResponse, dims: ModelDimensions) -> int:
+    """The most embedding bytes one request can hold: its images', each at the vision stage's most tiles, all
+    together within the context."""
     itemsize = (tensors.dtype_from_proto(vision.dtype).itemsize if vision.dtype != vision_pb2.DTYPE_UNSPECIFIED
                 else WIDEST_EMBEDDING_ITEMSIZE)
     row_bytes = dims.hidden_size * itemsize
@@ -76,7 +82,7 @@ def largest_request_bytes(config: LlmConfig, vision: vision_pb2.GetInfoResponse,
         most_tiles = vision.max_tiles + (1 if vision.use_thumbnail else 0)
         one_image = min(one_image, most_tiles * dims.tokens_per_tile * row_bytes)
     images = _agreed_images_per_request(config, vision)
-    return config.max_message_bytes + min(images * one_image, dims.max_model_len * row_bytes)
+    return min(images * one_image, dims.max_model_len * row_bytes)
 
 
 def _agreed_images_per_request(config: LlmConfig, vision: vision_pb2.GetInfoResponse) -> int:
