@@ -2,6 +2,7 @@
 
     python -m bench.front_cost                         # concurrency 1 4 16, ~8 minutes on 2 loaded cores
     python -m bench.front_cost --quick --profile       # fewer requests, then a py-spy profile of each front
+    python -m bench.front_cost --concurrency 64 128 --rounds 4   # four rounds each, pooled, ratio per round
 
 Both systems serve the same checkpoint with the same engine flags (`bench.e2e`) and get the same streamed text chat
 completions (random prompts, a fixed output length with `ignore_eos`), one system at a time. Around each timed
@@ -19,6 +20,10 @@ printed), but not at all is too much to claim: contention for caches and cores i
 
 `--systems` may add a third system, this stack with one Generate call per request instead of the gateway's
 GenerateStream (`--no-multiplex-llm-calls`), to show what sharing gRPC messages between requests saves.
+
+The systems take turns, so what else the machine runs weighs on each in its own turn; `--rounds` gives each
+several turns in alternating order (ABBA...) and pools them, which evens out a load that drifts during the run, and
+prints each round's ratio to show how far single runs would scatter.
 
 `--profile` then samples the fronts with py-spy (non-blocking, so the sampled process is not paused) during one
 more run at the highest concurrency and prints the functions where they spend their CPU time.
@@ -40,7 +45,8 @@ import time
 import psutil
 
 from bench.common import markdown_table, ratio
-from bench.e2e import Summary, chat_body, model_and_work_dir, random_texts, run_load, start_ours, start_vllm, stop
+from bench.e2e import (RequestTiming, Summary, chat_body, model_and_work_dir, random_texts, run_load, start_ours,
+                       start_vllm, stop)
 from deploy.local import Stage
 
 # vLLM titles the processes of its engine so (setproctitle: the command line, and the first 15 bytes as the name):
@@ -134,6 +140,8 @@ class Measured:
     summary: Summary
     idle_cpu_s: float = 0.0  # what the fronts would have spent in as long with no request (`idle_cpu`)
     front_switches: int = 0  # context switches of the fronts' threads
+    timings: tuple[RequestTiming, ...] = ()  # the client's, from which `summary` was made
+    seconds: float = 0.0  # how long the load took
 
     def switches_per_token(self) -> float:
         return self.front_switches / self.output_tokens if self.output_tokens else float("nan")
@@ -141,6 +149,17 @@ class Measured:
     def front_per_1000(self, net_of_idle: bool = False) -> float:
         return per_1000_tokens(sum(self.front_cpu_s.values()) - (self.idle_cpu_s if net_of_idle else 0.0),
                                self.output_tokens)
+
+
+def pooled(rounds: list[Measured]) -> Measured:
+    """One system's rounds at one concurrency as one run: CPU time, tokens and switches summed, latencies over every
+    request of every round."""
+    timings = tuple(timing for m in rounds for timing in m.timings)
+    seconds = sum(m.seconds for m in rounds)
+    return Measured({label: sum(m.front_cpu_s[label] for m in rounds) for label in rounds[0].front_cpu_s},
+                    sum(m.engine_cpu_s for m in rounds), sum(m.output_tokens for m in rounds),
+                    Summary.of(list(timings), seconds), sum(m.idle_cpu_s for m in rounds),
+                    sum(m.front_switches for m in rounds), timings, seconds)
 
 
 # Which processes make up each system's front: label -> index of the stage whose process tree it is.
@@ -161,7 +180,7 @@ def measure(stages: list[Stage], front: dict[str, int], bodies: list[dict], conc
         engine_cpu_s += spent.engine
         switches += spent.switches
     return Measured(front_cpu_s, engine_cpu_s, sum(t.output_tokens for t in timings), Summary.of(timings, seconds),
-                    sum(idle.values()) * seconds, switches)
+                    sum(idle.values()) * seconds, switches, tuple(timings), seconds)
 
 
 def idle_cpu(stages: list[Stage], front: dict[str, int], seconds: float) -> dict[str, float]:
@@ -214,6 +233,20 @@ def cost_table(results: dict[int, dict[str, Measured]]) -> str:
     return markdown_table(["concurrency", "system", "out tokens", "front CPU-s / 1k tok", "net of idle",
                            "by process", "front switches / tok", "engine CPU-s / 1k tok", "req/s", "TTFT p50 ms",
                            "TPOT p50 ms"], rows)
+
+
+def round_ratios(rounds: dict[int, dict[str, list[Measured]]]) -> str:
+    """Each round's ratio of front CPU per token (net of idle), ours over vLLM's server, beside the pooled table's:
+    how far apart single rounds fall on this machine."""
+    lines = []
+    for concurrency, by_system in rounds.items():
+        theirs = by_system.get(VLLM)
+        for system, ours in by_system.items():
+            if theirs is None or system == VLLM:
+                continue
+            ratios = [ratio(o.front_per_1000(True), t.front_per_1000(True)) for o, t in zip(ours, theirs)]
+            lines.append(f"concurrency {concurrency}, {system} / vLLM by round (net of idle): {', '.join(ratios)}")
+    return "\n".join(lines)
 
 
 # One py-spy raw line: the stack, root first, frames separated by ';', then the sample count.
@@ -314,6 +347,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warm-up", type=int, default=4, help="untimed requests per system before timing")
     parser.add_argument("--input-len", type=int, default=64, help="random text tokens per request")
     parser.add_argument("--output-len", type=int, default=128, help="generated tokens per request (ignore_eos)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timed runs per concurrency and system, the systems' order alternating; the table "
+                             "pools them and each round's ratio is printed below it")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of both engines")
     parser.add_argument("--idle-s", type=float, default=5.0, help="seconds each front's idle CPU use is read")
     parser.add_argument("--profile", action="store_true", help="then profile each front with py-spy")
@@ -335,7 +371,7 @@ def main() -> None:
     model_dir, directory = model_and_work_dir(args)
     started = time.perf_counter()
     servers: dict[str, list[Stage]] = {}
-    results: dict[int, dict[str, Measured]] = {}
+    rounds: dict[int, dict[str, list[Measured]]] = {}
     profiles = []
     idle: dict[str, dict[str, float]] = {}
     try:
@@ -348,14 +384,15 @@ def main() -> None:
                                  [next(bodies) for _ in range(args.warm_up)], max(args.concurrency)))
         idle = {system: idle_cpu(servers[system], SYSTEMS[system][1], args.idle_s) for system in args.systems}
         for n, concurrency in enumerate(args.concurrency):
-            results[concurrency] = {}
-            # Every system gets the same prompts (new to both: no prefix cache hit), in alternating order.
-            batch = [next(bodies) for _ in range(requests_at(args, concurrency))]
-            order = args.systems if n % 2 == 0 else args.systems[::-1]
-            for system in order:
-                results[concurrency][system] = measure(servers[system], SYSTEMS[system][1], batch, concurrency,
-                                                       idle[system])
-            results[concurrency] = {s: results[concurrency][s] for s in args.systems}
+            rounds[concurrency] = {system: [] for system in args.systems}
+            for round_ in range(args.rounds):
+                # Every system gets the same prompts (new to both: no prefix cache hit), in alternating order, so
+                # that a machine getting busier or quieter over the rounds weighs on both alike.
+                batch = [next(bodies) for _ in range(requests_at(args, concurrency))]
+                order = args.systems if (n + round_) % 2 == 0 else args.systems[::-1]
+                for system in order:
+                    rounds[concurrency][system].append(
+                        measure(servers[system], SYSTEMS[system][1], batch, concurrency, idle[system]))
             print(f"concurrency {concurrency} done, load average {os.getloadavg()[0]:.1f}", flush=True)
         if args.profile:
             batch = [next(bodies) for _ in range(requests_at(args, max(args.concurrency)))]
@@ -367,7 +404,10 @@ def main() -> None:
             stop(stages)
     print(f"\n{args.input_len} random tokens in, {args.output_len} out (ignore_eos), streamed chat completions, "
           f"{args.dtype}; CPU seconds per 1000 output tokens\n")
-    print(cost_table(results))
+    print(cost_table({concurrency: {system: pooled(runs) for system, runs in by_system.items()}
+                      for concurrency, by_system in rounds.items()}))
+    if args.rounds > 1:
+        print("\n" + round_ratios(rounds))
     print("\nidle, CPU-s per s: " + "; ".join(f"{label} {cpu:.3f}" for by_label in idle.values()
                                               for label, cpu in by_label.items()))
     for section in profiles:

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from bench.e2e import Summary
+from bench.e2e import RequestTiming
 from bench.front_cost import (Measured, ProcessCpu, TreeCpu, context_switches, cost_table, is_engine, per_1000_tokens,
-                              short_frame, split_cpu, top_frames, tree_cpu)
+                              pooled, round_ratios, short_frame, split_cpu, top_frames, tree_cpu)
 
 
 @pytest.mark.parametrize("name, cmdline, engine", [
@@ -63,6 +64,28 @@ def test_cost_per_1000_tokens_and_ratio_row():
     assert rows[0].startswith("| 4 | DvD (gateway) | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 4.5 | 5 |")
     assert rows[3].startswith("| 4 | **DvD / vLLM** |  | 1.50x | 1.00x |  | 3.00x |")
     assert rows[4].startswith("| 4 | **DvD, a Generate call per request / vLLM** |  | 3.00x |")
+
+
+def timing(ttft_s: float) -> RequestTiming:
+    return RequestTiming(ttft_s=ttft_s, e2e_s=ttft_s + 4.0, prompt_tokens=64, output_tokens=1000)
+
+
+def test_rounds_pool_into_one_run_and_each_round_keeps_its_ratio():
+    def run(gateway_s: float, idle_s: float, ttft_s: float, seconds: float) -> Measured:
+        timings = (timing(ttft_s), timing(ttft_s))
+        return Measured({"gateway": gateway_s, "llm_svc": 1.0}, 5.0, 2000, Summary.of(list(timings), seconds),
+                        idle_cpu_s=idle_s, front_switches=100, timings=timings, seconds=seconds)
+
+    ours = [run(1.0, 0.0, 0.010, 2.0), run(3.0, 1.0, 0.030, 6.0)]
+    both = pooled(ours)
+    assert both.front_cpu_s == {"gateway": 4.0, "llm_svc": 2.0} and both.engine_cpu_s == 10.0
+    assert both.output_tokens == 4000 and both.idle_cpu_s == 1.0 and both.front_switches == 200
+    assert both.front_per_1000() == 1.5 and both.front_per_1000(net_of_idle=True) == 1.25
+    assert both.summary.requests_per_s == 0.5 and both.summary.output_tokens_per_s == 500  # 4 requests in 8 s
+    assert both.summary.ttft_p50_ms == pytest.approx(20.0)
+    theirs = [run(1.0, 0.0, 0.010, 2.0), run(1.0, 0.0, 0.010, 2.0)]
+    assert round_ratios({64: {"DvD (gateway)": ours, "vLLM server": theirs}}) == \
+        "concurrency 64, DvD (gateway) / vLLM by round (net of idle): 1.00x, 1.50x"
 
 
 RAW = """\
