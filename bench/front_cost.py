@@ -357,7 +357,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=DEFAULT_SYSTEMS,
                         help="measure only these (ratios need vLLM's server); the third is this stack with its "
                              "gateway on --no-multiplex-llm-calls, to show what GenerateStream saves")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def requests_at(args, concurrency: int) -> int:

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from bench.e2e import Summary
-from bench.e2e import RequestTiming
+from bench.e2e import RequestTiming, Summary
 from bench.front_cost import (Measured, ProcessCpu, TreeCpu, context_switches, cost_table, is_engine, per_1000_tokens,
                               pooled, round_ratios, short_frame, split_cpu, top_frames, tree_cpu)
 
