@@ -137,11 +137,14 @@ class Measured:
     front_cpu_s: dict[str, float]
     engine_cpu_s: float
     output_tokens: int
-    summary: Summary
+    timings: tuple[RequestTiming, ...]  # the client's, one per request
+    seconds: float  # how long the load took
     idle_cpu_s: float = 0.0  # what the fronts would have spent in as long with no request (`idle_cpu`)
     front_switches: int = 0  # context switches of the fronts' threads
-    timings: tuple[RequestTiming, ...] = ()  # the client's, from which `summary` was made
-    seconds: float = 0.0  # how long the load took
+
+    @property
+    def summary(self) -> Summary:
+        return Summary.of(list(self.timings), self.seconds)
 
     def switches_per_token(self) -> float:
         return self.front_switches / self.output_tokens if self.output_tokens else float("nan")
@@ -154,12 +157,10 @@ class Measured:
 def pooled(rounds: list[Measured]) -> Measured:
     """One system's rounds at one concurrency as one run: CPU time, tokens and switches summed, latencies over every
     request of every round."""
-    timings = tuple(timing for m in rounds for timing in m.timings)
-    seconds = sum(m.seconds for m in rounds)
     return Measured({label: sum(m.front_cpu_s[label] for m in rounds) for label in rounds[0].front_cpu_s},
                     sum(m.engine_cpu_s for m in rounds), sum(m.output_tokens for m in rounds),
-                    Summary.of(list(timings), seconds), sum(m.idle_cpu_s for m in rounds),
-                    sum(m.front_switches for m in rounds), timings, seconds)
+                    tuple(timing for m in rounds for timing in m.timings), sum(m.seconds for m in rounds),
+                    sum(m.idle_cpu_s for m in rounds), sum(m.front_switches for m in rounds))
 
 
 # Which processes make up each system's front: label -> index of the stage whose process tree it is.
@@ -179,8 +180,8 @@ def measure(stages: list[Stage], front: dict[str, int], bodies: list[dict], conc
         front_cpu_s.update({label: spent.main, f"{label} helpers": spent.helpers})
         engine_cpu_s += spent.engine
         switches += spent.switches
-    return Measured(front_cpu_s, engine_cpu_s, sum(t.output_tokens for t in timings), Summary.of(timings, seconds),
-                    sum(idle.values()) * seconds, switches, tuple(timings), seconds)
+    return Measured(front_cpu_s, engine_cpu_s, sum(t.output_tokens for t in timings), tuple(timings), seconds,
+                    sum(idle.values()) * seconds, switches)
 
 
 def idle_cpu(stages: list[Stage], front: dict[str, int], seconds: float) -> dict[str, float]:

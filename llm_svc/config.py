@@ -130,9 +130,8 @@ def build_parser() -> FlexibleArgumentParser:
                           "and the embeddings received for them, each counted when its header arrives; a request "
                           "that would pass it gets RESOURCE_EXHAUSTED with a retry-after-s hint, and a Generate "
                           "message is taken only while it leaves room for the most embeddings one request may hold. "
-                          "At least "
-                          "--max-message-bytes + --max-embedding-bytes, and at start at least what a request of the "
-                          "most images may hold with the vision stage's tiling")
+                          "At least --max-message-bytes + --max-embedding-bytes, and at start at least what a "
+                          "request of the most images may hold with the vision stage's tiling")
     own.add_argument("--grace-s", type=float, default=d.grace_s,
                      help="on SIGTERM, seconds that in-flight streams get to finish before the engine stops")
     own.add_argument("--log-json", action="store_true", help="log one JSON object per line")

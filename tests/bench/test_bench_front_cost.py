@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bench.e2e import RequestTiming, Summary
+from bench.e2e import RequestTiming
 from bench.front_cost import (Measured, ProcessCpu, TreeCpu, context_switches, cost_table, is_engine, per_1000_tokens,
                               pooled, round_ratios, short_frame, split_cpu, top_frames, tree_cpu)
 
@@ -51,13 +51,17 @@ def test_tree_cpu_reads_this_process_and_the_switches_of_all_its_threads():
     assert not mine.engine and mine.cpu_s > 0 and mine.switches > 0
 
 
+def timing(ttft_s: float) -> RequestTiming:
+    return RequestTiming(ttft_s=ttft_s, e2e_s=ttft_s + 4.0, prompt_tokens=64, output_tokens=1000)
+
+
 def test_cost_per_1000_tokens_and_ratio_row():
-    summary = Summary(requests_per_s=2.0, output_tokens_per_s=256.0, ttft_p50_ms=20.0, ttft_p99_ms=30.0,
-                      tpot_p50_ms=4.0, prompt_tokens=64.0)
-    ours = Measured({"gateway": 1.0, "llm_svc front": 2.0}, 10.0, 2000, summary, idle_cpu_s=1.0, front_switches=9000)
-    theirs = Measured({"vLLM API server": 2.0}, 10.0, 2000, summary, front_switches=3000)
+    timings = (timing(0.020), timing(0.020))
+    ours = Measured({"gateway": 1.0, "llm_svc front": 2.0}, 10.0, 2000, timings, 1.0, idle_cpu_s=1.0,
+                    front_switches=9000)
+    theirs = Measured({"vLLM API server": 2.0}, 10.0, 2000, timings, 1.0, front_switches=3000)
     assert per_1000_tokens(3.0, 2000) == 1.5 and per_1000_tokens(1.0, 0) != per_1000_tokens(1.0, 0)  # nan
-    unmultiplexed = Measured({"gateway": 2.0, "llm_svc front": 4.0}, 10.0, 2000, summary)
+    unmultiplexed = Measured({"gateway": 2.0, "llm_svc front": 4.0}, 10.0, 2000, timings, 1.0)
     rows = cost_table({4: {"DvD (gateway)": ours, "vLLM server": theirs,
                            "DvD, a Generate call per request": unmultiplexed}}).splitlines()[2:]
     assert rows[0].startswith("| 4 | DvD (gateway) | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 4.5 | 5 |")
@@ -65,15 +69,11 @@ def test_cost_per_1000_tokens_and_ratio_row():
     assert rows[4].startswith("| 4 | **DvD, a Generate call per request / vLLM** |  | 3.00x |")
 
 
-def timing(ttft_s: float) -> RequestTiming:
-    return RequestTiming(ttft_s=ttft_s, e2e_s=ttft_s + 4.0, prompt_tokens=64, output_tokens=1000)
-
-
 def test_rounds_pool_into_one_run_and_each_round_keeps_its_ratio():
     def run(gateway_s: float, idle_s: float, ttft_s: float, seconds: float) -> Measured:
         timings = (timing(ttft_s), timing(ttft_s))
-        return Measured({"gateway": gateway_s, "llm_svc": 1.0}, 5.0, 2000, Summary.of(list(timings), seconds),
-                        idle_cpu_s=idle_s, front_switches=100, timings=timings, seconds=seconds)
+        return Measured({"gateway": gateway_s, "llm_svc": 1.0}, 5.0, 2000, timings, seconds, idle_cpu_s=idle_s,
+                        front_switches=100)
 
     ours = [run(1.0, 0.0, 0.010, 2.0), run(3.0, 1.0, 0.030, 6.0)]
     both = pooled(ours)
