@@ -6,6 +6,7 @@ import re
 import time
 import uuid
 
+from gateway.client_watch import ClientWatch
 from gateway.error_handlers import error_response
 from gateway.metrics import GatewayMetrics
 from protos import tracing
@@ -75,7 +76,7 @@ class RequestContextMiddleware:
 class WorkLimitMiddleware:
     """Admits each request to `endpoints` against the gateway's work limit for its whole life, streamed answer
     included, and answers 429 with Retry-After past it. The admitted work is `request.state.work`, against which
-    the route holds the request's bytes."""
+    the route holds the request's bytes; `request.state.client` watches for the client's disconnect as long."""
 
     def __init__(self, app, limit: WorkLimit, endpoints: set[str]):
         self.app = app
@@ -90,6 +91,10 @@ class WorkLimitMiddleware:
         except Overloaded as error:
             log.info("%s refused: %s", scope["path"], error)
             return await error_response(error)(scope, receive, send)
-        scope.setdefault("state", {})["work"] = work
-        with work:
-            await self.app(scope, receive, send)
+        client = ClientWatch(receive)
+        scope.setdefault("state", {}).update(work=work, client=client)
+        try:
+            with work:
+                await self.app(scope, receive, send)
+        finally:
+            client.close()

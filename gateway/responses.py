@@ -2,15 +2,17 @@
 `data: [DONE]`) or one JSON body, recording the token counts on the way."""
 
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import msgspec
+from starlette.responses import Response
 
 from gateway import translate
+from gateway.client_watch import ClientWatch
 from gateway.errors import http_error
 from gateway.metrics import GatewayMetrics
 from protos import llm_pb2
-from protos.errors import ServingError
+from protos.errors import Cancelled, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +96,30 @@ async def sse_events(stream: Messages, render: RenderChunk, first_chunks: list[d
         log.warning("stream failed after it started: %s", error)
         yield sse(http_error(error)[1])
     yield b"data: [DONE]\n\n"
+
+
+class EventStream(Response):
+    """The SSE answer, sent from the request's own task under its `ClientWatch`: a client that disconnects cancels
+    the sending, and closing `events` then cancels the call (as does `on_close`, for a client gone before the first
+    event). Starlette's StreamingResponse would watch the client with a task group of its own."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], client: ClientWatch, on_close: Callable[[], Awaitable[None]]):
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        self._events = events
+        self._client = client
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            with self._client.guarded():
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for event in self._events:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Cancelled:
+            pass  # the client left: no one to tell
+        finally:
+            await self._events.aclose()
+            await self._on_close()

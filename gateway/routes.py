@@ -8,27 +8,25 @@ SSE `error` event, as vLLM's server sends it.
 The request's bytes (body, images) count against the gateway's work limit until every call has been sent.
 """
 
-import asyncio
 import dataclasses
 import functools
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import pydantic
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from gateway import fanout, tokenization, translate
 from gateway.errors import PayloadTooLarge, Unauthenticated, http_error, read_capped
 from gateway.fanout import MergedTokenStream
 from gateway.llm_client import TokenStream
-from gateway.responses import collect, completion_renderer, sse_events
+from gateway.responses import EventStream, collect, completion_renderer, sse_events
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from protos import llm_pb2, server_version, tracing
 from protos.errors import Cancelled, InvalidInput, ServingError, Unavailable
@@ -99,7 +97,7 @@ async def chat_completions(request: Request):
         chunks = sse_events(stream, lambda m: translate.chat_chunk(m, options.meta, options.logprobs),
                             first_chunks, options.meta, "chat.completion.chunk", options.include_usage, metrics,
                             options.continuous_usage)
-        return event_stream(chunks, stream)
+        return EventStream(chunks, request.state.client, stream.close)
     messages = await collect_unless_disconnected(request, stream)
     return JSONResponse(translate.chat_completion(messages, options.meta, options.logprobs, options.role,
                                                   options.echo_text))
@@ -111,9 +109,10 @@ async def start_chat(request: Request) -> tuple[TokenStream, AnswerOptions]:
     body = await parse_body(request, ChatCompletionRequest)
     options = answer_options(request, body, "chatcmpl", await gateway.check_model(body.model), body.logprobs,
                              role=translate.response_role(body), echo_text=translate.chat_echo_text(body))
-    images = await until_disconnected(request, gateway.images.load_all(translate.image_urls(body), work.hold))
-    gateway.metrics.image_bytes.inc(sum(len(i) for i in images))
-    videos = await until_disconnected(request, gateway.videos.load_all(translate.video_urls(body), work.hold))
+    with request.state.client.guarded():
+        images = await gateway.images.load_all(translate.image_urls(body), work.hold)
+        gateway.metrics.image_bytes.inc(sum(len(i) for i in images))
+        videos = await gateway.videos.load_all(translate.video_urls(body), work.hold)
     generate = translate.chat_generate_request(body, images, backend_request_id(request),
                                                gateway.config.max_tokens_limit, videos)
     return await start_generation(request, generate, CHAT_ENDPOINT), options
@@ -126,7 +125,7 @@ async def completions(request: Request):
         render = completion_renderer(options.meta, options.top_logprobs, options.echo, options.n)
         chunks = sse_events(stream, render, [], options.meta, "text_completion", options.include_usage,
                             gateway_of(request).metrics, options.continuous_usage)
-        return event_stream(chunks, stream)
+        return EventStream(chunks, request.state.client, stream.close)
     messages = await collect_unless_disconnected(request, stream)
     return JSONResponse(translate.completion(messages, options.meta, options.logprobs, options.echo,
                                              options.top_logprobs, options.n))
@@ -172,11 +171,11 @@ async def tokenize(request: Request):
     gateway = gateway_of(request)
     body = validated(tokenization.tokenize_request, (await parse_body(request, tokenization.JsonObject)).root)
     await gateway.check_model(body.model)
-    images = await until_disconnected(request, gateway.images.load_all(tokenization.image_urls(body),
-                                                                       request.state.work.hold))
-    message = tokenization.tokenize_to_proto(body, images, backend_request_id(request))
-    await refuse_if_too_large(gateway, message)
-    response = await until_disconnected(request, gateway.llm.tokenize(message, gateway.config.request_timeout_s))
+    with request.state.client.guarded():
+        images = await gateway.images.load_all(tokenization.image_urls(body), request.state.work.hold)
+        message = tokenization.tokenize_to_proto(body, images, backend_request_id(request))
+        await refuse_if_too_large(gateway, message)
+        response = await gateway.llm.tokenize(message, gateway.config.request_timeout_s)
     return tokenization.tokenize_json(response, bool(body.return_token_strs))
 
 
@@ -187,7 +186,8 @@ async def detokenize(request: Request):
     await gateway.check_model(body.model)
     message = llm_pb2.DetokenizeRequest(token_ids=body.tokens)
     await refuse_if_too_large(gateway, message)
-    response = await until_disconnected(request, gateway.llm.detokenize(message, gateway.config.request_timeout_s))
+    with request.state.client.guarded():
+        response = await gateway.llm.detokenize(message, gateway.config.request_timeout_s)
     return {"prompt": response.text}
 
 
@@ -259,45 +259,20 @@ def backend_request_id(request: Request) -> str:
     return request_id
 
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Awaits `work`, cancelling it if the client disconnects first (nobody would read the answer)."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():  # the client left first; the task only now begins to cancel
-        task.cancel()
-        raise Cancelled("client disconnected")
-    return task.result()
-
-
 async def collect_unless_disconnected(request: Request,
                                       stream: TokenStream | MergedTokenStream) -> list[llm_pb2.GenerateResponse]:
     try:
-        return await until_disconnected(request, collect(stream, gateway_of(request).metrics))
+        with request.state.client.guarded():
+            return await collect(stream, gateway_of(request).metrics)
     finally:
         await stream.close()
-
-
-def event_stream(events: AsyncIterator[bytes], stream: TokenStream | MergedTokenStream) -> StreamingResponse:
-    # The close also covers a client gone before the first event, when the generator never ran.
-    return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(stream.close))
 
 
 async def start_generation(request: Request, generate: llm_pb2.GenerateRequest, endpoint: str) -> TokenStream:
     gateway = gateway_of(request)
     await refuse_if_too_large(gateway, generate)
-    stream = await until_disconnected(request, gateway.llm.generate(generate, gateway.config.request_timeout_s))
+    with request.state.client.guarded():
+        stream = await gateway.llm.generate(generate, gateway.config.request_timeout_s)
     # Sent: the body, images and message die with the caller's frame; only the request's slot stays held.
     request.state.work.release_bytes()
     gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)
@@ -310,8 +285,8 @@ async def start_generations(request: Request, generates: list[llm_pb2.GenerateRe
     gateway = gateway_of(request)
     for generate in generates:
         await refuse_if_too_large(gateway, generate)
-    streams = await until_disconnected(request, fanout.generate_all(gateway.llm, generates,
-                                                                    gateway.config.request_timeout_s))
+    with request.state.client.guarded():
+        streams = await fanout.generate_all(gateway.llm, generates, gateway.config.request_timeout_s)
     # Sent, every one: as for one call, the request's bytes are let go only now.
     request.state.work.release_bytes()
     gateway.metrics.ttft.labels(endpoint).observe(time.perf_counter() - request.state.started)

@@ -185,9 +185,10 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", target)
             self.end_headers()
             return
-        if self.path == "/slow.png":
-            time.sleep(1.5)
-        body = self.images.get(self.path, self.images["/red.png"] if self.path == "/slow.png" else None)
+        if self.path.startswith("/slow.png"):  # /slow.png?seconds=S: S seconds (1.5 by default) to answer
+            time.sleep(float(self.path.partition("?seconds=")[2] or 1.5))
+            self.path = "/red.png"
+        body = self.images.get(self.path)
         if body is None:
             self.send_error(404)
             return

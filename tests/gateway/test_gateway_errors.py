@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import time
 
 import httpx
 import openai
@@ -208,12 +209,31 @@ async def test_client_disconnect_before_a_plain_response_cancels_the_backend_cal
     await asyncio.wait_for(fake.cancelled.wait(), timeout=5)
 
 
+async def requests_with_status(gateway_url: str, status: str) -> float:
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{gateway_url}/metrics")).text
+    line = f'gateway_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} '
+    return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
+
+
+async def test_client_gone_while_its_image_downloads_ends_the_request_then(start_gateway, image_server, fake):
+    base, _ = image_server
+    async with start_gateway(allow_private_image_urls=True) as url:
+        started = time.monotonic()
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(f"{url}/v1/chat/completions", json=with_image(f"{base}/slow.png?seconds=10"),
+                                timeout=0.5)
+        while await requests_with_status(url, "499") == 0 and time.monotonic() - started < 10:
+            await asyncio.sleep(0.05)
+        # Ended while its image was still on the way (10 s), not once it had come.
+        assert await requests_with_status(url, "499") == 1 and time.monotonic() - started < 10
+    assert fake.requests == []
+
+
 async def test_client_gone_before_its_body_arrived_is_499_not_a_server_error(gateway_url, fake):
     async def count(status: str) -> float:
-        async with httpx.AsyncClient() as http:
-            metrics = (await http.get(f"{gateway_url}/metrics")).text
-        line = f'gateway_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} '
-        return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
+        return await requests_with_status(gateway_url, status)
 
     before = {status: await count(status) for status in ("499", "500")}
     host, port = gateway_url.removeprefix("http://").split(":")
