@@ -15,8 +15,8 @@ from gateway.error_handlers import install_error_handlers
 from gateway.images import ImageLoader
 from gateway.llm_client import LlmClient
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import RequestContextMiddleware, WorkLimitMiddleware
-from gateway.routes import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, DETOKENIZE_ENDPOINT, TOKENIZE_ENDPOINT, router
+from gateway.middleware import ApiKeyMiddleware, RequestContextMiddleware, WorkLimitMiddleware
+from gateway.routes import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, DETOKENIZE_ENDPOINT, TOKENIZE_ENDPOINT, api, router
 from gateway.videos import VideoLoader
 from protos import llm_pb2
 from protos.errors import NotFound
@@ -71,9 +71,10 @@ def create_app(config: GatewayConfig, before_serving: Callable[[], object] = lam
         await app.state.gateway.close()
 
     app = FastAPI(title="InternVL gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
-    # The last middleware added runs first: the request id is set before the work limit may refuse.
+    # The last middleware added runs first: the request id is set before the API key or the work limit may refuse.
     app.add_middleware(WorkLimitMiddleware, limit=work_limit,
                        endpoints={CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, TOKENIZE_ENDPOINT, DETOKENIZE_ENDPOINT})
+    app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, endpoints={route.path for route in api.routes})
     app.add_middleware(RequestContextMiddleware, metrics=metrics, endpoints={route.path for route in router.routes})
     install_error_handlers(app)
     app.include_router(router)

@@ -1,6 +1,7 @@
 """ASGI middleware: the per-request context (request id for logs and the response header, metrics) around every
 request, and the work limit around each generation request."""
 
+import hmac
 import logging
 import re
 import time
@@ -8,6 +9,7 @@ import uuid
 
 from gateway.client_watch import ClientWatch
 from gateway.error_handlers import error_response
+from gateway.errors import Unauthenticated
 from gateway.metrics import GatewayMetrics
 from protos import tracing
 from protos.errors import Overloaded
@@ -71,6 +73,31 @@ class RequestContextMiddleware:
         self.metrics.in_flight.labels(endpoint).dec()
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+class ApiKeyMiddleware:
+    """With `api_key` set, a request to `endpoints` without it (`Authorization: Bearer <key>`) is answered 401 before
+    it is admitted or read."""
+
+    def __init__(self, app, api_key: str | None, endpoints: set[str]):
+        self.app = app
+        self.api_key = None if api_key is None else api_key.encode()
+        self.endpoints = endpoints
+
+    async def __call__(self, scope, receive, send):
+        if self.api_key is not None and scope["type"] == "http" and scope["path"] in self.endpoints:
+            if not self._brings_key(scope["headers"]):
+                error = Unauthenticated("missing or wrong API key (send 'Authorization: Bearer <key>')")
+                log.info("%s %s refused: %s", scope["method"], scope["path"], error)
+                return await error_response(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _brings_key(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        for name, value in headers:
+            if name.lower() == b"authorization":
+                scheme, _, key = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(key, self.api_key)
+        return False
 
 
 class WorkLimitMiddleware:

@@ -108,7 +108,19 @@ async def test_api_key_is_required_when_set(start_gateway, fake):
         assert (await good.models.list()).data[0].id == fake.MODEL
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{url}/health")).status_code == 200  # probes need no key
+            for path in ("/v1/completions", "/tokenize", "/detokenize"):
+                assert_error(await http.post(f"{url}{path}", json={}), 401, "API key")
     assert len(fake.requests) == 0
+
+
+async def test_a_request_without_the_key_takes_no_room_in_the_work_limit(start_gateway, fake):
+    async with start_gateway(api_key="sesame", max_requests_in_flight=1) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+        slow = await client.chat.completions.create(model=fake.MODEL, stream=True,
+                                                    messages=[{"role": "user", "content": "slow"}])
+        await anext(aiter(slow))  # the one slot is taken
+        assert_error(await post(url, chat()), 401, "API key")  # not 429: refused before it is admitted
+        await slow.close()
 
 
 async def test_images_that_cannot_be_loaded_are_400(gateway_url, image_server, fake):
