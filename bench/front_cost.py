@@ -213,7 +213,7 @@ def cost_table(results: dict[int, dict[str, Measured]]) -> str:
     rows = []
     for concurrency, by_system in results.items():
         for system, m in by_system.items():
-            parts = ", ".join(f"{label} {per_1000_tokens(s, m.output_tokens):.2f}"
+            parts = ", ".join(f"{label} {per_1000_tokens(s, m.output_tokens):.3g}"
                               for label, s in m.front_cpu_s.items())
             rows.append([concurrency, system, m.output_tokens, m.front_per_1000(), m.front_per_1000(True), parts,
                          round(m.switches_per_token(), 2), per_1000_tokens(m.engine_cpu_s, m.output_tokens),

@@ -64,7 +64,7 @@ def test_cost_per_1000_tokens_and_ratio_row():
     unmultiplexed = Measured({"gateway": 2.0, "llm_svc front": 4.0}, 10.0, 2000, timings, 1.0)
     rows = cost_table({4: {"DvD (gateway)": ours, "vLLM server": theirs,
                            "DvD, a Generate call per request": unmultiplexed}}).splitlines()[2:]
-    assert rows[0].startswith("| 4 | DvD (gateway) | 2000 | 1.5 | 1 | gateway 0.50, llm_svc front 1.00 | 4.5 | 5 |")
+    assert rows[0].startswith("| 4 | DvD (gateway) | 2000 | 1.5 | 1 | gateway 0.5, llm_svc front 1 | 4.5 | 5 |")
     assert rows[3].startswith("| 4 | **DvD / vLLM** |  | 1.50x | 1.00x |  | 3.00x |")
     assert rows[4].startswith("| 4 | **DvD, a Generate call per request / vLLM** |  | 3.00x |")
 
