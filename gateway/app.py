@@ -1,4 +1,4 @@
-"""The gateway application: what its routes share (`Gateway`) and how the FastAPI app is put together.
+"""The gateway application: what its routes share (`Gateway`) and how the Starlette app is put together.
 
 Routes are in `gateway.routes`, the mapping of errors to HTTP answers in `gateway.error_handlers`; around
 them, the request context (id, metrics) and the work limit (requests and bytes in flight, 429 past them).
@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from gateway.config import GatewayConfig
 from gateway.error_handlers import install_error_handlers
@@ -16,7 +17,8 @@ from gateway.images import ImageLoader
 from gateway.llm_client import LlmClient
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import ApiKeyMiddleware, RequestContextMiddleware, WorkLimitMiddleware
-from gateway.routes import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, DETOKENIZE_ENDPOINT, TOKENIZE_ENDPOINT, api, router
+from gateway.routes import (API_ROUTES, CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, DETOKENIZE_ENDPOINT, ROUTES,
+                            TOKENIZE_ENDPOINT)
 from gateway.videos import VideoLoader
 from protos import llm_pb2
 from protos.errors import NotFound
@@ -54,7 +56,7 @@ class Gateway:
         return served
 
 
-def create_app(config: GatewayConfig, before_serving: Callable[[], object] = lambda: None) -> FastAPI:
+def create_app(config: GatewayConfig, before_serving: Callable[[], object] = lambda: None) -> Starlette:
     """`before_serving` runs once the app is up, before it serves: what the process does then (`gateway.__main__`
     freezes its heap), which an app that shares its process (tests) leaves out."""
     metrics = GatewayMetrics()
@@ -62,7 +64,7 @@ def create_app(config: GatewayConfig, before_serving: Callable[[], object] = lam
     metrics.watch_work_limit(work_limit)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: Starlette):
         # Created here so the gRPC channels belong to the server's event loop.
         app.state.gateway = Gateway(config, metrics)
         await app.state.gateway.llm.start()
@@ -70,12 +72,13 @@ def create_app(config: GatewayConfig, before_serving: Callable[[], object] = lam
         yield
         await app.state.gateway.close()
 
-    app = FastAPI(title="InternVL gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
-    # The last middleware added runs first: the request id is set before the API key or the work limit may refuse.
-    app.add_middleware(WorkLimitMiddleware, limit=work_limit,
-                       endpoints={CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, TOKENIZE_ENDPOINT, DETOKENIZE_ENDPOINT})
-    app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, endpoints={route.path for route in api.routes})
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, endpoints={route.path for route in router.routes})
+    # In this order around each request: its id (set before anything may refuse it), the API key, the work limit.
+    middleware = [
+        Middleware(RequestContextMiddleware, metrics=metrics, endpoints={route.path for route in ROUTES}),
+        Middleware(ApiKeyMiddleware, api_key=config.api_key, endpoints={route.path for route in API_ROUTES}),
+        Middleware(WorkLimitMiddleware, limit=work_limit,
+                   endpoints={CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, TOKENIZE_ENDPOINT, DETOKENIZE_ENDPOINT}),
+    ]
+    app = Starlette(routes=ROUTES, middleware=middleware, lifespan=lifespan)
     install_error_handlers(app)
-    app.include_router(router)
     return app

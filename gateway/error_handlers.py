@@ -6,8 +6,10 @@ may know (`gateway.errors.http_error`). A 429 carries Retry-After, which the Ope
 
 import logging
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from gateway.errors import http_error
 from protos.errors import InternalError, Overloaded, ServingError
@@ -43,6 +45,12 @@ async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers={"x-request-id": request_id})
 
 
-def install_error_handlers(app: FastAPI) -> None:
+async def http_exception(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such path, method not allowed), in the body vLLM's server gives them."""
+    return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+def install_error_handlers(app: Starlette) -> None:
+    app.add_exception_handler(HTTPException, http_exception)
     app.add_exception_handler(ServingError, serving_error)
     app.add_exception_handler(Exception, unexpected_error)

@@ -5,7 +5,6 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import msgspec
-from starlette.responses import Response
 
 from gateway import translate
 from gateway.client_watch import ClientWatch
@@ -98,15 +97,15 @@ async def sse_events(stream: Messages, render: RenderChunk, first_chunks: list[d
     yield b"data: [DONE]\n\n"
 
 
-class EventStream(Response):
-    """The SSE answer, sent from the request's own task under its `ClientWatch`: a client that disconnects cancels
-    the sending, and closing `events` then cancels the call (as does `on_close`, for a client gone before the first
-    event). Starlette's StreamingResponse would watch the client with a task group of its own."""
+class EventStream:
+    """The SSE answer (an ASGI app), sent from the request's own task under its `ClientWatch`: a client that
+    disconnects cancels the sending, and closing `events` then cancels the call (as does `on_close`, for a client
+    gone before the first event). Starlette's StreamingResponse would watch the client with a task group of its own."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None], client: ClientWatch, on_close: Callable[[], Awaitable[None]]):
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+    HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
+
+    def __init__(self, events: AsyncGenerator[bytes, None], client: ClientWatch,
+                 on_close: Callable[[], Awaitable[None]]):
         self._events = events
         self._client = client
         self._on_close = on_close
@@ -114,7 +113,7 @@ class EventStream(Response):
     async def __call__(self, scope, receive, send) -> None:
         try:
             with self._client.guarded():
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                await send({"type": "http.response.start", "status": 200, "headers": self.HEADERS})
                 async for event in self._events:
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -177,3 +177,12 @@ async def test_health_and_metrics(gateway_url, client, fake):
     assert 'gateway_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
     assert "gateway_time_to_first_token_seconds_count" in metrics
     assert "gateway_completion_tokens_total" in metrics and "gateway_requests_in_flight" in metrics
+
+
+async def test_no_such_path_or_method_is_answered_as_vllm_s_server_does(gateway_url):
+    async with httpx.AsyncClient() as http:
+        missing = await http.get(f"{gateway_url}/v1/embeddings")
+        wrong_method = await http.get(f"{gateway_url}/v1/chat/completions")
+    assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+    assert wrong_method.status_code == 405 and wrong_method.json() == {"detail": "Method Not Allowed"}
+    assert wrong_method.headers["allow"] == "POST" and "x-request-id" in wrong_method.headers

@@ -177,7 +177,7 @@ def test_request_id_appears_in_every_stage_log(client, stack):
 
 
 def test_every_stage_froze_its_startup_heap(stack):
-    # Else a collection of its oldest generation walks the whole of vLLM, torch or FastAPI and stalls every stream.
+    # Else a collection of its oldest generation walks the whole of vLLM, torch or Starlette and stalls every stream.
     for name in ("gateway", "llm", "vision"):
         log = stack[name].log_path.read_text(errors="replace")
         assert "start-up heap frozen" in log, f"{name} did not freeze its start-up heap"
