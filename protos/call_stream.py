@@ -24,6 +24,7 @@ stream must not outlive the calls it took.
 """
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -189,13 +190,39 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
             task.cancel()
 
 
+class _Inbox:
+    """A call's messages for its one reader: asyncio.Queue's work without its generality, a message each token
+    (bench.gateway_cost)."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class StreamedCall:
     """One call of a CallStream, read like grpcio's UnaryStreamCall."""
 
     def __init__(self, stream: "CallStream", call_id: int):
         self._stream = stream
         self.call_id = call_id
-        self.events: asyncio.Queue = asyncio.Queue()  # GenerateResponse, then None (OK) or a ServingError
+        self.events = _Inbox()  # GenerateResponse, then None (OK) or a ServingError
         self.ended = False
         self.paused = False
         self._deadline: asyncio.TimerHandle | None = None
@@ -205,15 +232,15 @@ class StreamedCall:
 
     def deliver(self, message: llm_pb2.GenerateResponse) -> None:
         """Queues a message for `read`, pausing the call once its reader has fallen PAUSE_AT behind."""
-        self.events.put_nowait(message)
-        if not self.paused and self.events.qsize() >= PAUSE_AT:
+        self.events.put(message)
+        if not self.paused and len(self.events) >= PAUSE_AT:
             self.paused = True
             self._stream.send_flow(self.call_id, resume=False)
 
     async def read(self) -> llm_pb2.GenerateResponse | object:
         item = await self.events.get()
         if isinstance(item, llm_pb2.GenerateResponse):
-            if self.paused and self.events.qsize() <= RESUME_AT:
+            if self.paused and len(self.events) <= RESUME_AT:
                 self.paused = False
                 self._stream.send_flow(self.call_id, resume=True)
             return item
@@ -235,7 +262,7 @@ class StreamedCall:
             self._deadline.cancel()
 
     def _expire(self) -> None:
-        self.events.put_nowait(DeadlineExceeded("Deadline Exceeded"))
+        self.events.put(DeadlineExceeded("Deadline Exceeded"))
         self.cancel()
 
 
@@ -330,7 +357,7 @@ class CallStream:
                     self._end_when_idle()
                     call.end()
                     status = event.status
-                    call.events.put_nowait(None if status.code == 0 else from_status(
+                    call.events.put(None if status.code == 0 else from_status(
                         _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.details,
                         [(entry.key, entry.value) for entry in status.metadata], self.target))
             error: ServingError = Unavailable(f"{self.target} ended the call stream")
@@ -342,7 +369,7 @@ class CallStream:
         self.failed = error
         for call in self._calls.values():
             call.end()
-            call.events.put_nowait(error)
+            call.events.put(error)
         self._calls.clear()
 
     async def close(self) -> None:

@@ -234,3 +234,21 @@ async def test_a_stream_past_its_time_for_new_calls_ends_once_its_calls_have(rep
                 break
             await asyncio.sleep(0.05)
         assert isinstance(calls.failed, errors.Unavailable) and servicer.cancelled == ["slow"]
+
+
+async def test_a_call_s_inbox_gives_its_reader_every_item_in_order_waiting_for_the_next():
+    inbox = call_stream._Inbox()
+    inbox.put("a")
+    reader = asyncio.create_task(asyncio.wait_for(inbox.get(), 5))
+    assert await reader == "a" and len(inbox) == 0
+    waiting = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    inbox.put("b")
+    inbox.put("c")
+    assert await waiting == "b" and len(inbox) == 1 and await inbox.get() == "c"
+    waiting = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # a reader cancelled while waiting leaves the inbox usable
+    inbox.put("d")
+    assert await inbox.get() == "d"
