@@ -1,7 +1,8 @@
 """The gateway application: what its routes share (`Gateway`) and how the Starlette app is put together.
 
 Routes are in `gateway.routes`, the mapping of errors to HTTP answers in `gateway.error_handlers`; around
-them, the request context (id, metrics) and the work limit (requests and bytes in flight, 429 past them).
+them, the request context (id, metrics), the API key and the work limit (requests and bytes in flight, 429 past
+them).
 """
 
 import asyncio

@@ -1,5 +1,5 @@
 """ASGI middleware: the per-request context (request id for logs and the response header, metrics) around every
-request, and the work limit around each generation request."""
+request, the API key around the API's, and the work limit (with the client's watch) around each generation request."""
 
 import hmac
 import logging
