@@ -25,8 +25,8 @@ import time
 import psutil
 
 from bench.common import markdown_table, ratio
-from bench.e2e import run_load
-from deploy.local import Stage, free_port
+from bench.e2e import chat_body, run_load, stop
+from deploy.local import Stage, free_port, gateway_stage
 from gateway.llm_client import LANGUAGE_SERVICE
 
 STEP_S = 0.006
@@ -139,26 +139,28 @@ def serve(which: str, port: int) -> None:
         uvicorn.run(floor_app(), host="127.0.0.1", port=port, loop="uvloop", log_config=None)
 
 
-def start_servers(logs: str) -> dict[str, Stage]:
-    llm_port, gateway_port, floor_port = free_port(), free_port(), free_port()
-    llm = Stage("synthetic llm", ["bench.gateway_cost", "--serve", "synthetic-llm", "--port", str(llm_port)],
-                llm_port, f"{logs}/synthetic-llm.log").wait_ready()
-    gateway = Stage(GATEWAY, ["gateway", "--llm", llm.address, "--port", str(gateway_port)], gateway_port,
-                    f"{logs}/gateway.log", http_health=True)
-    floor = Stage(FLOOR, ["bench.gateway_cost", "--serve", "floor", "--port", str(floor_port)], floor_port,
-                  f"{logs}/floor.log", http_health=True)
-    return {"llm": llm, GATEWAY: gateway.wait_ready(), FLOOR: floor.wait_ready()}
-
-
-def chat_body(tokens: int) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": tokens,
-            "stream": True, "stream_options": {"include_usage": True}}
+def start_servers(logs: str) -> list[Stage]:
+    """The synthetic language service, the gateway in front of it and the floor, each ready (or all stopped)."""
+    stages: list[Stage] = []
+    try:
+        llm_port = free_port()
+        stages.append(Stage("synthetic llm", ["bench.gateway_cost", "--serve", "synthetic-llm", "--port",
+                                              str(llm_port)], llm_port, f"{logs}/synthetic-llm.log").wait_ready())
+        stages.append(gateway_stage(stages[:1], "127.0.0.1", free_port(), [], f"{logs}/gateway.log").wait_ready())
+        floor_port = free_port()
+        stages.append(Stage(FLOOR, ["bench.gateway_cost", "--serve", "floor", "--port", str(floor_port)], floor_port,
+                            f"{logs}/floor.log", http_health=True).wait_ready())
+        return stages
+    except BaseException:
+        stop(stages)
+        raise
 
 
 def cpu_ms_per_request(server: Stage, tokens: int, requests: int, concurrency: int) -> float:
     process = psutil.Process(server.proc.pid)
     before = process.cpu_times()
-    timings, _ = asyncio.run(run_load(f"http://{server.address}", [chat_body(tokens)] * requests, concurrency))
+    body = chat_body(MODEL, "Say something.", None, tokens)
+    timings, _ = asyncio.run(run_load(f"http://{server.address}", [body] * requests, concurrency))
     after = process.cpu_times()
     if any(t.output_tokens != tokens for t in timings):
         raise RuntimeError(f"{server.name}: a stream did not bring its {tokens} tokens")
@@ -217,7 +219,8 @@ def main() -> None:
         return
     os.makedirs(args.logs, exist_ok=True)
     started = time.perf_counter()
-    servers = start_servers(args.logs)
+    stages = start_servers(args.logs)
+    servers = {GATEWAY: stages[1], FLOOR: stages[2]}
     results: dict[int, dict[str, list[float]]] = collections.defaultdict(lambda: {GATEWAY: [], FLOOR: []})
     try:
         for server in (servers[GATEWAY], servers[FLOOR]):  # warm-up
@@ -230,8 +233,7 @@ def main() -> None:
                         cpu_ms_per_request(servers[name], tokens, args.requests, args.concurrency))
             print(f"{tokens} tokens done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     finally:
-        for stage in (servers[FLOOR], servers[GATEWAY], servers["llm"]):
-            stage.stop(30)
+        stop(stages)
     print(f"\n{args.concurrency} streamed chats in flight, {args.requests} per server and round, a token every "
           f"{STEP_S * 1e3:.0f} ms; CPU of each server's process\n")
     print(tables(dict(results)))

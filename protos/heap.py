@@ -1,9 +1,9 @@
 """The start-up heap kept out of the garbage collector's way, as vLLM's own server does (`freeze_gc_heap`).
 
-A stage's libraries (Starlette, pydantic and gRPC; vLLM and torch) and its server leave hundreds of thousands of objects that
-live as long as the process. CPython's collection of its oldest generation walks every one of them, and it comes
-whenever enough objects have outlived the younger collections, which streams that last seconds do: the event loop
-stops for that long, and every stream with it (~90 ms in the gateway, ~0.5 s in llm_svc on a CPU machine,
+A stage's libraries (Starlette, pydantic and gRPC; vLLM and torch) and its server leave hundreds of thousands of
+objects that live as long as the process. CPython's collection of its oldest generation walks every one of them, and
+it comes whenever enough objects have outlived the younger collections, which streams that last seconds do: the event
+loop stops for that long, and every stream with it (~90 ms in the gateway, ~0.5 s in llm_svc on a CPU machine,
 `bench/RESULTS.md`). Frozen once the stage is up, they are left out of every collection; what is created later is
 collected as before.
 """
