@@ -340,7 +340,12 @@ class CallStream:
         async with self._write_lock:
             try:
                 await self._call.write(message)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+            except grpc.aio.AioRpcError:
+                # The stream is over, and its reader is about to say why: UNIMPLEMENTED from an older replica
+                # (`unimplemented`, which the caller falls back on) must not pass for a replica that is down.
+                await asyncio.wait({self._reader})
+                raise self.failed or Unavailable(f"{self.target}: the call stream ended") from None
+            except (grpc.aio.UsageError, asyncio.InvalidStateError) as error:
                 raise self.failed or Unavailable(f"{self.target}: the call stream ended ({error})") from None
 
     async def _read(self) -> None:

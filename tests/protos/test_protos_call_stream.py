@@ -181,11 +181,40 @@ async def test_a_replica_without_the_method_says_unimplemented():
     port = await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         calls = CallStream(llm_pb2_grpc.LanguageModelStub(channel), "old")
-        call = await calls.start(generate("count 1"), 10, None)
-        with pytest.raises(errors.ServingError):
+        with pytest.raises(errors.ServingError):  # from the start's write or the first read: whichever sees it
+            call = await calls.start(generate("count 1"), 10, None)
             await call.read()
         assert calls.unimplemented
     await server.drain()
+
+
+class _EndedStream:
+    """A GenerateStream that the server ended as UNIMPLEMENTED, whose write fails before its read has said so."""
+
+    @staticmethod
+    def _error() -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                    "Method not implemented!")
+
+    async def write(self, message):
+        raise self._error()
+
+    async def read(self):
+        await asyncio.sleep(0.05)
+        raise self._error()
+
+    def cancel(self):
+        pass
+
+
+async def test_a_start_that_fails_first_still_says_the_replica_is_unimplemented_not_down():
+    class Stub:
+        GenerateStream = _EndedStream
+
+    calls = CallStream(Stub(), "old")
+    with pytest.raises(errors.ServingError):
+        await calls.start(generate("count 1"), 10, None)
+    assert calls.unimplemented  # which the gateway falls back on (a Generate call of its own), not a replica down
 
 
 async def test_calls_ready_together_share_a_message_and_none_puts_a_second_before_its_first_is_written():
