@@ -15,7 +15,7 @@ TTFT_SECONDS = Histogram("llm_svc_time_to_first_token_seconds", "Request arrival
 VISION_SECONDS = Histogram("llm_svc_vision_seconds", "Time spent waiting for the vision stage per request",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 PROMPT_TOKENS = Counter("llm_svc_prompt_tokens", "Prompt tokens processed")
-COMPLETION_TOKENS = Counter("llm_svc_completion_tokens", "Tokens generated")
+COMPLETION_TOKENS = Counter("llm_svc_completion_tokens", "Tokens generated, counted as each request ends")
 
 
 def watch_work_limit(limit: WorkLimit) -> None:

@@ -99,10 +99,8 @@ def input_from_pb(request: llm_pb2.GenerateRequest, max_model_len: int, sampling
     raise InvalidInput("the request has neither chat messages nor a prompt")
 
 
-def _logprobs_to_pb(token_ids: list[int], logprobs: list | None, top_n: int) -> list[llm_pb2.TokenLogprob]:
+def _logprobs_to_pb(token_ids: list[int], logprobs: list, top_n: int) -> list[llm_pb2.TokenLogprob]:
     """vLLM gives, per token, a dict holding the chosen token and the `top_n` most likely (rank 1..top_n)."""
-    if not logprobs:
-        return []
     out = []
     for token_id, alternatives in zip(token_ids, logprobs):
         chosen = alternatives[token_id]
@@ -144,9 +142,13 @@ def parsed_to_pb(parsed: ParsedOutput) -> llm_pb2.ParsedOutput:
 def delta_to_pb(request_id: str, delta: Delta, top_logprobs: int, prompt_top_logprobs: int = 0,
                 decode: Callable[[list[int]], str] | None = None) -> llm_pb2.GenerateResponse:
     """`decode` names the tokens vLLM leaves without text (the prompt's first); needed with prompt_logprobs."""
+    # Per token: only what a plain delta holds is set in the constructor, the rest where there is some.
     response = llm_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
-                                        logprobs=_logprobs_to_pb(delta.token_ids, delta.logprobs, top_logprobs),
-                                        index=delta.index, prompt_text=delta.prompt_text or "")
+                                        index=delta.index)
+    if delta.logprobs:
+        response.logprobs.extend(_logprobs_to_pb(delta.token_ids, delta.logprobs, top_logprobs))
+    if delta.prompt_text:
+        response.prompt_text = delta.prompt_text
     if delta.prompt_logprobs:
         response.prompt_logprobs.extend(_prompt_logprobs_to_pb(delta.prompt_token_ids, delta.prompt_logprobs,
                                                                prompt_top_logprobs, decode))

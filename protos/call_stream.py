@@ -75,16 +75,28 @@ class _CallContext:
 
 
 class _Outbox:
-    """The events waiting for the stream's next message, and the future that says they were handed to gRPC."""
+    """The stream's next messages, each event built where it travels (a call's message is copied once, not into an
+    event and then into a message), and the future that says they were handed to gRPC."""
 
     def __init__(self):
-        self._events: list[llm_pb2.GenerateStreamEvent] = []
+        self._messages = [llm_pb2.GenerateStreamResponse()]
+        self._size = 0  # of the last message's calls' messages
         self._sent = asyncio.get_running_loop().create_future()
         self._ready = asyncio.Event()
         self.closed = False
 
-    def put(self, event: llm_pb2.GenerateStreamEvent) -> asyncio.Future:
-        self._events.append(event)
+    def put(self, call_id: int, message: llm_pb2.GenerateResponse | None = None,
+            status: llm_pb2.CallStatus | None = None) -> asyncio.Future:
+        """A call's next message, or its status."""
+        size = message.ByteSize() if message is not None else 0
+        if self._size and self._size + size > MAX_MESSAGE_EVENT_BYTES:
+            self._messages.append(llm_pb2.GenerateStreamResponse())
+            self._size = 0
+        if message is not None:
+            self._messages[-1].events.add(call_id=call_id, message=message)
+        else:
+            self._messages[-1].events.add(call_id=call_id, status=status)
+        self._size += size
         self._ready.set()
         return self._sent
 
@@ -92,29 +104,15 @@ class _Outbox:
         self.closed = True
         self._ready.set()
 
-    async def take(self) -> tuple[list[llm_pb2.GenerateStreamEvent], asyncio.Future]:
-        """Everything queued (waiting for something first), and the future to resolve once it is written; nothing
+    async def take(self) -> tuple[list[llm_pb2.GenerateStreamResponse], asyncio.Future]:
+        """The messages filled (waiting for an event first), and the future to resolve once they are written; none
         once closed and empty."""
         await self._ready.wait()
         self._ready.clear()
-        events, sent = self._events, self._sent
-        self._events, self._sent = [], asyncio.get_running_loop().create_future()
-        return events, sent
-
-
-def _messages(events: list[llm_pb2.GenerateStreamEvent]) -> list[llm_pb2.GenerateStreamResponse]:
-    if len(events) == 1:
-        return [llm_pb2.GenerateStreamResponse(events=events)]
-    messages, batch, size = [], [], 0
-    for event in events:
-        event_size = event.ByteSize()
-        if batch and size + event_size > MAX_MESSAGE_EVENT_BYTES:
-            messages.append(llm_pb2.GenerateStreamResponse(events=batch))
-            batch, size = [], 0
-        batch.append(event)
-        size += event_size
-    messages.append(llm_pb2.GenerateStreamResponse(events=batch))
-    return messages
+        messages, sent = self._messages, self._sent
+        self._messages, self._size, self._sent = [llm_pb2.GenerateStreamResponse()], 0, \
+            asyncio.get_running_loop().create_future()
+        return [message for message in messages if message.events], sent
 
 
 async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], context,
@@ -134,7 +132,7 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                 async for response in responses:
                     if written is not None and not written.done():
                         await written
-                    written = outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, message=response))
+                    written = outbox.put(call_id, message=response)
                     if not flow.is_set():
                         with contextlib.suppress(TimeoutError):  # the engine merges the call's outputs meanwhile
                             async with asyncio.timeout(PAUSED_TAKE_S):
@@ -151,7 +149,7 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
             flowing.pop(call_id, None)
             if outbox.closed and not calls:
                 outbox.close()  # wakes the writer to end the stream
-        outbox.put(llm_pb2.GenerateStreamEvent(call_id=call_id, status=status))
+        outbox.put(call_id, status=status)
 
     async def read() -> None:
         try:
@@ -177,8 +175,8 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
     reader = asyncio.create_task(read())
     try:
         while True:
-            events, sent = await outbox.take()
-            for message in _messages(events) if events else ():
+            messages, sent = await outbox.take()
+            for message in messages:
                 yield message
             sent.set_result(None)
             if reader.done() and (reader.exception() is not None or not calls):

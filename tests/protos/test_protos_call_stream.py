@@ -248,6 +248,32 @@ async def test_calls_ready_together_share_a_message_and_none_puts_a_second_befor
     assert count <= 5  # 16 events; one message per call and token would be 16
 
 
+async def test_calls_messages_share_a_stream_message_up_to_its_size_and_a_larger_one_travels_alone(monkeypatch):
+    monkeypatch.setattr(call_stream, "MAX_MESSAGE_EVENT_BYTES", 1000)
+    sizes = {"r1": 300, "r2": 300, "r3": 2000, "r4": 300}
+
+    async def generate_text(request, context):
+        yield llm_pb2.GenerateResponse(request_id=request.request_id, text="x" * sizes[request.request_id])
+
+    async def requests():
+        for call_id in range(1, 5):
+            yield llm_pb2.GenerateStreamRequest(call_id=call_id, start=generate("x", f"r{call_id}"))
+        await asyncio.Event().wait()
+
+    stream = serve_calls(requests(), None, generate_text)
+    batches = []
+    while sum(kind == "status" for batch in batches for _, kind, _ in batch) < 4:
+        batches.append([(e.call_id, e.message.request_id, len(e.message.text)) if e.HasField("message") else
+                        (e.call_id, "status", e.status.code) for e in (await anext(stream)).events])
+    await stream.aclose()
+    # The four calls' messages were ready together: as many as fit in 1000 bytes share one, the 2000 goes alone.
+    messages = [[event for event in batch if event[1] != "status"] for batch in batches]
+    assert [batch for batch in messages if batch] == [[(1, "r1", 300), (2, "r2", 300)], [(3, "r3", 2000)],
+                                                      [(4, "r4", 300)]]
+    assert sorted(event for batch in batches for event in batch if event[1] == "status") == [
+        (n, "status", 0) for n in range(1, 5)]
+
+
 async def test_a_stream_past_its_time_for_new_calls_ends_once_its_calls_have(replica):
     servicer, _, server = replica
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
