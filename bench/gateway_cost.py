@@ -13,42 +13,17 @@ server's process per request is printed for each output length, and from two len
 token: what a request and what a token cost the gateway, and how much of it any front in Python pays.
 """
 
-import argparse
 import asyncio
-import collections
 import contextlib
 import os
-import statistics
-import sys
-import time
 
-import psutil
-
-from bench.common import markdown_table, ratio
+from bench.cost_in_turns import TOKEN_TEXT, Steps, measure_in_turns, parse_args, synthetic_generate
 from bench.e2e import chat_body, run_load, stop
 from deploy.local import Stage, free_port, gateway_stage
 from gateway.llm_client import LANGUAGE_SERVICE
 
-STEP_S = 0.006
 MODEL = "synthetic"
-TOKEN_TEXT = " word"
 GATEWAY, FLOOR = "gateway", "bare Starlette stream"
-
-
-class Steps:
-    """Every STEP_S the waiting streams each get their next token, as from one engine step."""
-
-    def __init__(self):
-        self._tick = asyncio.Event()
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(STEP_S)
-            self._tick.set()
-            self._tick = asyncio.Event()
-
-    async def next(self) -> None:
-        await self._tick.wait()
 
 
 async def serve_synthetic_llm(port: int) -> None:
@@ -66,15 +41,7 @@ async def serve_synthetic_llm(port: int) -> None:
             return llm_pb2.GetModelInfoResponse(model=MODEL, max_model_len=1 << 16, hidden_size=64, vocab_size=1000,
                                                 max_images_per_request=8, max_request_bytes=64 << 20)
 
-        async def Generate(self, request, context):
-            tokens = request.sampling.max_tokens
-            for i in range(tokens):
-                await steps.next()
-                last = i == tokens - 1
-                yield llm_pb2.GenerateResponse(
-                    request_id=request.request_id, text=TOKEN_TEXT, token_ids=[100 + i],
-                    finish_reason=llm_pb2.FINISH_REASON_LENGTH if last else llm_pb2.FINISH_REASON_UNSPECIFIED,
-                    usage=llm_pb2.Usage(prompt_tokens=8, completion_tokens=tokens) if last else None)
+        Generate = synthetic_generate(steps, prompt_tokens=8)
 
     server = grpc.aio.server()
     llm_pb2_grpc.add_LanguageModelServicer_to_server(Synthetic(), server)
@@ -156,88 +123,21 @@ def start_servers(logs: str) -> list[Stage]:
         raise
 
 
-def cpu_ms_per_request(server: Stage, tokens: int, requests: int, concurrency: int) -> float:
-    process = psutil.Process(server.proc.pid)
-    before = process.cpu_times()
+def stream_chats(server: Stage, tokens: int, requests: int, concurrency: int) -> None:
     body = chat_body(MODEL, "Say something.", None, tokens)
     timings, _ = asyncio.run(run_load(f"http://{server.address}", [body] * requests, concurrency))
-    after = process.cpu_times()
     if any(t.output_tokens != tokens for t in timings):
         raise RuntimeError(f"{server.name}: a stream did not bring its {tokens} tokens")
-    return 1e3 * (after.user + after.system - before.user - before.system) / requests
-
-
-def fit(short: tuple[int, float], long: tuple[int, float]) -> tuple[float, float]:
-    """Per request (ms) and per token (us) from the CPU per request at two output lengths."""
-    (n1, ms1), (n2, ms2) = short, long
-    per_token_ms = (ms2 - ms1) / (n2 - n1)
-    return ms1 - n1 * per_token_ms, 1e3 * per_token_ms
-
-
-def tables(results: dict[int, dict[str, list[float]]]) -> str:
-    rows = []
-    for tokens, by_server in results.items():
-        means = {server: statistics.mean(runs) for server, runs in by_server.items()}
-        for server, runs in by_server.items():
-            rows.append([tokens, server, means[server], ", ".join(f"{run:.3f}" for run in runs)])
-        rows.append([tokens, "**gateway / floor**", ratio(means[GATEWAY], means[FLOOR]), ""])
-    out = markdown_table(["tokens out", "server", "CPU ms / request", "by round"], rows)
-    lengths = sorted(results)
-    if len(lengths) >= 2:
-        fitted = {server: fit(*((n, statistics.mean(results[n][server])) for n in (lengths[0], lengths[-1])))
-                  for server in (GATEWAY, FLOOR)}
-        out += "\n\n" + markdown_table(
-            ["server", "CPU ms / request", "CPU us / token"],
-            [[server, per_request, per_token] for server, (per_request, per_token) in fitted.items()] +
-            [["**gateway / floor**", ratio(fitted[GATEWAY][0], fitted[FLOOR][0]),
-              ratio(fitted[GATEWAY][1], fitted[FLOOR][1])]])
-    return out
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.gateway_cost", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128],
-                        help="output lengths to measure; the first and last give the fit (default: 1 128)")
-    parser.add_argument("--concurrency", type=int, default=64, help="streams in flight (default: 64)")
-    parser.add_argument("--requests", type=int, default=1024, help="requests per server and round (default: 1024)")
-    parser.add_argument("--rounds", type=int, default=3, help="turns each server gets per length (default: 3)")
-    parser.add_argument("--logs", default="/tmp/internvl-dvd-bench/gateway-cost",
-                        help="directory for the servers' logs")
-    parser.add_argument("--serve", choices=["synthetic-llm", "floor"], help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve is None and (min(args.tokens) < 1 or args.rounds < 1 or args.requests < args.concurrency):
-        parser.error("--tokens and --rounds must be at least 1, --requests at least --concurrency")
-    return args
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args("gateway_cost", __doc__, ["synthetic-llm", "floor"])
     if args.serve is not None:
         serve(args.serve, args.port)
         return
     os.makedirs(args.logs, exist_ok=True)
-    started = time.perf_counter()
     stages = start_servers(args.logs)
-    servers = {GATEWAY: stages[1], FLOOR: stages[2]}
-    results: dict[int, dict[str, list[float]]] = collections.defaultdict(lambda: {GATEWAY: [], FLOOR: []})
-    try:
-        for server in (servers[GATEWAY], servers[FLOOR]):  # warm-up
-            cpu_ms_per_request(server, 2, args.concurrency * 2, args.concurrency)
-        for tokens in args.tokens:
-            for round_ in range(args.rounds):
-                order = (GATEWAY, FLOOR) if round_ % 2 == 0 else (FLOOR, GATEWAY)
-                for name in order:
-                    results[tokens][name].append(
-                        cpu_ms_per_request(servers[name], tokens, args.requests, args.concurrency))
-            print(f"{tokens} tokens done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-    finally:
-        stop(stages)
-    print(f"\n{args.concurrency} streamed chats in flight, {args.requests} per server and round, a token every "
-          f"{STEP_S * 1e3:.0f} ms; CPU of each server's process\n")
-    print(tables(dict(results)))
-    print(f"\n{time.perf_counter() - started:.0f} s in all, load average {os.getloadavg()[0]:.1f}")
+    measure_in_turns(args, {GATEWAY: stages[1], FLOOR: stages[2]}, stages, stream_chats, "streamed chats in flight")
 
 
 if __name__ == "__main__":

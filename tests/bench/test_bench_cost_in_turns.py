@@ -1,0 +1,43 @@
+"""bench.gateway_cost and bench.llm_svc_cost: their arithmetic, and a short run of each front against its floor."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.cost_in_turns import fit, tables
+
+
+def test_the_fit_splits_cost_into_per_request_and_per_token():
+    per_request_ms, per_token_us = fit((1, 1.05), (101, 3.05))  # 1 ms a request, 20 us a token
+    assert per_request_ms == pytest.approx(1.03) and per_token_us == pytest.approx(20)
+
+
+def test_tables_give_each_round_the_means_their_ratio_and_the_fit():
+    text = tables({1: {"gateway": [1.0, 1.2], "floor": [0.5, 0.6]}, 11: {"gateway": [1.3, 1.5], "floor": [0.6, 0.7]}},
+                  "gateway", "floor")
+    assert "| 1 | gateway | 1.1 | 1.000, 1.200 |" in text
+    assert "| 1 | **gateway / floor** | 2.00x |" in text
+    # Per request 1.1 - 0.03 = 1.07 ms against 0.55 - 0.01; per token 30 us against 10.
+    assert "| gateway | 1.07 | 30 |" in text and "| **gateway / floor** | 1.98x | 3.00x |" in text
+
+
+@pytest.mark.parametrize("module, subject, floor", [
+    ("gateway_cost", "gateway", "bare Starlette stream"),
+    ("llm_svc_cost", "llm_svc", "bare GenerateStream"),
+])
+def test_a_short_run_measures_the_front_and_its_floor(module, subject, floor, tmp_path):
+    # Each stream is checked to bring all its tokens, from the real front (the gateway; llm_svc's servicer).
+    run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--tokens", "1", "3", "--requests", "8",
+                          "--concurrency", "4", "--rounds", "2", "--logs", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count(f"| **{subject} / floor** |") == 3  # two lengths, and the fit
+    assert f"| 3 | {floor} |" in run.stdout
+
+
+@pytest.mark.parametrize("module", ["gateway_cost", "llm_svc_cost"])
+def test_arguments_that_cannot_give_a_figure_are_refused(module):
+    run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--requests", "2", "--concurrency", "4"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--requests at least --concurrency" in run.stderr
