@@ -1,8 +1,8 @@
 """What bench.gateway_cost and bench.llm_svc_cost share: a server's CPU per request, against a floor's, in turns.
 
-Each measures one front (the subject) and the least a server of its kind costs (the floor) on the same requests from
-the same client, in alternating turns, at two output lengths or more; the fit of the two ends splits the cost into
-per request and per token.
+Each measures one front (and with llm_svc, maybe the same front from another checkout) and the least a server of its
+kind costs (the floor) on the same requests from the same client, in alternating turns, at two output lengths or
+more; the fit of the two ends splits the cost into per request and per token.
 """
 
 import argparse
@@ -63,28 +63,30 @@ def fit(short: tuple[int, float], long: tuple[int, float]) -> tuple[float, float
     return ms1 - n1 * per_token_ms, 1e3 * per_token_ms
 
 
-def tables(results: dict[int, dict[str, list[float]]], subject: str, floor: str) -> str:
-    """Each length's rounds, means and ratio; and from the shortest and longest, the fit."""
-    label = f"**{subject} / floor**"
+def tables(results: dict[int, dict[str, list[float]]], floor: str) -> str:
+    """Each length's rounds, means and each server's ratio to the floor; and from the shortest and longest, the fit."""
     rows = []
     for tokens, by_server in results.items():
         means = {server: statistics.mean(runs) for server, runs in by_server.items()}
         for server, runs in by_server.items():
             rows.append([tokens, server, means[server], ", ".join(f"{run:.3f}" for run in runs)])
-        rows.append([tokens, label, ratio(means[subject], means[floor]), ""])
+        rows += [[tokens, f"**{server} / floor**", ratio(means[server], means[floor]), ""]
+                 for server in by_server if server != floor]
     out = markdown_table(["tokens out", "server", "CPU ms / request", "by round"], rows)
     lengths = sorted(results)
     if len(lengths) >= 2:
         fitted = {server: fit(*((n, statistics.mean(results[n][server])) for n in (lengths[0], lengths[-1])))
-                  for server in (subject, floor)}
+                  for server in results[lengths[0]]}
         out += "\n\n" + markdown_table(
             ["server", "CPU ms / request", "CPU us / token"],
             [[server, per_request, per_token] for server, (per_request, per_token) in fitted.items()] +
-            [[label, ratio(fitted[subject][0], fitted[floor][0]), ratio(fitted[subject][1], fitted[floor][1])]])
+            [[f"**{server} / floor**", ratio(per_request, fitted[floor][0]), ratio(per_token, fitted[floor][1])]
+             for server, (per_request, per_token) in fitted.items() if server != floor])
     return out
 
 
-def parse_args(module: str, doc: str, serve_choices: list[str]) -> argparse.Namespace:
+def parse_args(module: str, doc: str, serve_choices: list[str],
+               more_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128],
@@ -94,6 +96,7 @@ def parse_args(module: str, doc: str, serve_choices: list[str]) -> argparse.Name
     parser.add_argument("--rounds", type=int, default=3, help="turns each server gets per length (default: 3)")
     parser.add_argument("--logs", default=f"/tmp/internvl-dvd-bench/{module.replace('_', '-')}",
                         help="directory for the servers' logs")
+    more_arguments(parser)
     parser.add_argument("--serve", choices=serve_choices, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,17 +119,16 @@ def cpu_ms_per_request(load: Load, server: Stage, tokens: int, requests: int, co
 
 def measure_in_turns(args: argparse.Namespace, servers: dict[str, Stage], stages: list[Stage], load: Load,
                      setting: str) -> None:
-    """The subject and the floor (`servers`, in that order) in turns at each length; the tables; `stages` stopped."""
+    """The `servers` (the floor last) in turns at each length; the tables; `stages` stopped."""
     started = time.perf_counter()
-    subject, floor = servers
-    results: dict[int, dict[str, list[float]]] = collections.defaultdict(lambda: {subject: [], floor: []})
+    names = list(servers)
+    results: dict[int, dict[str, list[float]]] = collections.defaultdict(lambda: {name: [] for name in names})
     try:
         for server in servers.values():  # warm-up
             load(server, 2, args.concurrency * 2, args.concurrency)
         for tokens in args.tokens:
             for round_ in range(args.rounds):
-                order = (subject, floor) if round_ % 2 == 0 else (floor, subject)
-                for name in order:
+                for name in names if round_ % 2 == 0 else reversed(names):
                     results[tokens][name].append(
                         cpu_ms_per_request(load, servers[name], tokens, args.requests, args.concurrency))
             print(f"{tokens} tokens done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
@@ -134,6 +136,6 @@ def measure_in_turns(args: argparse.Namespace, servers: dict[str, Stage], stages
         stop(stages)
     print(f"\n{args.concurrency} {setting}, {args.requests} per server and round, a token every "
           f"{STEP_S * 1e3:.0f} ms; CPU of each server's process\n")
-    print(tables(dict(results), subject, floor))
+    print(tables(dict(results), names[-1]))
     print(f"\n{time.perf_counter() - started:.0f} s in all (after the servers' start), "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -2,6 +2,7 @@
 
     python -m bench.llm_svc_cost                        # ~3 minutes
     python -m bench.llm_svc_cost --tokens 1 128 --rounds 4
+    python -m bench.llm_svc_cost --compare-with ../before  # a worktree of another commit, in the same turns
 
 llm_svc's servicer and `LanguageService`, as they serve (in `protos.server.GrpcServer`, on GenerateStream), in front
 of a synthetic engine that gives every request a token per step (every 6 ms, as an engine decoding a batch would):
@@ -12,11 +13,16 @@ work, the same in vLLM's own server, and left out). Beside it, the floor: a serv
 number of messages of the same text, one per step, on the same GenerateStream and gRPC server, with no parsing, no
 engine, no metrics, no logs. Both get the same requests from the same client (a `CallStream`, as the gateway's, in
 this process), in alternating turns (`--rounds`). The CPU time (user + system, psutil) of each server's process per
-request is printed for each output length, and from two lengths the fit per request + per token.
+request is printed for each output length, and from two lengths the fit per request + per token. `--compare-with`
+serves a third: llm_svc as another checkout has it (with this one's bench client and Python), so that a change to
+llm_svc is measured against the commit before it, in the same turns.
 """
 
+import argparse
 import asyncio
 import os
+import subprocess
+import sys
 
 from bench.cost_in_turns import TOKEN_TEXT, Steps, measure_in_turns, parse_args, synthetic_generate
 from bench.e2e import stop
@@ -90,6 +96,7 @@ def servicers(steps: Steps) -> dict:
 async def serve(which: str, port: int) -> None:
     """One server, as llm_svc runs its gRPC server (interceptors, health, reflection), until SIGTERM."""
     from protos import llm_pb2, llm_pb2_grpc
+    from protos.heap import freeze_startup_heap
     from protos.logs import configure_logging
     from protos.server import GrpcServer, wait_for_shutdown_signal
 
@@ -99,6 +106,7 @@ async def serve(which: str, port: int) -> None:
     server.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, servicers(steps)[which],
                        llm_pb2.DESCRIPTOR.services_by_name["LanguageModel"].full_name)
     await server.start()
+    freeze_startup_heap()  # as llm_svc does once up
     await server.set_serving()
     stepping = asyncio.create_task(steps.run())
     await wait_for_shutdown_signal()
@@ -141,26 +149,48 @@ def stream_chats(server: Stage, tokens: int, requests: int, concurrency: int) ->
     asyncio.run(run_calls(server.address, tokens, requests, concurrency))
 
 
-def start_servers(logs: str) -> dict[str, Stage]:
+def commit_of(checkout: str) -> str:
+    """The checkout's commit, "+" if it has changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", checkout, *args], capture_output=True, text=True).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "?") + ("+" if git("status", "--porcelain", "-uno") else "")
+
+
+def start_servers(logs: str, compare_with: str | None) -> dict[str, Stage]:
+    """llm_svc, another checkout's if asked, and the floor (last), each ready (or all stopped)."""
+    wanted = [(LLM_SVC, LLM_SVC, None), (FLOOR, FLOOR, None)]
+    if compare_with is not None:
+        wanted.insert(1, (f"{LLM_SVC} at {commit_of(compare_with)}", LLM_SVC, compare_with))
     stages: dict[str, Stage] = {}
     try:
-        for name, log_name in ((LLM_SVC, "llm_svc"), (FLOOR, "floor")):
+        for i, (name, serves, checkout) in enumerate(wanted):
             port = free_port()
-            stages[name] = Stage(name, ["bench.llm_svc_cost", "--serve", name, "--port", str(port)], port,
-                                 f"{logs}/{log_name}.log").wait_ready()
+            stages[name] = Stage(name, ["bench.llm_svc_cost", "--serve", serves, "--port", str(port)], port,
+                                 f"{logs}/server-{i}.log", cwd=checkout).wait_ready()
         return stages
     except BaseException:
         stop(list(stages.values()))
         raise
 
 
+def compare_with_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compare-with", metavar="CHECKOUT",
+                        help="also measure llm_svc as another checkout of the project has it (a git worktree of an "
+                             "earlier commit, its protos built), in the same turns and with this one's Python")
+
+
 def main() -> None:
-    args = parse_args("llm_svc_cost", __doc__, [LLM_SVC, FLOOR])
+    args = parse_args("llm_svc_cost", __doc__, [LLM_SVC, FLOOR], compare_with_argument)
     if args.serve is not None:
         asyncio.run(serve(args.serve, args.port))
         return
+    missing = [path for path in ("bench/llm_svc_cost.py", "protos/llm_pb2.py")
+               if args.compare_with is not None and not os.path.exists(os.path.join(args.compare_with, path))]
+    if missing:
+        sys.exit(f"--compare-with {args.compare_with}: it has no {' or '.join(missing)}; it must be a checkout of "
+                 f"the project that has this bench, with its protos built (or protos/*_pb2*.py copied from here)")
     os.makedirs(args.logs, exist_ok=True)
-    servers = start_servers(args.logs)
+    servers = start_servers(args.logs, args.compare_with)
     measure_in_turns(args, servers, list(servers.values()), stream_chats,
                      "streamed chats in flight on one GenerateStream")
 

@@ -100,7 +100,7 @@ class Stage:
     """
 
     def __init__(self, name: str, module_args: list[str], port: int, log_path: pathlib.Path | None = None,
-                 env: dict | None = None, http_health: bool = False):
+                 env: dict | None = None, http_health: bool = False, cwd: str | None = None):
         self.name, self.port = name, port
         self.http_health = http_health
         self.address = f"127.0.0.1:{port}"
@@ -111,7 +111,7 @@ class Stage:
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.proc = subprocess.Popen([sys.executable, "-m", *module_args],
                                      stdout=self._log or subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, process_group=0,
+                                     env={**os.environ, **(env or {})}, cwd=cwd, process_group=0,
                                      preexec_fn=functools.partial(lifetime.set_parent_death_signal, signal.SIGTERM))
         if self._log is None:
             threading.Thread(target=self._echo, name=f"{name}-output", daemon=True).start()

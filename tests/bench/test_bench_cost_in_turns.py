@@ -1,5 +1,7 @@
 """bench.gateway_cost and bench.llm_svc_cost: their arithmetic, and a short run of each front against its floor."""
 
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ def test_the_fit_splits_cost_into_per_request_and_per_token():
 
 def test_tables_give_each_round_the_means_their_ratio_and_the_fit():
     text = tables({1: {"gateway": [1.0, 1.2], "floor": [0.5, 0.6]}, 11: {"gateway": [1.3, 1.5], "floor": [0.6, 0.7]}},
-                  "gateway", "floor")
+                  "floor")
     assert "| 1 | gateway | 1.1 | 1.000, 1.200 |" in text
     assert "| 1 | **gateway / floor** | 2.00x |" in text
     # Per request 1.1 - 0.03 = 1.07 ms against 0.55 - 0.01; per token 30 us against 10.
@@ -41,3 +43,23 @@ def test_arguments_that_cannot_give_a_figure_are_refused(module):
     run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--requests", "2", "--concurrency", "4"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--requests at least --concurrency" in run.stderr
+
+
+def test_llm_svc_is_measured_against_another_checkout_in_the_same_turns(tmp_path):
+    other = tmp_path / "other"
+    subprocess.run(["git", "clone", "-q", "--local", ".", str(other)], check=True)
+    for built in pathlib.Path("protos").glob("*_pb2*.py"):  # generated, not in git
+        shutil.copy(built, other / "protos")
+    run = subprocess.run([sys.executable, "-m", "bench.llm_svc_cost", "--tokens", "1", "3", "--requests", "8",
+                          "--concurrency", "4", "--rounds", "1", "--logs", str(tmp_path), "--compare-with",
+                          str(other)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert run.stdout.count(f"| **llm_svc at {commit} / floor** |") == 3
+    assert run.stdout.count("| **llm_svc / floor** |") == 3
+
+
+def test_a_checkout_without_the_bench_or_its_protos_is_refused(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.llm_svc_cost", "--compare-with", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "bench/llm_svc_cost.py or protos/llm_pb2.py" in run.stderr
