@@ -230,27 +230,28 @@ class LanguageModelServicer(ServesCallStreams, llm_pb2_grpc.LanguageModelService
                     self._service.admit(size) as work:
                 if span.is_recording():
                     span.set_attribute("request.id", request.request_id)
-                async for response in self._generate(request, size, work):
-                    yield response
+                try:
+                    # Off the event loop when there are images' or videos' bytes to hash (16 x 20 MB take ~200 ms;
+                    # hashlib lets go of the GIL); a smaller request is parsed in place, in less time than a thread's
+                    # hand-over.
+                    parse = functools.partial(input_from_pb, request, self._info.max_model_len,
+                                              self._service.sampling_defaults)
+                    generate_input = await asyncio.to_thread(parse) if size > PARSE_IN_PLACE_BYTES else parse()
+                    request_id, sampling = generate_input.request_id, request.sampling
+                    request_id_var.set(request_id)
+                    log.info("generate: %d images", len(generate_input.images))
+                    # Here, not in a generator of its own: each generator between the engine and the stream is
+                    # resumed once a token.
+                    async for delta in self._service.generate(generate_input, work):
+                        yield delta_to_pb(request_id, delta, sampling.logprobs, sampling.prompt_logprobs,
+                                          self._service.renderer.decode)
+                except VLLMClientError as error:
+                    # vLLM's verdict on the request, wherever vLLM gave it (sampling parameters, chat parsing,
+                    # rendering, admission, the engine): the caller's input, so INVALID_ARGUMENT with vLLM's message.
+                    raise InvalidInput(client_message(error)) from error
         except BaseException as error:
             code = error.code.name if isinstance(error, ServingError) else type(error).__name__
             raise
         finally:
             metrics.RUNNING.dec()
             metrics.REQUESTS.labels(code).inc()
-
-    async def _generate(self, request: llm_pb2.GenerateRequest, size: int, work: AdmittedWork):
-        try:
-            parse = functools.partial(input_from_pb, request, self._info.max_model_len, self._service.sampling_defaults)
-            # Off the event loop when there are images' or videos' bytes to hash (16 x 20 MB take ~200 ms; hashlib
-            # lets go of the GIL); a smaller request is parsed in place, in less time than a thread's hand-over.
-            generate_input = await asyncio.to_thread(parse) if size > PARSE_IN_PLACE_BYTES else parse()
-            request_id_var.set(generate_input.request_id)
-            log.info("generate: %d images", len(generate_input.images))
-            async for delta in self._service.generate(generate_input, work):
-                yield delta_to_pb(generate_input.request_id, delta, request.sampling.logprobs,
-                                  request.sampling.prompt_logprobs, self._service.renderer.decode)
-        except VLLMClientError as error:
-            # vLLM's verdict on the request, wherever vLLM gave it (sampling parameters, chat parsing, rendering,
-            # admission, the engine): the caller's input, so INVALID_ARGUMENT with vLLM's message.
-            raise InvalidInput(client_message(error)) from error
