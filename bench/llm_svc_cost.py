@@ -121,17 +121,16 @@ async def run_calls(address: str, tokens: int, requests: int, concurrency: int) 
     from protos import llm_pb2, llm_pb2_grpc
     from protos.call_stream import CallStream
 
-    request = llm_pb2.GenerateRequest(
-        chat=llm_pb2.Chat(messages=[llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER,
-                                                        content=[llm_pb2.ContentPart(text="Say something.")])]),
-        sampling=llm_pb2.SamplingParams(max_tokens=tokens, temperature=0))
+    chat = llm_pb2.Chat(messages=[llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER,
+                                                      content=[llm_pb2.ContentPart(text="Say something.")])])
+    sampling = llm_pb2.SamplingParams(max_tokens=tokens, temperature=0)
     left = iter(range(requests))
     async with grpc.aio.insecure_channel(address) as channel:
         calls = CallStream(llm_pb2_grpc.LanguageModelStub(channel), address)
 
         async def one_at_a_time() -> None:
             for n in left:
-                request.request_id = f"bench-{n}"
+                request = llm_pb2.GenerateRequest(request_id=f"bench-{n}", chat=chat, sampling=sampling)
                 call = await calls.start(request, 60.0, None)
                 received = []
                 while (message := await call.read()) is not grpc.aio.EOF:

@@ -24,7 +24,6 @@ from protos import llm_pb2, llm_pb2_grpc, tracing
 from protos.call_stream import ServesCallStreams
 from protos.errors import InvalidInput, ServingError
 from protos.logs import request_id_var
-from protos.work_limits import AdmittedWork
 
 log = logging.getLogger(__name__)
 
