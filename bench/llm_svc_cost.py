@@ -40,8 +40,8 @@ class SyntheticEngine:
         self._outputs: dict[int, list] = {}  # by output length
 
     def _outputs_of(self, tokens: int) -> list:
-        from vllm.outputs import CompletionOutput, RequestOutput
-        if tokens not in self._outputs:
+        if tokens not in self._outputs:  # once per length: what it costs is not llm_svc's
+            from vllm.outputs import CompletionOutput, RequestOutput
             self._outputs[tokens] = [RequestOutput(
                 "synthetic", None, PROMPT_TOKEN_IDS, None,
                 [CompletionOutput(0, TOKEN_TEXT, [100 + i], None, None,
