@@ -123,7 +123,11 @@ async def run_load(base_url: str, bodies: list[dict], concurrency: int) -> tuple
         while not queue.empty():
             timings.append(await timed_request(client, url, queue.get_nowait()))
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+    # Idle connections are dropped after 2 s, before a server closes them: vLLM's server closes one idle for 5 s
+    # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), httpx's pool reuses one idle for up to 5 s, and a request sent as the server
+    # closes its connection fails with httpx.ReadError, which ended runs at 64 and 128 in flight.
+    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         return timings, time.perf_counter() - started

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         # log_config=None keeps the handler configured above for uvicorn's loggers too.
         app = create_app(config, before_serving=freeze_startup_heap)
         uvicorn.run(app, host=config.host, port=config.port, loop="uvloop", log_config=None,
-                    timeout_graceful_shutdown=config.shutdown_grace_s)
+                    timeout_graceful_shutdown=config.shutdown_grace_s,
+                    timeout_keep_alive=config.keep_alive_timeout_s)
     finally:
         stop_tracing()  # exports the spans still queued
 

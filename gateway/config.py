@@ -42,6 +42,11 @@ class GatewayConfig:
     multiplex_llm_calls: bool = True  # the calls to a replica share one GenerateStream (gateway/llm_client.py)
     health_timeout_s: float = 2.0
     shutdown_grace_s: float = 30.0
+    # How long an idle HTTP connection is kept open: longer than clients' pools keep theirs (httpx and the openai SDK:
+    # 5 s, aiohttp: 15 s) and load balancers' idle timeouts (often 60 s), so that the client, not the gateway, drops
+    # an idle connection. At uvicorn's 5 s a client could send its next request just as the gateway closed the
+    # connection, and get a reset (httpx.ReadError) for a request the gateway never read.
+    keep_alive_timeout_s: float = 75.0
     log_level: str = "INFO"
     log_json: bool = False
     # The client side of the gRPC hop to llm_svc: TLS files, the name its certificate carries, the token sent.
@@ -62,7 +67,8 @@ class GatewayConfig:
                      "max_requests_in_flight", "max_bytes_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("image_fetch_timeout_s", "request_timeout_s", "unavailable_cooldown_s", "health_timeout_s"):
+        for name in ("image_fetch_timeout_s", "request_timeout_s", "unavailable_cooldown_s", "health_timeout_s",
+                     "keep_alive_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_redirects < 0 or self.shutdown_grace_s < 0:
@@ -161,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time limit of the gRPC health checks behind GET /health and of GetModelInfo")
     parser.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
                         help="on SIGTERM, time in-flight requests get to finish before they are cut")
+    parser.add_argument("--keep-alive-timeout-s", type=float, default=d.keep_alive_timeout_s,
+                        help="how long an idle HTTP keep-alive connection stays open. Keep it above the idle "
+                             "timeout of the clients' connection pools (httpx and the openai SDK: 5 s, aiohttp: "
+                             "15 s) and of any load balancer in front (often 60 s): a connection the gateway closes "
+                             "just as a client reuses it costs that client a connection reset")
     parser.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-json", action="store_true", help="write logs as one JSON object per line")
     add_security_flags(parser.add_argument_group("security of the gRPC hop to llm_svc"), serves_grpc=False,
@@ -187,8 +198,8 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
         max_requests_in_flight=args.max_requests_in_flight, max_bytes_in_flight=args.max_bytes_in_flight,
         unavailable_cooldown_s=args.unavailable_cooldown_s, multiplex_llm_calls=args.multiplex_llm_calls,
-        health_timeout_s=args.health_timeout_s,
-        shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level, log_json=args.log_json,
+        health_timeout_s=args.health_timeout_s, shutdown_grace_s=args.shutdown_grace_s,
+        keep_alive_timeout_s=args.keep_alive_timeout_s, log_level=args.log_level, log_json=args.log_json,
         otlp_traces_endpoint=args.otlp_traces_endpoint, **security)
 
 

@@ -46,6 +46,7 @@ def test_defaults_are_safe(monkeypatch):
     (["--llm", "no-port"], "HOST:PORT"),
     (["--llm", "a:1", "--max-image-bytes", "0"], "max_image_bytes"),
     (["--llm", "a:1", "--request-timeout-s", "0"], "request_timeout_s"),
+    (["--llm", "a:1", "--keep-alive-timeout-s", "0"], "keep_alive_timeout_s"),
     (["--llm", "a:1", "--allowed-local-media-path", "/nonexistent-dir"], "not a directory"),
     (["--llm", "a:1", "--max-images-per-request", "1000", "--max-image-bytes", str(100 * MIB)], "2 GiB"),
 ])
@@ -85,3 +86,54 @@ async def test_cli_serves_with_uvloop_and_exits_cleanly_on_sigterm(backend, monk
     # uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM.
     assert process.returncode in (0, -signal.SIGTERM), stderr.decode()
     assert "Application shutdown complete" in stderr.decode()
+
+
+async def start_gateway(backend, *flags: str) -> tuple[asyncio.subprocess.Process, int]:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "--llm", backend.target, "--host", "127.0.0.1", "--port", str(port), *flags,
+        env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            assert process.returncode is None and time.monotonic() < deadline, "gateway did not start"
+            try:
+                await http.get(f"http://127.0.0.1:{port}/metrics")
+                return process, port
+            except httpx.ConnectError:
+                await asyncio.sleep(0.1)
+
+
+async def get_metrics(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One GET /metrics on an open connection; its status line, or b"" when the gateway had closed it."""
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    try:
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return b""
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    await reader.readexactly(length)
+    return head.split(b"\r\n")[0]
+
+
+async def test_an_idle_connection_outlives_the_clients_pool_timeout(backend):
+    """httpx, the openai SDK (5 s) and aiohttp (15 s) reuse a connection idle for up to their pool's timeout; one the
+    gateway closed at that moment (uvicorn's own default is 5 s) would cost the client a reset. --keep-alive-timeout-s
+    sets how long an idle connection is kept."""
+    (default, default_port), (short, short_port) = await asyncio.gather(
+        start_gateway(backend), start_gateway(backend, "--keep-alive-timeout-s", "0.5"))
+    try:
+        kept = await asyncio.open_connection("127.0.0.1", default_port)
+        dropped = await asyncio.open_connection("127.0.0.1", short_port)
+        assert await get_metrics(*kept) == await get_metrics(*dropped) == b"HTTP/1.1 200 OK"
+        await asyncio.sleep(6)  # past httpx's pool timeout, and uvicorn's default
+        assert await get_metrics(*kept) == b"HTTP/1.1 200 OK"
+        assert await dropped[0].read() == b""  # closed by the gateway
+        for _, writer in (kept, dropped):
+            writer.close()
+    finally:
+        for process in (default, short):
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), timeout=30)
