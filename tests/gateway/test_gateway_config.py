@@ -61,47 +61,47 @@ def test_module_help_runs():
     assert result.returncode == 0 and "--allow-private-image-urls" in result.stdout
 
 
-async def test_cli_serves_with_uvloop_and_exits_cleanly_on_sigterm(backend, monkeypatch):
-    # Async, so the fake backend in this event loop keeps answering while the gateway process calls it.
-    monkeypatch.delenv("GATEWAY_API_KEY", raising=False)  # the child inherits os.environ; /v1/models stays open
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "--llm", backend.target, "--host", "127.0.0.1", "--port", str(port),
-        "--shutdown-grace-s", "1", env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.PIPE)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-            deadline = time.monotonic() + 30
-            while True:
-                assert process.returncode is None and time.monotonic() < deadline, "gateway did not start"
-                try:
-                    models = await http.get("/v1/models")
-                    break
-                except httpx.ConnectError:
-                    await asyncio.sleep(0.1)
-            assert models.json()["data"][0]["id"] == "tiny-internvl"
-            assert (await http.get("/health")).status_code == 200
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-    # uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM.
-    assert process.returncode in (0, -signal.SIGTERM), stderr.decode()
-    assert "Application shutdown complete" in stderr.decode()
-
-
-async def start_gateway(backend, *flags: str) -> tuple[asyncio.subprocess.Process, int]:
+async def start_gateway(backend, processes: list, *flags: str, stderr=subprocess.DEVNULL) -> int:
+    """A gateway process (added to `processes` at once, for the caller to stop) in front of the fake backend; its port
+    once it answers."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "--llm", backend.target, "--host", "127.0.0.1", "--port", str(port), *flags,
-        env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.DEVNULL)
+        env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=stderr)
+    processes.append(process)
     deadline = time.monotonic() + 30
     async with httpx.AsyncClient(timeout=5) as http:
         while True:
             assert process.returncode is None and time.monotonic() < deadline, "gateway did not start"
             try:
                 await http.get(f"http://127.0.0.1:{port}/metrics")
-                return process, port
+                return port
             except httpx.ConnectError:
                 await asyncio.sleep(0.1)
+
+
+async def stop_gateways(processes: list) -> list[bytes]:
+    """SIGTERM to each, and what each wrote to a piped stderr once it has exited."""
+    for process in processes:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    return [(await asyncio.wait_for(process.communicate(), timeout=30))[1] or b"" for process in processes]
+
+
+async def test_cli_serves_with_uvloop_and_exits_cleanly_on_sigterm(backend, monkeypatch):
+    # Async, so the fake backend in this event loop keeps answering while the gateway process calls it.
+    monkeypatch.delenv("GATEWAY_API_KEY", raising=False)  # the child inherits os.environ; /v1/models stays open
+    processes = []
+    try:
+        port = await start_gateway(backend, processes, "--shutdown-grace-s", "1", stderr=subprocess.PIPE)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            assert (await http.get("/v1/models")).json()["data"][0]["id"] == "tiny-internvl"
+            assert (await http.get("/health")).status_code == 200
+    finally:
+        stderr = (await stop_gateways(processes))[0].decode()
+    # uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM.
+    assert processes[0].returncode in (0, -signal.SIGTERM), stderr
+    assert "Application shutdown complete" in stderr
 
 
 async def get_metrics(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
@@ -122,11 +122,11 @@ async def test_an_idle_connection_outlives_the_clients_pool_timeout(backend):
     """httpx, the openai SDK (5 s) and aiohttp (15 s) reuse a connection idle for up to their pool's timeout; one the
     gateway closed at that moment (uvicorn's own default is 5 s) would cost the client a reset. --keep-alive-timeout-s
     sets how long an idle connection is kept."""
-    (default, default_port), (short, short_port) = await asyncio.gather(
-        start_gateway(backend), start_gateway(backend, "--keep-alive-timeout-s", "0.5"))
+    processes = []
     try:
-        kept = await asyncio.open_connection("127.0.0.1", default_port)
-        dropped = await asyncio.open_connection("127.0.0.1", short_port)
+        kept = await asyncio.open_connection("127.0.0.1", await start_gateway(backend, processes))
+        dropped = await asyncio.open_connection(
+            "127.0.0.1", await start_gateway(backend, processes, "--keep-alive-timeout-s", "0.5"))
         assert await get_metrics(*kept) == await get_metrics(*dropped) == b"HTTP/1.1 200 OK"
         await asyncio.sleep(6)  # past httpx's pool timeout, and uvicorn's default
         assert await get_metrics(*kept) == b"HTTP/1.1 200 OK"
@@ -134,6 +134,4 @@ async def test_an_idle_connection_outlives_the_clients_pool_timeout(backend):
         for _, writer in (kept, dropped):
             writer.close()
     finally:
-        for process in (default, short):
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), timeout=30)
+        await stop_gateways(processes)
