@@ -42,11 +42,7 @@ class GatewayConfig:
     multiplex_llm_calls: bool = True  # the calls to a replica share one GenerateStream (gateway/llm_client.py)
     health_timeout_s: float = 2.0
     shutdown_grace_s: float = 30.0
-    # How long an idle HTTP connection is kept open: longer than clients' pools keep theirs (httpx and the openai SDK:
-    # 5 s, aiohttp: 15 s) and load balancers' idle timeouts (often 60 s), so that the client, not the gateway, drops
-    # an idle connection. At uvicorn's 5 s a client could send its next request just as the gateway closed the
-    # connection, and get a reset (httpx.ReadError) for a request the gateway never read.
-    keep_alive_timeout_s: float = 75.0
+    keep_alive_timeout_s: float = 75.0  # above clients' pool and load balancers' idle timeouts (--help says why)
     log_level: str = "INFO"
     log_json: bool = False
     # The client side of the gRPC hop to llm_svc: TLS files, the name its certificate carries, the token sent.
