@@ -15,6 +15,8 @@ class KernelBackendError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
+    linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = reference.linear
+    patch_embed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = reference.patch_embed
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = reference.rms_norm
     layer_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] = reference.layer_norm
     attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = reference.attention

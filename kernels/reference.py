@@ -9,6 +9,16 @@ import torch
 import torch.nn.functional as F
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias, in x's dtype: every projection of the encoder and the projector."""
+    return F.linear(x, weight, bias)
+
+
+def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """InternViT's patch embedding, a convolution whose stride is its kernel: [T, 3, S, S] -> [T, C, S/p, S/p]."""
+    return F.conv2d(pixels, weight, bias, stride=weight.shape[-2:])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Over the last dim, statistics in fp32; InternViT's qk-norm calls this on the full hidden width."""
     x32 = x.float()

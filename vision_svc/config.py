@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this HTTP port")
     p.add_argument("--device", default=d.device, help="cpu, cuda[:i] or npu[:i]")
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 or float16; auto = float32 on cpu, "
-                                                     "bfloat16 on accelerators")
+                                                     "bfloat16 on accelerators. On a CPU whose oneDNN has no "
+                                                     "kernels for bfloat16 (no AVX-512) or float16, the "
+                                                     "encoder's matmuls run in float32 and round to it")
     p.add_argument("--kernel-backend", default=None,
                    help="force a kernels backend (reference, cpu, cuda, npu); default: the best for the device")
     p.add_argument("--threads", type=int, default=None,

@@ -3,7 +3,7 @@
 Parameters carry the original OpenGVLab names (`vision_model.*`, `mlp1.{0,1,3}`) so an original checkpoint
 loads as is; `vision_svc.checkpoint` renames the hf layout into them. Both block styles are one module:
 InternViT-6B (RMSNorm, full-width qk-norm, no qkv bias) and InternViT-300M (LayerNorm, qkv bias). Every
-operator past the matmuls comes from the `kernels` backend chosen for the device, so this file holds the
+operator, the matmuls included, comes from the `kernels` backend chosen for the device, so this file holds the
 model's structure and nothing device-specific.
 """
 
@@ -26,6 +26,28 @@ class EncoderInputError(ValueError):
     """Pixel values the encoder cannot take (wrong shape)."""
 
 
+class _Linear(nn.Linear):
+    """nn.Linear's parameters, the backend's matmul."""
+
+    def __init__(self, width_in: int, width_out: int, ops: Backend, bias: bool = True):
+        super().__init__(width_in, width_out, bias=bias)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
+
+
+class _PatchEmbedding(nn.Conv2d):
+    """nn.Conv2d's parameters (kernel = stride = patch size), the backend's patch embedding."""
+
+    def __init__(self, spec: VisionSpec, ops: Backend):
+        super().__init__(3, spec.hidden, kernel_size=spec.patch_size, stride=spec.patch_size)
+        self.ops = ops
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.ops.patch_embed(pixels, self.weight, self.bias)
+
+
 class _Norm(nn.Module):
     def __init__(self, width: int, kind: str, eps: float, ops: Backend):
         super().__init__()
@@ -41,11 +63,11 @@ class _Norm(nn.Module):
 
 
 class _Embeddings(nn.Module):
-    def __init__(self, spec: VisionSpec):
+    def __init__(self, spec: VisionSpec, ops: Backend):
         super().__init__()
         self.spec = spec
         self.class_embedding = nn.Parameter(torch.empty(1, 1, spec.hidden))
-        self.patch_embedding = nn.Conv2d(3, spec.hidden, kernel_size=spec.patch_size, stride=spec.patch_size)
+        self.patch_embedding = _PatchEmbedding(spec, ops)
         self.position_embedding = nn.Parameter(torch.empty(1, 1 + spec.patches_per_side ** 2, spec.hidden))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -65,8 +87,8 @@ class _Attention(nn.Module):
         self.heads = spec.heads
         self.ops = ops
         # One fused projection: one large matmul instead of three, and q/k/v come out as views of it.
-        self.qkv = nn.Linear(spec.hidden, 3 * spec.hidden, bias=spec.qkv_bias)
-        self.proj = nn.Linear(spec.hidden, spec.hidden)
+        self.qkv = _Linear(spec.hidden, 3 * spec.hidden, ops, bias=spec.qkv_bias)
+        self.proj = _Linear(spec.hidden, spec.hidden, ops)
         self.q_norm = _Norm(spec.hidden, "rms", spec.qk_norm_eps, ops) if spec.qk_norm else None
         self.k_norm = _Norm(spec.hidden, "rms", spec.qk_norm_eps, ops) if spec.qk_norm else None
 
@@ -85,8 +107,8 @@ class _Mlp(nn.Module):
     def __init__(self, spec: VisionSpec, ops: Backend):
         super().__init__()
         self.ops = ops
-        self.fc1 = nn.Linear(spec.hidden, spec.mlp)
-        self.fc2 = nn.Linear(spec.mlp, spec.hidden)
+        self.fc1 = _Linear(spec.hidden, spec.mlp, ops)
+        self.fc2 = _Linear(spec.mlp, spec.hidden, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.ops.gelu(self.fc1(x)))
@@ -118,7 +140,7 @@ class _VisionModel(nn.Module):
     def __init__(self, spec: VisionSpec, ops: Backend):
         super().__init__()
         self.layers_used = spec.layers_used
-        self.embeddings = _Embeddings(spec)
+        self.embeddings = _Embeddings(spec, ops)
         self.encoder = _Encoder(spec, ops)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -134,8 +156,8 @@ class _Projector(nn.ModuleDict):
     def __init__(self, spec: VisionSpec, ops: Backend):
         super().__init__({
             "0": _Norm(spec.projector_in, "layer", _PROJECTOR_NORM_EPS, ops),
-            "1": nn.Linear(spec.projector_in, spec.llm_hidden),
-            "3": nn.Linear(spec.llm_hidden, spec.llm_hidden),
+            "1": _Linear(spec.projector_in, spec.llm_hidden, ops),
+            "3": _Linear(spec.llm_hidden, spec.llm_hidden, ops),
         })
         self.ratio = spec.downsample_ratio
         self.ops = ops

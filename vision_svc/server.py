@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from prometheus_client import start_http_server
 
+from kernels import cpu as cpu_kernels
 from protos import tensors, vision_pb2, vision_pb2_grpc
 from protos.server import GrpcServer
 from vision_svc.cache import EmbeddingCache
@@ -55,6 +56,10 @@ class VisionServer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.set_num_threads(resolve_threads(config.threads))
         encoder, self.spec = load_encoder(config.model, self.device, self.dtype, config.kernel_backend)
+        if encoder.ops.name == "cpu" and self.dtype not in cpu_kernels.NATIVE_MATMUL_DTYPES:
+            # kernels.cpu: torch's fallback for such a dtype is several times slower than float32.
+            log.info("CPU: oneDNN has no %s matmuls on this CPU (bf16 needs AVX-512): the encoder's matmuls run in "
+                     "float32 and round to %s", self.dtype, self.dtype)
         max_tiles = config.max_tiles or self.spec.max_dynamic_patch
         # Batch sizes that the warm-up runs: with --compile, every bucket, so none compiles under traffic.
         self.warm_up_batches = (1, config.max_batch_tiles)

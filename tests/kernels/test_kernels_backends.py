@@ -57,3 +57,27 @@ def test_cpu_backend_equals_reference(dtype):
     grid, w4, b4 = torch.randn(2, 8, 8, 24, dtype=dtype), torch.randn(96, dtype=dtype), torch.randn(96, dtype=dtype)
     assert relative_error(ops.pixel_shuffle_layer_norm(grid, 0.5, w4, b4, 1e-5),
                           reference.pixel_shuffle_layer_norm(grid, 0.5, w4, b4, 1e-5)) <= TOLERANCE[dtype]
+
+
+def cpu_matmul_inputs(dtype):
+    x, w, b = torch.randn(2, 65, 96, dtype=dtype), torch.randn(48, 96, dtype=dtype), torch.randn(48, dtype=dtype)
+    pixels, kernel, kernel_bias = (torch.randn(2, 3, 56, 56, dtype=dtype), torch.randn(32, 3, 14, 14, dtype=dtype),
+                                   torch.randn(32, dtype=dtype))
+    return (x, w, b), (pixels, kernel, kernel_bias)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["onednn", "through-fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_matmuls_equal_reference_whether_or_not_the_cpu_runs_the_dtype_natively(monkeypatch, dtype, native):
+    # Which path a dtype takes depends on the machine (bf16 needs AVX-512): both are forced here, on any machine.
+    from kernels import cpu
+    monkeypatch.setattr(cpu, "NATIVE_MATMUL_DTYPES", frozenset({dtype} if native else ()))
+    (x, w, b), (pixels, kernel, kernel_bias) = cpu_matmul_inputs(dtype)
+    ours = cpu.linear(x, w, b)
+    assert ours.dtype == dtype and relative_error(ours, reference.linear(x, w, b)) <= TOLERANCE[dtype]
+    assert relative_error(cpu.linear(x, w, None), reference.linear(x, w, None)) <= TOLERANCE[dtype]
+    ours = cpu.patch_embed(pixels, kernel, kernel_bias)
+    expected = reference.patch_embed(pixels, kernel, kernel_bias)
+    assert ours.dtype == dtype and ours.shape == expected.shape == (2, 32, 4, 4)
+    assert relative_error(ours, expected) <= TOLERANCE[dtype]
+

@@ -213,6 +213,21 @@ def test_encoder_threads_leave_one_cpu_free(monkeypatch):
     assert resolve_threads(None) == 1
 
 
+
+async def test_a_bf16_server_on_a_cpu_without_bf16_kernels_says_so_and_encodes_through_fp32(
+        tiny_checkpoint, monkeypatch, caplog):
+    # Whether this CPU has bf16 kernels varies by machine: the server is told it has none.
+    monkeypatch.setattr("kernels.cpu.NATIVE_MATMUL_DTYPES", frozenset({torch.float32}))
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    data = png(500, 300, seed=5)
+    with caplog.at_level("INFO", logger="vision_svc.server"):
+        async with running_vision(model, dtype="bfloat16") as (stub, _):
+            (header, embeddings), = (await encode(stub, [vision_pb2.ImageInput(data=data)], max_tiles=2)).values()
+    assert "oneDNN has no torch.bfloat16 matmuls on this CPU" in caplog.text
+    assert embeddings.dtype == torch.bfloat16
+    expected = expected_embeddings(model, data, max_tiles=2)  # fp32
+    assert ((embeddings.float() - expected).abs().max() / expected.abs().max()).item() < 2e-2
+
 async def test_image_bytes_are_hashed_off_the_event_loop(vision, monkeypatch):
     stub, _ = vision
     hashed_on = []
