@@ -16,13 +16,13 @@ from kernels.backend import Backend
 
 
 def _onednn_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes this CPU's oneDNN matmuls run natively; fixed per machine, so read once at import."""
-    native = {torch.float32}
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        native.add(torch.bfloat16)
-    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        native.add(torch.float16)
-    return frozenset(native)
+    """The dtypes this CPU's oneDNN matmuls run natively; fixed per machine, so read once at import. A torch
+    without these (private) checks is taken to run all three, as before they were asked."""
+    try:
+        bf16, fp16 = torch.ops.mkldnn._is_mkldnn_bf16_supported(), torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    except (AttributeError, RuntimeError):
+        bf16 = fp16 = True
+    return frozenset({torch.float32} | ({torch.bfloat16} if bf16 else set()) | ({torch.float16} if fp16 else set()))
 
 
 NATIVE_MATMUL_DTYPES = _onednn_dtypes()
