@@ -213,7 +213,6 @@ def test_encoder_threads_leave_one_cpu_free(monkeypatch):
     assert resolve_threads(None) == 1
 
 
-
 async def test_a_bf16_server_on_a_cpu_without_bf16_kernels_says_so_and_encodes_through_fp32(
         tiny_checkpoint, monkeypatch, caplog):
     # Whether this CPU has bf16 kernels varies by machine: the server is told it has none.
