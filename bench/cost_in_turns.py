@@ -1,6 +1,6 @@
 """What bench.gateway_cost and bench.llm_svc_cost share: a server's CPU per request, against a floor's, in turns.
 
-Each measures one front (and with llm_svc, maybe the same front from another checkout) and the least a server of its
+Each measures one front (and maybe the same front from another checkout) and the least a server of its
 kind costs (the floor) on the same requests from the same client, in alternating turns, at two output lengths or
 more; the fit of the two ends splits the cost into per request and per token.
 """
@@ -10,6 +10,7 @@ import asyncio
 import collections
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -103,6 +104,31 @@ def parse_args(module: str, doc: str, serve_choices: list[str],
     if args.serve is None and (min(args.tokens) < 1 or args.rounds < 1 or args.requests < args.concurrency):
         parser.error("--tokens and --rounds must be at least 1, --requests at least --concurrency")
     return args
+
+
+def compare_with_argument(server: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--compare-with", metavar="CHECKOUT",
+                            help=f"also measure {server} as another checkout of the project has it (a git worktree "
+                                 "of an earlier commit, its protos built), in the same turns and with this one's "
+                                 "Python")
+    return add
+
+
+def check_checkout(checkout: str | None, bench: str) -> None:
+    """Exits unless `checkout` (if given) has the bench and the built protos that its servers need."""
+    missing = [path for path in (bench, "protos/llm_pb2.py")
+               if checkout is not None and not os.path.exists(os.path.join(checkout, path))]
+    if missing:
+        sys.exit(f"--compare-with {checkout}: it has no {' or '.join(missing)}; it must be a checkout of the project "
+                 f"that has this bench, with its protos built (or protos/*_pb2*.py copied from here)")
+
+
+def commit_of(checkout: str) -> str:
+    """The checkout's commit, "+" if it has changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", checkout, *args], capture_output=True, text=True).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "?") + ("+" if git("status", "--porcelain", "-uno") else "")
 
 
 Load = Callable[[Stage, int, int, int], None]  # (server, tokens, requests, concurrency): the requests, each checked

@@ -10,7 +10,6 @@ Both serve the tiny checkpoint with the same engine flags, one after the other.
 """
 
 import argparse
-import pathlib
 
 import httpx
 

@@ -2,6 +2,7 @@
 
     python -m bench.gateway_cost                        # ~3 minutes
     python -m bench.gateway_cost --tokens 1 128 --rounds 4
+    python -m bench.gateway_cost --compare-with ../before  # a worktree of another commit, in the same turns
 
 The gateway serves streamed chat completions from a synthetic language service (a gRPC server with llm_svc's
 GenerateStream, in a process of its own) that gives every call a token per step (every 6 ms, as an engine decoding a
@@ -11,15 +12,18 @@ size at the same steps from a `StreamingResponse`, with no parsing, no gRPC, no 
 requests from the same client, in alternating turns (`--rounds`). The CPU time (user + system, psutil) of each
 server's process per request is printed for each output length, and from two lengths the fit per request + per
 token: what a request and what a token cost the gateway, and how much of it any front in Python pays.
+`--compare-with` serves a third: the gateway as another checkout has it, in front of that checkout's synthetic
+language service (the two ends of GenerateStream as that commit has them), in the same turns.
 """
 
 import asyncio
 import contextlib
 import os
 
-from bench.cost_in_turns import TOKEN_TEXT, Steps, measure_in_turns, parse_args, synthetic_generate
+from bench.cost_in_turns import (TOKEN_TEXT, Steps, check_checkout, commit_of, compare_with_argument,
+                                 measure_in_turns, parse_args, synthetic_generate)
 from bench.e2e import chat_body, run_load, stop
-from deploy.local import Stage, free_port, gateway_stage
+from deploy.local import Stage, free_port
 from gateway.llm_client import LANGUAGE_SERVICE
 
 MODEL = "synthetic"
@@ -106,20 +110,27 @@ def serve(which: str, port: int) -> None:
         uvicorn.run(floor_app(), host="127.0.0.1", port=port, loop="uvloop", log_config=None)
 
 
-def start_servers(logs: str) -> list[Stage]:
-    """The synthetic language service, the gateway in front of it and the floor, each ready (or all stopped)."""
-    stages: list[Stage] = []
+def start_servers(logs: str, compare_with: str | None) -> dict[str, Stage]:
+    """The gateway (and another checkout's, if asked) in front of a synthetic language service of its own checkout,
+    and the floor, by name; each ready (or all stopped)."""
+    checkouts = [(GATEWAY, None)]
+    if compare_with is not None:
+        checkouts.append((f"{GATEWAY} at {commit_of(compare_with)}", compare_with))
+    stages: dict[str, Stage] = {}
     try:
-        llm_port = free_port()
-        stages.append(Stage("synthetic llm", ["bench.gateway_cost", "--serve", "synthetic-llm", "--port",
-                                              str(llm_port)], llm_port, f"{logs}/synthetic-llm.log").wait_ready())
-        stages.append(gateway_stage(stages[:1], "127.0.0.1", free_port(), [], f"{logs}/gateway.log").wait_ready())
+        for i, (name, checkout) in enumerate(checkouts):
+            llm_port, port = free_port(), free_port()
+            llm = Stage(f"synthetic llm {i}", ["bench.gateway_cost", "--serve", "synthetic-llm", "--port",
+                                               str(llm_port)], llm_port, f"{logs}/synthetic-llm-{i}.log", cwd=checkout)
+            stages[llm.name] = llm.wait_ready()
+            stages[name] = Stage(name, ["gateway", "--llm", llm.address, "--host", "127.0.0.1", "--port", str(port)],
+                                 port, f"{logs}/gateway-{i}.log", http_health=True, cwd=checkout).wait_ready()
         floor_port = free_port()
-        stages.append(Stage(FLOOR, ["bench.gateway_cost", "--serve", "floor", "--port", str(floor_port)], floor_port,
-                            f"{logs}/floor.log", http_health=True).wait_ready())
+        stages[FLOOR] = Stage(FLOOR, ["bench.gateway_cost", "--serve", "floor", "--port", str(floor_port)],
+                              floor_port, f"{logs}/floor.log", http_health=True).wait_ready()
         return stages
     except BaseException:
-        stop(stages)
+        stop(list(stages.values()))
         raise
 
 
@@ -131,13 +142,15 @@ def stream_chats(server: Stage, tokens: int, requests: int, concurrency: int) ->
 
 
 def main() -> None:
-    args = parse_args("gateway_cost", __doc__, ["synthetic-llm", "floor"])
+    args = parse_args("gateway_cost", __doc__, ["synthetic-llm", "floor"], compare_with_argument("the gateway"))
     if args.serve is not None:
         serve(args.serve, args.port)
         return
+    check_checkout(args.compare_with, "bench/gateway_cost.py")
     os.makedirs(args.logs, exist_ok=True)
-    stages = start_servers(args.logs)
-    measure_in_turns(args, {GATEWAY: stages[1], FLOOR: stages[2]}, stages, stream_chats, "streamed chats in flight")
+    stages = start_servers(args.logs, args.compare_with)
+    measured = {name: stage for name, stage in stages.items() if not name.startswith("synthetic llm")}
+    measure_in_turns(args, measured, list(stages.values()), stream_chats, "streamed chats in flight")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,11 @@ serves a third: llm_svc as another checkout has it (with this one's bench client
 llm_svc is measured against the commit before it, in the same turns.
 """
 
-import argparse
 import asyncio
 import os
-import subprocess
-import sys
 
-from bench.cost_in_turns import TOKEN_TEXT, Steps, measure_in_turns, parse_args, synthetic_generate
+from bench.cost_in_turns import (TOKEN_TEXT, Steps, check_checkout, commit_of, compare_with_argument,
+                                 measure_in_turns, parse_args, synthetic_generate)
 from bench.e2e import stop
 from deploy.local import Stage, free_port
 
@@ -148,13 +146,6 @@ def stream_chats(server: Stage, tokens: int, requests: int, concurrency: int) ->
     asyncio.run(run_calls(server.address, tokens, requests, concurrency))
 
 
-def commit_of(checkout: str) -> str:
-    """The checkout's commit, "+" if it has changes."""
-    def git(*args):
-        return subprocess.run(["git", "-C", checkout, *args], capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "?") + ("+" if git("status", "--porcelain", "-uno") else "")
-
-
 def start_servers(logs: str, compare_with: str | None) -> dict[str, Stage]:
     """llm_svc, another checkout's if asked, and the floor (last), each ready (or all stopped)."""
     wanted = [(LLM_SVC, LLM_SVC, None), (FLOOR, FLOOR, None)]
@@ -172,22 +163,12 @@ def start_servers(logs: str, compare_with: str | None) -> dict[str, Stage]:
         raise
 
 
-def compare_with_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compare-with", metavar="CHECKOUT",
-                        help="also measure llm_svc as another checkout of the project has it (a git worktree of an "
-                             "earlier commit, its protos built), in the same turns and with this one's Python")
-
-
 def main() -> None:
-    args = parse_args("llm_svc_cost", __doc__, [LLM_SVC, FLOOR], compare_with_argument)
+    args = parse_args("llm_svc_cost", __doc__, [LLM_SVC, FLOOR], compare_with_argument("llm_svc"))
     if args.serve is not None:
         asyncio.run(serve(args.serve, args.port))
         return
-    missing = [path for path in ("bench/llm_svc_cost.py", "protos/llm_pb2.py")
-               if args.compare_with is not None and not os.path.exists(os.path.join(args.compare_with, path))]
-    if missing:
-        sys.exit(f"--compare-with {args.compare_with}: it has no {' or '.join(missing)}; it must be a checkout of "
-                 f"the project that has this bench, with its protos built (or protos/*_pb2*.py copied from here)")
+    check_checkout(args.compare_with, "bench/llm_svc_cost.py")
     os.makedirs(args.logs, exist_ok=True)
     servers = start_servers(args.logs, args.compare_with)
     measure_in_turns(args, servers, list(servers.values()), stream_chats,
