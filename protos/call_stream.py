@@ -2,7 +2,9 @@
 
 Each streamed token of a Generate call costs a gRPC message on each side, and grpcio's asyncio layer spends tens of
 microseconds of CPU on every message; with many requests in flight the engine's every step becomes as many messages.
-On one GenerateStream the deltas of all the calls that are ready together travel as one message.
+On one GenerateStream the deltas of all the calls that are ready together travel as one message, and so do the
+starts (and cancels) that are ready together: a write holds the caller's event loop ~0.6 ms on a busy host
+(bench/RESULTS.md), so calls that arrive while one is written go out together in the next.
 
 Server (`serve_calls`): each call runs as its own task, exactly as Generate runs it (the servicer's own `Generate`,
 given a context whose metadata is the call's trace context), and its events go to the stream's outbox, which the
@@ -28,7 +30,7 @@ import collections
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -38,8 +40,11 @@ from protos.errors import Cancelled, DeadlineExceeded, ServingError, Unavailable
 log = logging.getLogger(__name__)
 
 METHOD = "LanguageModel/GenerateStream"
-# A message of the stream holds events up to this size (a longer one travels alone): far below any message limit.
-MAX_MESSAGE_EVENT_BYTES = 1 << 20
+# A message of the stream holds the events (or the starts) that are ready together up to this size (a longer one
+# travels alone): far below any message limit.
+MAX_SHARED_BYTES = 1 << 20
+# The server's initial metadata has this key: it takes a message's `more` actions (an older one would drop them).
+TAKES_MORE = "generate-stream-more"
 # How long a client's stream takes new calls; the server's connection grace must cover this plus a call's deadline.
 NEW_CALLS_S = 60.0
 # A call whose reader has this many of its messages unread is paused (the engine merges its tokens meanwhile), and
@@ -89,7 +94,7 @@ class _Outbox:
             status: llm_pb2.CallStatus | None = None) -> asyncio.Future:
         """A call's next message, or its status."""
         size = message.ByteSize() if message is not None else 0
-        if self._size and self._size + size > MAX_MESSAGE_EVENT_BYTES:
+        if self._size and self._size + size > MAX_SHARED_BYTES:
             self._messages.append(llm_pb2.GenerateStreamResponse())
             self._size = 0
         if message is not None:
@@ -151,24 +156,29 @@ async def serve_calls(requests: AsyncIterator[llm_pb2.GenerateStreamRequest], co
                 outbox.close()  # wakes the writer to end the stream
         outbox.put(call_id, status=status)
 
+    def act(message: llm_pb2.GenerateStreamRequest) -> None:
+        action = message.WhichOneof("action")
+        if action == "start":
+            if message.call_id in calls:
+                log.warning("%s: call %d started twice; the second is ignored", METHOD, message.call_id)
+                return
+            flowing[message.call_id] = asyncio.Event()
+            flowing[message.call_id].set()
+            calls[message.call_id] = asyncio.create_task(
+                run(message.call_id, message.start, dict(message.trace_context)))
+        elif action == "cancel" and (task := calls.get(message.call_id)) is not None:
+            task.cancel()
+        elif action == "pause" and (flow := flowing.get(message.call_id)) is not None:
+            flow.clear()
+        elif action == "resume" and (flow := flowing.get(message.call_id)) is not None:
+            flow.set()
+
     async def read() -> None:
         try:
             async for message in requests:
-                action = message.WhichOneof("action")
-                if action == "start":
-                    if message.call_id in calls:
-                        log.warning("%s: call %d started twice; the second is ignored", METHOD, message.call_id)
-                        continue
-                    flowing[message.call_id] = asyncio.Event()
-                    flowing[message.call_id].set()
-                    calls[message.call_id] = asyncio.create_task(
-                        run(message.call_id, message.start, dict(message.trace_context)))
-                elif action == "cancel" and (task := calls.get(message.call_id)) is not None:
-                    task.cancel()
-                elif action == "pause" and (flow := flowing.get(message.call_id)) is not None:
-                    flow.clear()
-                elif action == "resume" and (flow := flowing.get(message.call_id)) is not None:
-                    flow.set()
+                act(message)
+                for more in message.more:
+                    act(more)
         finally:
             outbox.close()  # the caller sends no more: the stream ends once its calls have
 
@@ -272,8 +282,11 @@ class CallStream:
         self._call = stub.GenerateStream()
         self._calls: dict[int, StreamedCall] = {}
         self._ids = itertools.count(1)
-        self._write_lock = asyncio.Lock()
-        self._background: set[asyncio.Task] = set()
+        # The actions to write, each with the future it resolves once written (or None), and the task writing them.
+        self._outgoing: list[tuple[asyncio.Future | None, int, dict]] = []
+        self._writer: asyncio.Task | None = None
+        self._takes_more = False  # the server's initial metadata says so
+        self._done_when_written = False
         self.failed: ServingError | None = None
         self.unimplemented = False  # the replica has no GenerateStream (an older llm_svc)
         self._retire_at = asyncio.get_running_loop().time() + new_calls_s
@@ -288,19 +301,11 @@ class CallStream:
         return self.failed is None and not self._retired
 
     def _end_when_idle(self) -> None:
-        """Once retired and without calls: tells the server no more calls come, which ends the stream."""
-        if self._retired and not self._calls and self.failed is None:
-            self._in_background(self._done_writing())
-
-    async def _done_writing(self) -> None:
-        async with self._write_lock:  # after any cancel still on its way
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                await self._call.done_writing()
-
-    def _in_background(self, coroutine) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        """Once retired and without calls: tells the server no more calls come (after any cancel still on its way),
+        which ends the stream."""
+        if self._retired and not self._calls and self.failed is None and not self._done_when_written:
+            self._done_when_written = True
+            self._post_write()
 
     async def start(self, request: llm_pb2.GenerateRequest, timeout_s: float,
                     trace_context: dict[str, str] | None) -> StreamedCall:
@@ -309,9 +314,10 @@ class CallStream:
         call = StreamedCall(self, next(self._ids))
         self._calls[call.call_id] = call
         call.set_timeout(timeout_s)
+        sent = asyncio.get_running_loop().create_future()
+        self._post_write(sent, call.call_id, start=request, trace_context=trace_context or {})
         try:
-            await self._write(llm_pb2.GenerateStreamRequest(call_id=call.call_id, start=request,
-                                                            trace_context=trace_context or {}))
+            await sent
         except BaseException:
             call.cancel()  # the start may have gone out before the write was interrupted
             raise
@@ -320,34 +326,90 @@ class CallStream:
     def send_flow(self, call_id: int, *, resume: bool) -> None:
         """Pauses or resumes a running call."""
         if call_id in self._calls and self.failed is None:
-            self._in_background(self._write_quietly(
-                llm_pb2.GenerateStreamRequest(call_id=call_id, resume=True) if resume else
-                llm_pb2.GenerateStreamRequest(call_id=call_id, pause=True)))
+            # Unacknowledged: should the stream end, the server cancels the call itself.
+            self._post_write(None, call_id, **({"resume": True} if resume else {"pause": True}))
 
     def send_cancel(self, call_id: int) -> None:
         if self._calls.pop(call_id, None) is None or self.failed is not None:
             return
-        self._in_background(self._write_quietly(llm_pb2.GenerateStreamRequest(call_id=call_id, cancel=True)))
+        self._post_write(None, call_id, cancel=True)
         self._end_when_idle()
 
-    async def _write_quietly(self, message: llm_pb2.GenerateStreamRequest) -> None:
-        with contextlib.suppress(ServingError):  # the stream ended: the server cancelled the call itself
-            await self._write(message)
+    def _post_write(self, sent: asyncio.Future | None = None, call_id: int = 0, **action) -> None:
+        """Queues a call's action (none: only wakes the writer), in order; `sent`, if given, gets the outcome of its
+        write."""
+        if action:
+            self._outgoing.append((sent, call_id, action))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_outgoing())
 
-    async def _write(self, message: llm_pb2.GenerateStreamRequest) -> None:
-        async with self._write_lock:
-            try:
-                await self._call.write(message)
-            except grpc.aio.AioRpcError:
-                # The stream is over, and its reader is about to say why: UNIMPLEMENTED from an older replica
-                # (`unimplemented`, which the caller falls back on) must not pass for a replica that is down.
-                await asyncio.wait({self._reader})
-                raise self.failed or Unavailable(f"{self.target}: the call stream ended") from None
-            except (grpc.aio.UsageError, asyncio.InvalidStateError) as error:
-                raise self.failed or Unavailable(f"{self.target}: the call stream ended ({error})") from None
+    async def _write_outgoing(self) -> None:
+        """Writes the actions queued; those queued while a message is written go together in the next."""
+        try:
+            while self._outgoing:
+                actions, self._outgoing = self._outgoing, []
+                for message, sents in self._messages(actions):
+                    error = await self._write(message)
+                    for sent in sents:
+                        if sent is None or sent.done():
+                            continue
+                        if error is None:
+                            sent.set_result(None)
+                        else:
+                            sent.set_exception(error)
+        finally:
+            self._writer = None
+        if self._done_when_written:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                await self._call.done_writing()
+
+    def _messages(self, actions: list[tuple[asyncio.Future | None, int, dict]]) \
+            -> Iterator[tuple[llm_pb2.GenerateStreamRequest, list[asyncio.Future | None]]]:
+        """The messages that carry `actions` in order, each with its actions' futures: one each, or, to a server
+        that takes `more`, together up to MAX_SHARED_BYTES of starts. A start given up before it went out is
+        dropped (its cancel follows)."""
+        group, size = [], 0
+        for sent, call_id, action in actions:
+            if sent is not None and sent.cancelled():
+                continue
+            if not self._takes_more:
+                yield llm_pb2.GenerateStreamRequest(call_id=call_id, **action), [sent]
+                continue
+            action_size = action["start"].ByteSize() if "start" in action else 0
+            if group and size + action_size > MAX_SHARED_BYTES:
+                yield self._message_of(group), [sent for sent, _, _ in group]
+                group, size = [], 0
+            group.append((sent, call_id, action))
+            size += action_size
+        if group:
+            yield self._message_of(group), [sent for sent, _, _ in group]
+
+    @staticmethod
+    def _message_of(group: list[tuple[asyncio.Future | None, int, dict]]) -> llm_pb2.GenerateStreamRequest:
+        if len(group) == 1:
+            _, call_id, action = group[0]
+            return llm_pb2.GenerateStreamRequest(call_id=call_id, **action)
+        message = llm_pb2.GenerateStreamRequest()
+        for _, call_id, action in group:
+            message.more.add(call_id=call_id, **action)
+        return message
+
+    async def _write(self, message: llm_pb2.GenerateStreamRequest) -> ServingError | None:
+        """Writes a message: None, or the error that ended the stream."""
+        try:
+            await self._call.write(message)
+        except grpc.aio.AioRpcError:
+            # The stream is over, and its reader is about to say why: UNIMPLEMENTED from an older replica
+            # (`unimplemented`, which the caller falls back on) must not pass for a replica that is down.
+            await asyncio.wait({self._reader})
+            return self.failed or Unavailable(f"{self.target}: the call stream ended")
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+            return self.failed or Unavailable(f"{self.target}: the call stream ended ({error})")
+        return None
 
     async def _read(self) -> None:
         try:
+            self._takes_more = any(key == TAKES_MORE for key, _ in await self._call.initial_metadata() or ())
             while (message := await self._call.read()) is not grpc.aio.EOF:
                 for event in message.events:
                     call = self._calls.get(event.call_id)
@@ -385,5 +447,6 @@ class ServesCallStreams:
     """For a LanguageModel servicer: GenerateStream, its calls served by the servicer's own Generate."""
 
     async def GenerateStream(self, request_iterator, context):
+        await context.send_initial_metadata(((TAKES_MORE, "1"),))
         async for message in serve_calls(request_iterator, context, self.Generate):
             yield message

@@ -85,9 +85,10 @@ class LanguageModelServicer:
 
     def GenerateStream(self, request_iterator, context):
         """Many Generate calls on one stream, for a caller that serves many clients (the gateway): each call is started,
-        and may be cancelled, by a message of its own, and the deltas of the calls that are ready together travel in
-        one message, so that a step of the engine costs one message per stream rather than one per request. A call's
-        events are those of Generate: its messages, then its status.
+        and may be cancelled, by an action of the stream's requests, the actions that are ready together travel in one
+        message, and so do the deltas of the calls that are ready together, so that a step of the engine costs one
+        message per stream rather than one per request. A call's events are those of Generate: its messages, then its
+        status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

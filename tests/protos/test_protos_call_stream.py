@@ -196,6 +196,9 @@ class _EndedStream:
         return grpc.aio.AioRpcError(grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                     "Method not implemented!")
 
+    async def initial_metadata(self):
+        return grpc.aio.Metadata()
+
     async def write(self, message):
         raise self._error()
 
@@ -249,7 +252,7 @@ async def test_calls_ready_together_share_a_message_and_none_puts_a_second_befor
 
 
 async def test_calls_messages_share_a_stream_message_up_to_its_size_and_a_larger_one_travels_alone(monkeypatch):
-    monkeypatch.setattr(call_stream, "MAX_MESSAGE_EVENT_BYTES", 1000)
+    monkeypatch.setattr(call_stream, "MAX_SHARED_BYTES", 1000)
     sizes = {"r1": 300, "r2": 300, "r3": 2000, "r4": 300}
 
     async def generate_text(request, context):
@@ -307,3 +310,105 @@ async def test_a_call_s_inbox_gives_its_reader_every_item_in_order_waiting_for_t
     waiting.cancel()  # a reader cancelled while waiting leaves the inbox usable
     inbox.put("d")
     assert await inbox.get() == "d"
+
+
+class CountingLanguageModel(ScriptedLanguageModel):
+    """Keeps every message of its streams' requests; `takes_more` False serves GenerateStream as an llm_svc from
+    before `more` did (no initial metadata saying so)."""
+
+    def __init__(self, takes_more: bool):
+        super().__init__()
+        self.takes_more = takes_more
+        self.received: list[llm_pb2.GenerateStreamRequest] = []
+
+    async def GenerateStream(self, request_iterator, context):
+        async def kept():
+            async for message in request_iterator:
+                self.received.append(message)
+                yield message
+        if self.takes_more:
+            await context.send_initial_metadata(((call_stream.TAKES_MORE, "1"),))
+        async for message in serve_calls(kept(), context, self.Generate):
+            yield message
+
+
+@pytest.mark.parametrize("takes_more", [True, False])
+async def test_starts_ready_together_share_a_message_where_the_server_takes_them(takes_more):
+    servicer = CountingLanguageModel(takes_more)
+    server = GrpcServer("127.0.0.1", 0, max_message_bytes=1 << 20, grace_s=0.1, announce_s=0)
+    server.add_service(llm_pb2_grpc.add_LanguageModelServicer_to_server, servicer, "internvl.llm.v1.LanguageModel")
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        calls = CallStream(llm_pb2_grpc.LanguageModelStub(channel), "replica")
+        assert await read_all(await calls.start(generate("count 1", "first"), 10, None)) == ["0"]
+        started = await asyncio.gather(*(calls.start(generate(f"count {n}", f"r{n}"), 10, {"traceparent": f"t{n}"})
+                                         for n in range(1, 9)))
+        answers = await asyncio.gather(*(read_all(call) for call in started))
+        await calls.close()
+    await server.drain()
+    assert answers == [[str(i) for i in range(n)] for n in range(1, 9)]
+    assert sorted(servicer.metadata[1:]) == sorted((("traceparent", f"t{n}"),) for n in range(1, 9))
+    later = servicer.received[1:]
+    if takes_more:  # all eight were queued before the writer ran
+        assert len(later) == 1 and [m.start.request_id for m in later[0].more] == [f"r{n}" for n in range(1, 9)]
+    else:
+        assert [m.start.request_id for m in later] == [f"r{n}" for n in range(1, 9)] and not any(m.more for m in later)
+
+
+class _HeldStream:
+    """A GenerateStream whose server takes `more` and whose writes each wait until `release` is set."""
+
+    def __init__(self):
+        self.written: list[llm_pb2.GenerateStreamRequest] = []
+        self.writing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def initial_metadata(self):
+        return grpc.aio.Metadata((call_stream.TAKES_MORE, "1"))
+
+    async def write(self, message):
+        self.written.append(message)
+        self.writing.set()
+        await self.release.wait()
+        self.release.clear()
+
+    async def read(self):
+        await self.cancelled.wait()
+        raise asyncio.CancelledError
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def _actions(message: llm_pb2.GenerateStreamRequest) -> list[tuple[int, str]]:
+    return [(m.call_id, m.WhichOneof("action")) for m in ([message] if message.WhichOneof("action") else message.more)]
+
+
+async def test_what_is_queued_while_a_message_is_written_goes_in_the_next_in_order_and_up_to_its_size(monkeypatch):
+    monkeypatch.setattr(call_stream, "MAX_SHARED_BYTES", 1000)
+    stream = _HeldStream()
+
+    class Stub:
+        def GenerateStream(self):
+            return stream
+
+    calls = CallStream(Stub(), "replica")
+    await asyncio.sleep(0)  # its reader has the initial metadata
+    first = asyncio.create_task(calls.start(generate("a"), 10, None))
+    await stream.writing.wait()
+    queued = [asyncio.create_task(calls.start(generate(prompt), 10, None)) for prompt in ("b", "c", "x" * 2000, "d")]
+    await asyncio.sleep(0.01)
+    queued[1].cancel()  # given up while queued: its start does not go out, its cancel does
+    for _ in range(100):
+        if all(task.done() for task in (first, *queued)):
+            break
+        stream.release.set()
+        await asyncio.sleep(0.01)
+    assert queued[1].cancelled() and all(task.result().call_id == n for task, n in zip([first, *queued], range(1, 6))
+                                         if not task.cancelled())
+    # b alone (the 2000-byte start after it does not fit), the 2000 alone, then d with c's cancel.
+    assert [_actions(message) for message in stream.written] == [
+        [(1, "start")], [(2, "start")], [(4, "start")], [(5, "start"), (3, "cancel")]]
+    assert stream.written[3].more[0].start.prompt == "d"
+    await calls.close()
