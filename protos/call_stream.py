@@ -282,9 +282,11 @@ class CallStream:
         self._call = stub.GenerateStream()
         self._calls: dict[int, StreamedCall] = {}
         self._ids = itertools.count(1)
-        # The actions to write, each with the future it resolves once written (or None), and the task writing them.
+        # The actions to write, each with the future it resolves once written (or None), and the task writing them;
+        # a start with nothing else on its way is written by its caller (`_writing_start`).
         self._outgoing: list[tuple[asyncio.Future | None, int, dict]] = []
         self._writer: asyncio.Task | None = None
+        self._writing_start = False
         self._takes_more = False  # the server's initial metadata says so
         self._done_when_written = False
         self.failed: ServingError | None = None
@@ -314,10 +316,14 @@ class CallStream:
         call = StreamedCall(self, next(self._ids))
         self._calls[call.call_id] = call
         call.set_timeout(timeout_s)
-        sent = asyncio.get_running_loop().create_future()
-        self._post_write(sent, call.call_id, start=request, trace_context=trace_context or {})
         try:
-            await sent
+            if self._writer is None and not self._writing_start:  # nothing on its way: no task, no future
+                await self._write_start(llm_pb2.GenerateStreamRequest(call_id=call.call_id, start=request,
+                                                                      trace_context=trace_context or {}))
+            else:
+                sent = asyncio.get_running_loop().create_future()
+                self._post_write(sent, call.call_id, start=request, trace_context=trace_context or {})
+                await sent
         except BaseException:
             call.cancel()  # the start may have gone out before the write was interrupted
             raise
@@ -340,8 +346,20 @@ class CallStream:
         write."""
         if action:
             self._outgoing.append((sent, call_id, action))
-        if self._writer is None:
+        if self._writer is None and not self._writing_start:
             self._writer = asyncio.create_task(self._write_outgoing())
+
+    async def _write_start(self, message: llm_pb2.GenerateStreamRequest) -> None:
+        """Writes a start in the caller's task; what is queued meanwhile goes after it, in the writer's."""
+        self._writing_start = True
+        try:
+            error = await self._write(message)
+        finally:
+            self._writing_start = False
+            if self._outgoing or self._done_when_written:
+                self._post_write()
+        if error is not None:
+            raise error
 
     async def _write_outgoing(self) -> None:
         """Writes the actions queued; those queued while a message is written go together in the next."""
