@@ -24,16 +24,6 @@ def test_tables_give_each_round_the_means_their_ratio_and_the_fit():
     assert "| gateway | 1.07 | 30 |" in text and "| **gateway / floor** | 1.98x | 3.00x |" in text
 
 
-def test_a_short_run_measures_the_gateway_and_its_floor(tmp_path):
-    # Each stream is checked to bring all its tokens, from the real gateway.
-    run = subprocess.run([sys.executable, "-m", "bench.gateway_cost", "--tokens", "1", "3", "--requests", "8",
-                          "--concurrency", "4", "--rounds", "2", "--logs", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("| **gateway / floor** |") == 3  # two lengths, and the fit
-    assert "| 3 | bare Starlette stream |" in run.stdout
-
-
 @pytest.mark.parametrize("module", ["gateway_cost", "llm_svc_cost"])
 def test_arguments_that_cannot_give_a_figure_are_refused(module):
     run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--requests", "2", "--concurrency", "4"],
@@ -41,23 +31,32 @@ def test_arguments_that_cannot_give_a_figure_are_refused(module):
     assert run.returncode == 2 and "--requests at least --concurrency" in run.stderr
 
 
-def test_llm_svc_is_measured_with_another_checkout_s_against_its_floor(tmp_path):
+@pytest.fixture
+def other_checkout(tmp_path) -> pathlib.Path:
     other = tmp_path / "other"
     subprocess.run(["git", "clone", "-q", "--local", ".", str(other)], check=True)
-    for built in pathlib.Path("protos").glob("*_pb2*.py"):  # generated, not in git
+    for built in pathlib.Path("protos").glob("*_pb2*.py"):  # as built here
         shutil.copy(built, other / "protos")
-    # Each call is checked to bring all its tokens, from the real servicer and service.
-    run = subprocess.run([sys.executable, "-m", "bench.llm_svc_cost", "--tokens", "1", "3", "--requests", "8",
+    return other
+
+
+@pytest.mark.parametrize(("module", "server", "floor"), [("llm_svc_cost", "llm_svc", "bare GenerateStream"),
+                                                         ("gateway_cost", "gateway", "bare Starlette stream")])
+def test_a_front_is_measured_with_another_checkout_s_against_its_floor(tmp_path, other_checkout, module, server,
+                                                                       floor):
+    # Each call is checked to bring all its tokens, from the real servicer and service (or gateway).
+    run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--tokens", "1", "3", "--requests", "8",
                           "--concurrency", "4", "--rounds", "2", "--logs", str(tmp_path), "--compare-with",
-                          str(other)], capture_output=True, text=True, timeout=300)
+                          str(other_checkout)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert run.stdout.count("| **llm_svc / floor** |") == 3  # two lengths, and the fit
-    assert run.stdout.count(f"| **llm_svc at {commit} / floor** |") == 3
-    assert "| 3 | bare GenerateStream |" in run.stdout
+    assert run.stdout.count(f"| **{server} / floor** |") == 3  # two lengths, and the fit
+    assert run.stdout.count(f"| **{server} at {commit} / floor** |") == 3
+    assert f"| 3 | {floor} |" in run.stdout
 
 
-def test_a_checkout_without_the_bench_or_its_protos_is_refused(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.llm_svc_cost", "--compare-with", str(tmp_path)],
+@pytest.mark.parametrize("module", ["gateway_cost", "llm_svc_cost"])
+def test_a_checkout_without_the_bench_or_its_protos_is_refused(tmp_path, module):
+    run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--compare-with", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and "bench/llm_svc_cost.py or protos/llm_pb2.py" in run.stderr
+    assert run.returncode == 1 and f"bench/{module}.py or protos/llm_pb2.py" in run.stderr
