@@ -307,7 +307,7 @@ class CallStream:
         which ends the stream."""
         if self._retired and not self._calls and self.failed is None and not self._done_when_written:
             self._done_when_written = True
-            self._post_write()
+            self._wake_writer()
 
     async def start(self, request: llm_pb2.GenerateRequest, timeout_s: float,
                     trace_context: dict[str, str] | None) -> StreamedCall:
@@ -316,13 +316,13 @@ class CallStream:
         call = StreamedCall(self, next(self._ids))
         self._calls[call.call_id] = call
         call.set_timeout(timeout_s)
+        action = {"start": request, "trace_context": trace_context or {}}
         try:
             if self._writer is None and not self._writing_start:  # nothing on its way: no task, no future
-                await self._write_start(llm_pb2.GenerateStreamRequest(call_id=call.call_id, start=request,
-                                                                      trace_context=trace_context or {}))
+                await self._write_start(llm_pb2.GenerateStreamRequest(call_id=call.call_id, **action))
             else:
                 sent = asyncio.get_running_loop().create_future()
-                self._post_write(sent, call.call_id, start=request, trace_context=trace_context or {})
+                self._post_write(sent, call.call_id, **action)
                 await sent
         except BaseException:
             call.cancel()  # the start may have gone out before the write was interrupted
@@ -341,11 +341,13 @@ class CallStream:
         self._post_write(None, call_id, cancel=True)
         self._end_when_idle()
 
-    def _post_write(self, sent: asyncio.Future | None = None, call_id: int = 0, **action) -> None:
-        """Queues a call's action (none: only wakes the writer), in order; `sent`, if given, gets the outcome of its
-        write."""
-        if action:
-            self._outgoing.append((sent, call_id, action))
+    def _post_write(self, sent: asyncio.Future | None, call_id: int, **action) -> None:
+        """Queues a call's action, in order; `sent`, if given, gets the outcome of its write."""
+        self._outgoing.append((sent, call_id, action))
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Starts the writer task unless a write is under way (whose end starts it)."""
         if self._writer is None and not self._writing_start:
             self._writer = asyncio.create_task(self._write_outgoing())
 
@@ -357,7 +359,7 @@ class CallStream:
         finally:
             self._writing_start = False
             if self._outgoing or self._done_when_written:
-                self._post_write()
+                self._wake_writer()
         if error is not None:
             raise error
 
