@@ -69,33 +69,40 @@ def sse(payload: dict) -> bytes:
     return b"data: " + _to_json(payload) + b"\n\n"
 
 
+DONE = b"data: [DONE]\n\n"
+
+
 async def sse_events(stream: Messages, render: RenderChunk, first_chunks: list[dict], meta: translate.ResponseMeta,
                      obj: str, include_usage: bool, metrics: GatewayMetrics,
                      continuous_usage: bool = False) -> AsyncIterator[bytes]:
-    """`first_chunks` go before the first message's; with `continuous_usage` every chunk carries its choice's usage
-    so far, which each message brings (GenerateResponse.choice_usage)."""
+    """The events that are ready together, in one string each: those of a message (with `first_chunks`, which go
+    before the first message's), and at the end the usage chunk and `data: [DONE]`, always last. With
+    `continuous_usage` every chunk carries its choice's usage so far, which each message brings
+    (GenerateResponse.choice_usage)."""
     chat = obj == "chat.completion.chunk"
     # A client that disconnects cancels this generator inside `stream`, which cancels the gRPC call.
     try:
         last = None
         async for message in stream:
+            events = []
             if last is None:
                 for chunk in first_chunks:
                     if continuous_usage:
                         chunk["usage"] = translate.running_usage_json(message.choice_usage, chat, before_tokens=True)
-                    yield sse(chunk)
+                    events.append(sse(chunk))
             last = message
             if (chunk := render(message)) is not None:
                 if continuous_usage:
                     chunk["usage"] = translate.running_usage_json(message.choice_usage, chat)
-                yield sse(chunk)
+                events.append(sse(chunk))
+            if events:
+                yield b"".join(events)
         record_usage(last, metrics)
-        if include_usage:
-            yield sse(translate.usage_chunk(meta, obj, last.usage))
+        ending = sse(translate.usage_chunk(meta, obj, last.usage)) if include_usage else b""
     except ServingError as error:
         log.warning("stream failed after it started: %s", error)
-        yield sse(http_error(error)[1])
-    yield b"data: [DONE]\n\n"
+        ending = sse(http_error(error)[1])
+    yield ending + DONE
 
 
 class EventStream:
@@ -125,7 +132,12 @@ class EventStream:
             await self._on_close()
 
     async def _send_all(self, send) -> None:
+        """Each string of events in one write (at one token a request, half the writes of one an event: each is a
+        system call and five layers of ASGI `send`); the one that ends with `data: [DONE]` ends the answer."""
         await send({"type": "http.response.start", "status": 200, "headers": self.HEADERS})
-        async for event in self._events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+        async for events in self._events:
+            last = events.endswith(DONE)
+            await send({"type": "http.response.body", "body": events, "more_body": not last})
+            if last:
+                return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
