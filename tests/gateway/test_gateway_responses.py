@@ -29,7 +29,7 @@ async def messages(*items: llm_pb2.GenerateResponse | Exception):
 
 
 async def writes(*items: llm_pb2.GenerateResponse | Exception, include_usage: bool = True) -> list[dict]:
-    """The ASGI messages a streamed chat answer sends for `items`, each body's events parsed."""
+    """The ASGI messages that a streamed chat answer sends for `items`."""
     events = sse_events(messages(*items), lambda m: translate.chat_chunk(m, META, False),
                         translate.chat_first_chunks(META, 1, "assistant", ""), META, "chat.completion.chunk",
                         include_usage, GatewayMetrics())
@@ -45,6 +45,7 @@ async def writes(*items: llm_pb2.GenerateResponse | Exception, include_usage: bo
 
     async def send(message):
         sent.append(message)
+
     watch = ClientWatch(receive)
     await EventStream(events, watch, on_close)({"type": "http"}, receive, send)
     watch.close()
