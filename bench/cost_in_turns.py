@@ -64,15 +64,21 @@ def fit(short: tuple[int, float], long: tuple[int, float]) -> tuple[float, float
     return ms1 - n1 * per_token_ms, 1e3 * per_token_ms
 
 
+def by_round(ours: list[float], theirs: list[float]) -> str:
+    return ", ".join(ratio(a, b) for a, b in zip(ours, theirs))
+
+
 def tables(results: dict[int, dict[str, list[float]]], floor: str) -> str:
-    """Each length's rounds, means and each server's ratio to the floor; and from the shortest and longest, the fit."""
+    """Each length's rounds, means and ratios: each server's to the floor, and the first server's to each other one
+    (another checkout's), also round by round, as the two ran next to each other in every round (the machine's pace
+    moves more between rounds than within one); and from the shortest and longest length, the fit."""
     rows = []
     for tokens, by_server in results.items():
         means = {server: statistics.mean(runs) for server, runs in by_server.items()}
         for server, runs in by_server.items():
             rows.append([tokens, server, means[server], ", ".join(f"{run:.3f}" for run in runs)])
-        rows += [[tokens, f"**{server} / floor**", ratio(means[server], means[floor]), ""]
-                 for server in by_server if server != floor]
+        rows += [[tokens, f"**{server} / {'floor' if other == floor else other}**", ratio(means[server], means[other]),
+                  by_round(by_server[server], by_server[other])] for server, other in compared(by_server, floor)]
     out = markdown_table(["tokens out", "server", "CPU ms / request", "by round"], rows)
     lengths = sorted(results)
     if len(lengths) >= 2:
@@ -81,9 +87,15 @@ def tables(results: dict[int, dict[str, list[float]]], floor: str) -> str:
         out += "\n\n" + markdown_table(
             ["server", "CPU ms / request", "CPU us / token"],
             [[server, per_request, per_token] for server, (per_request, per_token) in fitted.items()] +
-            [[f"**{server} / floor**", ratio(per_request, fitted[floor][0]), ratio(per_token, fitted[floor][1])]
-             for server, (per_request, per_token) in fitted.items() if server != floor])
+            [[f"**{server} / {'floor' if other == floor else other}**", ratio(fitted[server][0], fitted[other][0]),
+              ratio(fitted[server][1], fitted[other][1])] for server, other in compared(fitted, floor)])
     return out
+
+
+def compared(servers, floor: str) -> list[tuple[str, str]]:
+    """The pairs whose ratios are shown: each server and the floor, then the first server and each other one."""
+    measured = [server for server in servers if server != floor]
+    return [(server, floor) for server in measured] + [(measured[0], other) for other in measured[1:]]
 
 
 def parse_args(module: str, doc: str, serve_choices: list[str],

@@ -24,6 +24,16 @@ def test_tables_give_each_round_the_means_their_ratio_and_the_fit():
     assert "| gateway | 1.07 | 30 |" in text and "| **gateway / floor** | 1.98x | 3.00x |" in text
 
 
+def test_another_checkout_is_set_against_the_first_server_round_by_round():
+    text = tables({1: {"new": [1.0, 2.0], "old": [1.25, 1.6], "floor": [0.5, 0.5]},
+                   3: {"new": [2.0, 3.0], "old": [2.0, 2.0], "floor": [1.0, 1.0]}}, "floor")
+    assert "| 1 | **new / floor** | 3.00x | 2.00x, 4.00x |" in text
+    assert "| 1 | **old / floor** | 2.85x | 2.50x, 3.20x |" in text
+    assert "| 1 | **new / old** | 1.05x | 0.80x, 1.25x |" in text and "**old / new**" not in text
+    # The fit: new 1 ms a request and 500 us a token, old 1.1375 and 287.5.
+    assert "| **new / old** | 0.88x | 1.74x |" in text
+
+
 @pytest.mark.parametrize("module", ["gateway_cost", "llm_svc_cost"])
 def test_arguments_that_cannot_give_a_figure_are_refused(module):
     run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--requests", "2", "--concurrency", "4"],
@@ -52,6 +62,7 @@ def test_a_front_is_measured_with_another_checkout_s_against_its_floor(tmp_path,
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert run.stdout.count(f"| **{server} / floor** |") == 3  # two lengths, and the fit
     assert run.stdout.count(f"| **{server} at {commit} / floor** |") == 3
+    assert run.stdout.count(f"| **{server} / {server} at {commit}** |") == 3
     assert f"| 3 | {floor} |" in run.stdout
 
 
