@@ -77,8 +77,8 @@ def tables(results: dict[int, dict[str, list[float]]], floor: str) -> str:
         means = {server: statistics.mean(runs) for server, runs in by_server.items()}
         for server, runs in by_server.items():
             rows.append([tokens, server, means[server], ", ".join(f"{run:.3f}" for run in runs)])
-        rows += [[tokens, f"**{server} / {'floor' if other == floor else other}**", ratio(means[server], means[other]),
-                  by_round(by_server[server], by_server[other])] for server, other in compared(by_server, floor)]
+        rows += [[tokens, label, ratio(means[server], means[other]), by_round(by_server[server], by_server[other])]
+                 for server, other, label in compared(by_server, floor)]
     out = markdown_table(["tokens out", "server", "CPU ms / request", "by round"], rows)
     lengths = sorted(results)
     if len(lengths) >= 2:
@@ -87,15 +87,17 @@ def tables(results: dict[int, dict[str, list[float]]], floor: str) -> str:
         out += "\n\n" + markdown_table(
             ["server", "CPU ms / request", "CPU us / token"],
             [[server, per_request, per_token] for server, (per_request, per_token) in fitted.items()] +
-            [[f"**{server} / {'floor' if other == floor else other}**", ratio(fitted[server][0], fitted[other][0]),
-              ratio(fitted[server][1], fitted[other][1])] for server, other in compared(fitted, floor)])
+            [[label, ratio(fitted[server][0], fitted[other][0]), ratio(fitted[server][1], fitted[other][1])]
+             for server, other, label in compared(fitted, floor)])
     return out
 
 
-def compared(servers, floor: str) -> list[tuple[str, str]]:
-    """The pairs whose ratios are shown: each server and the floor, then the first server and each other one."""
+def compared(servers, floor: str) -> list[tuple[str, str, str]]:
+    """The pairs whose ratios are shown, each with its row's label: each server and the floor, then the first server
+    and each other one."""
     measured = [server for server in servers if server != floor]
-    return [(server, floor) for server in measured] + [(measured[0], other) for other in measured[1:]]
+    return [(server, floor, f"**{server} / floor**") for server in measured] + \
+        [(measured[0], other, f"**{measured[0]} / {other}**") for other in measured[1:]]
 
 
 def parse_args(module: str, doc: str, serve_choices: list[str],

@@ -318,7 +318,7 @@ class CallStream:
         call.set_timeout(timeout_s)
         action = {"start": request, "trace_context": trace_context or {}}
         try:
-            if self._writer is None and not self._writing_start:  # nothing on its way: no task, no future
+            if self._nothing_on_its_way:  # no task, no future
                 await self._write_start(llm_pb2.GenerateStreamRequest(call_id=call.call_id, **action))
             else:
                 sent = asyncio.get_running_loop().create_future()
@@ -346,9 +346,13 @@ class CallStream:
         self._outgoing.append((sent, call_id, action))
         self._wake_writer()
 
+    @property
+    def _nothing_on_its_way(self) -> bool:
+        return self._writer is None and not self._writing_start
+
     def _wake_writer(self) -> None:
         """Starts the writer task unless a write is under way (whose end starts it)."""
-        if self._writer is None and not self._writing_start:
+        if self._nothing_on_its_way:
             self._writer = asyncio.create_task(self._write_outgoing())
 
     async def _write_start(self, message: llm_pb2.GenerateStreamRequest) -> None:
