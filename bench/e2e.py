@@ -31,11 +31,10 @@ import time
 import httpx
 from tokenizers import Tokenizer
 
-from bench import embedding_transfer, plots
+from bench import plots
 from bench.common import (image_size, jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
                           work_dir)
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
-from deploy.tiny_model.build import build
 from deploy.tiny_model.tokenizer import LEARNED_VOCAB_SIZE
 
 SYSTEMS = ("DvD (gateway)", "vLLM monolithic")
@@ -329,6 +328,8 @@ def parse_args() -> argparse.Namespace:
 
 def model_and_work_dir(args) -> tuple[pathlib.Path, pathlib.Path]:
     """`--model`, or the tiny checkpoint built under `--work-dir`; and that directory, said on stdout."""
+    from deploy.tiny_model.build import build  # transformers: imported here, so that --help and refusals are quick
+
     directory = work_dir(args.work_dir)
     model_dir = args.model.absolute() if args.model else build(directory / "tiny", layout="original")
     print(f"model {model_dir}, logs in {directory / 'logs'}, {os.cpu_count()} CPUs, "
@@ -352,6 +353,8 @@ def main() -> None:
     if "vllm-bench" in args.parts:
         sections.append(run_vllm_bench(args, model_dir, directory / "logs"))
     if "transfer" in args.parts:
+        from bench import embedding_transfer  # torch
+
         sections.append(embedding_transfer.run(args.transfer_repeats))
     print("\n\n" + "\n\n".join(sections))
     print(f"\n{time.perf_counter() - started:.0f} s in all, load average {os.getloadavg()[0]:.1f}")

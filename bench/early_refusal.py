@@ -16,7 +16,6 @@ import httpx
 from bench.common import jpeg_data_url, markdown_table, median, photo_like_jpeg, work_dir
 from bench.e2e import CPU_ENGINE_FLAGS
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
-from deploy.tiny_model.build import build
 
 IMAGES_PER_REQUEST = 4
 IMAGE_SIZE = (1200, 900)
@@ -51,6 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10, help="refused requests per system")
     args = parser.parse_args()
+    from deploy.tiny_model.build import build  # transformers: imported here, so that --help is quick
+
     directory = work_dir(None)
     logs = directory / "logs"
     model = build(directory / "tiny-internvl")

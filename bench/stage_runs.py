@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 
 from bench.common import work_dir
-from deploy.tiny_model.build import build
 
 
 def _interrupted(signum, _frame):
@@ -19,6 +18,8 @@ def _interrupted(signum, _frame):
 
 def prepare(args: argparse.Namespace, name: str) -> tuple[pathlib.Path, pathlib.Path]:
     """(this run's log directory, the checkpoint): `--model`, or the tiny checkpoint built under `--work-dir`."""
+    from deploy.tiny_model.build import build  # transformers: imported here, so that --help and refusals are quick
+
     signal.signal(signal.SIGTERM, _interrupted)
     directory = work_dir(args.work_dir)
     logs = directory / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

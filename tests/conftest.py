@@ -21,7 +21,7 @@ CHECKPOINT_CACHE = REPO_ROOT / ".cache" / "test-checkpoints"
 def tiny_checkpoint_dir(layout: str = "original", llm: str = "dense", vision: str = "300m",
                         seed: int = 0) -> pathlib.Path:
     """Builds (or reuses: builds are deterministic) a tiny checkpoint under the repository's cache."""
-    from deploy.tiny_model import build
+    from deploy.tiny_model.build import build
 
     return build(CHECKPOINT_CACHE / f"{layout}-{llm}-{vision}-s{seed}", layout=layout, llm=llm, vision=vision,
                  seed=seed)

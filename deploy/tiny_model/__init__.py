@@ -1,8 +1,6 @@
 """Tiny InternVL3.5-architecture checkpoints built locally (random weights, locally trained tokenizer).
 
-`build(out_dir, layout, llm, vision, seed)` writes one; `python -m deploy.tiny_model --help` documents the CLI.
+`deploy.tiny_model.build.build(out_dir, layout, llm, vision, seed)` writes one; `python -m deploy.tiny_model --help`
+documents the CLI. Nothing is imported here: the tokenizer's constants are read by benches that must not pay for
+importing transformers.
 """
-
-from deploy.tiny_model.build import BUILD_STAMP, LAYOUTS, build
-
-__all__ = ["BUILD_STAMP", "LAYOUTS", "build"]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from deploy.tiny_model import build
+from deploy.tiny_model.build import build
 from deploy.tiny_model.chat_template import DEFAULT_SYSTEM_MESSAGE
 from deploy.tiny_model.weights import LANGUAGE_SHARD, VISION_SHARD, original_state_dict
 
