@@ -34,7 +34,19 @@ SMALL_WORK_LIMIT = ["--max-message-bytes", str(8 * MiB), "--max-embedding-bytes"
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory):
+def doomed_stages(tiny_checkpoint, tmp_path_factory):
+    """(vision_svc, llm_svc) of their own, for the test that kills the engine; started, not waited for. `stack` asks
+    for them first, so that they start along with it: starting runs mostly on one CPU."""
+    model = tiny_checkpoint(layout="original", llm="dense")
+    logs = tmp_path_factory.mktemp("doomed")
+    vision = start_vision(model, logs)
+    llm = start_llm(model, [vision], logs)  # it waits for vision_svc by itself
+    yield vision, llm
+    stop_all([llm, vision])
+
+
+@pytest.fixture(scope="module")
+def stack(doomed_stages, tiny_checkpoint, tmp_path_factory):
     model = tiny_checkpoint(layout="original", llm="dense")
     logs = tmp_path_factory.mktemp("logs")
     # The first replica holds work for 1.5 s before encoding, so a test can kill it mid-request.
@@ -247,17 +259,13 @@ def test_sigterm_lets_the_in_flight_stream_finish(stack):
 
 
 @pytest.fixture
-def doomed_llm(tiny_checkpoint, tmp_path):
-    """A stack of its own, for a test that kills its engine."""
-    model = tiny_checkpoint(layout="original", llm="dense")
-    vision = start_vision(model, tmp_path)
-    llm = start_llm(model, [vision], tmp_path)  # it waits for vision_svc by itself
+def doomed_llm(doomed_stages):
+    vision, llm = doomed_stages
     vision.wait_ready()
     llm.wait_ready()
     client = LlmClient(llm.address)
     yield llm, client
     client.close()
-    stop_all([llm, vision])
 
 
 def test_engine_death_fails_the_stream_with_unavailable_and_turns_health_not_serving(doomed_llm):
