@@ -36,6 +36,8 @@ from deploy.trace_collector import ReceivedSpan, TraceCollector
 
 OURS, VLLM = "DvD (gateway)", "vLLM monolithic"
 ROOT_SPAN = "POST /v1/chat/completions"
+# A request of ours is complete once each stage's spans have come: every case sends an image, so vision_svc's too.
+OUR_SPANS = {ROOT_SPAN, "VisionEncoder/Encode", "prefill"}
 VLLM_SPAN = "llm_request"  # vLLM's own span of a request, made by its output processor
 CLIENT = "client"  # a made-up span from the client's send to its first content chunk
 Interval = tuple[int, int]  # [start_ns, end_ns)
@@ -220,7 +222,7 @@ def spans_by_trace(collector: TraceCollector, sent: list[Sent], timeout_s: float
         traces: dict[str, list] = {}
         for span in collector.spans():
             traces.setdefault(span.trace_id, []).append(span)
-        missing = [s for s in sent if not ({ROOT_SPAN, "prefill"} if s.system == OURS else {VLLM_SPAN})
+        missing = [s for s in sent if not (OUR_SPANS if s.system == OURS else {VLLM_SPAN})
                    <= {span.name for span in traces.get(s.trace_id, ())}]
         if not missing or time.monotonic() > deadline:
             if missing:
@@ -234,7 +236,7 @@ def phases_of(request: Sent, traces: dict[str, list]) -> dict[str, float] | None
     """ms per phase of one timed request; None when its spans did not all come."""
     spans = traces.get(request.trace_id, [])
     if request.system == OURS:
-        return our_phases(spans, request.sent_ns, request.first_token_ns) if ROOT_SPAN in {
+        return our_phases(spans, request.sent_ns, request.first_token_ns) if OUR_SPANS <= {
             s.name for s in spans} else None
     vllm_span = next((s for s in spans if s.name == VLLM_SPAN), None)
     return vllm_phases(vllm_span, request.sent_ns, request.first_token_ns) if vllm_span else None

@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 from bench.ttft_phases import (OURS, REST, ROOT_SPAN, VLLM, VLLM_PHASES, VLLM_SPAN, Case, Sent, medians,
-                               merged, our_phases, phase_table, vllm_phases)
+                               merged, our_phases, phase_table, phases_of, vllm_phases)
 from deploy.trace_collector import ReceivedSpan
 
 MS = 1_000_000  # ns
@@ -68,6 +68,14 @@ def test_a_cached_image_has_no_preprocess_or_encode_and_a_phase_without_its_span
     assert times["engine: queue"] == 0
     assert times["llm_svc: engine input (render, tokenize, hand-off)"] == 0  # no engine_queue to end it
     assert times["vision_svc: cache lookup, answer back"] == pytest.approx(50 - 5 - 6)
+
+
+def test_a_request_is_left_out_until_vision_svcs_spans_have_come_too():
+    """Each process exports its spans in its own batches: without vision_svc's, its time would be the call's."""
+    sent = Sent(OURS, "896x896, repeated", "t1", 0, 100 * MS)
+    vision_svc_spans = {"VisionEncoder/Encode", "preprocess", "image_decode", "batch_wait", "encode", "stream"}
+    assert phases_of(sent, {"t1": [s for s in image_request() if s.name not in vision_svc_spans]}) is None
+    assert phases_of(sent, {"t1": image_request()}) == our_phases(image_request(), 0, 100 * MS)
 
 
 def test_vllms_phases_come_from_its_request_span():
