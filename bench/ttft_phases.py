@@ -62,8 +62,8 @@ PHASES = (
     Phase("vision_svc: batch wait", SPLIT + " (--batch-wait-ms)", ("batch_wait",)),
     Phase("vision_svc: encoder", "encoder, inside prefill", ("encode",)),
     Phase("vision_svc: embeddings transfer", SPLIT, ("stream",)),
-    Phase("llm_svc: admission check, call to vision_svc", "validation, once, in its render; a 2nd render, the "
-          "call: " + SPLIT, between=(("vision_wait", "start"), ("VisionEncoder/Encode", "start"))),
+    Phase("llm_svc: admission check", "render, tokenize, validation (API server)", ("admission",)),
+    Phase("llm_svc: call to vision_svc", SPLIT, between=(("vision_wait", "start"), ("VisionEncoder/Encode", "start"))),
     Phase("vision_svc: cache lookup, answer back", SPLIT, ("vision_wait", "VisionEncoder/Encode")),
     Phase("llm_svc: engine input (render, tokenize, hand-off)", "render, tokenize, hand-off (API server)",
           between=(("vision_wait", "end"), ("engine_queue", "start"))),

@@ -188,8 +188,9 @@ class LanguageService:
                           work: AdmittedWork) -> tuple[list[torch.Tensor], dict]:
         """The images' embeddings, and the engine's input (with stand-ins for them) that the admission check passed."""
         # Before the vision call: a request that the engine would refuse costs the vision stage nothing.
-        checked = await self._admission.check(request.request_id, text, request.images, request.max_tiles,
-                                              request.sampling, self._tok_params(request))
+        with tracing.span("admission"):
+            checked = await self._admission.check(request.request_id, text, request.images, request.max_tiles,
+                                                  request.sampling, self._tok_params(request))
         results = await self._vision.encode(request.request_id, request.images, request.max_tiles,
                                             self.limits.vision_timeout_s, hold_bytes=work.hold)
         for i, result in enumerate(results):
@@ -198,8 +199,9 @@ class LanguageService:
 
     async def _video_embeddings(self, request: GenerateInput, text: str, work: AdmittedWork) -> list[VideoEmbedding]:
         if not request.images:  # else checked with the images
-            await self._admission.check(request.request_id, text, [], request.max_tiles, request.sampling,
-                                        self._tok_params(request))
+            with tracing.span("admission"):
+                await self._admission.check(request.request_id, text, [], request.max_tiles, request.sampling,
+                                            self._tok_params(request))
         with tracing.span("vision_wait"):
             results = await self._vision.encode_videos(request.request_id, request.videos, request.video_options,
                                                        self.limits.vision_timeout_s, hold_bytes=work.hold)

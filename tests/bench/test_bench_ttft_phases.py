@@ -20,7 +20,7 @@ def image_request(trace_id: str = "t1") -> list[ReceivedSpan]:
     """One request with a fresh image, its first token at the client 100 ms after it was sent."""
     return [span(name, start, end, trace_id) for name, start, end in [
         (ROOT_SPAN, 2, 99), ("parse", 3, 5), ("image_fetch", 5, 6),
-        ("LanguageModel/Generate", 8, 99), ("render", 9, 10), ("vision_wait", 10, 60),
+        ("LanguageModel/Generate", 8, 99), ("render", 9, 10), ("vision_wait", 10, 60), ("admission", 10, 13),
         ("VisionEncoder/Encode", 15, 55), ("preprocess", 16, 26), ("image_decode", 16, 20),
         ("batch_wait", 26, 27), ("encode", 27, 47), ("stream", 47, 53),
         ("engine_queue", 65, 66), ("prefill", 66, 90), ("decode", 90, 120), ("llm_request", 63, 121)]]
@@ -36,7 +36,8 @@ def test_each_phase_takes_its_spans_time_and_the_phases_add_up_to_the_ttft():
         "vision_svc: batch wait": 1,
         "vision_svc: encoder": 20,
         "vision_svc: embeddings transfer": 6,
-        "llm_svc: admission check, call to vision_svc": 15 - 10,  # vision_wait's start to vision_svc's span
+        "llm_svc: admission check": 3,
+        "llm_svc: call to vision_svc": 15 - 10 - 3,  # vision_wait's start to vision_svc's span, less admission
         "vision_svc: cache lookup, answer back": 50 - 5 - 10 - 21 - 6,  # what is left of vision_wait
         "llm_svc: engine input (render, tokenize, hand-off)": 5,  # vision_wait's end to the engine's queue
         "engine: queue": 1,

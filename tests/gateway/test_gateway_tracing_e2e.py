@@ -17,7 +17,8 @@ from deploy.trace_collector import ReceivedSpan, TraceCollector
 from tests.gateway.conftest import MODEL, png_bytes
 
 GATEWAY_SPANS = {"POST /v1/chat/completions", "parse", "image_fetch"}
-LLM_SPANS = {"LanguageModel/Generate", "render", "vision_wait", "engine_queue", "prefill", "decode", "llm_request"}
+LLM_SPANS = {"LanguageModel/Generate", "render", "vision_wait", "admission", "engine_queue", "prefill", "decode",
+             "llm_request"}
 VISION_SPANS = {"VisionEncoder/Encode", "preprocess", "image_decode", "batch_wait", "encode", "stream"}
 ALL_SPANS = GATEWAY_SPANS | LLM_SPANS | VISION_SPANS
 # An image the vision stage holds already: no decoding or encoding.
@@ -70,15 +71,16 @@ def test_one_trace_crosses_the_three_stages_in_order(traced):
     assert parent("parse") == parent("image_fetch") == parent("LanguageModel/Generate") == request.name
     for name in ("render", "vision_wait", "engine_queue", "prefill", "decode", "llm_request"):
         assert parent(name) == "LanguageModel/Generate", name
-    assert parent("VisionEncoder/Encode") == "vision_wait"
+    assert parent("admission") == parent("VisionEncoder/Encode") == "vision_wait"
     for name in ("preprocess", "batch_wait", "encode", "stream"):
         assert parent(name) == "VisionEncoder/Encode", name
     assert parent("image_decode") == "preprocess"
     # The phases follow one another in time as the request went through them.
-    order = ["parse", "image_fetch", "render", "vision_wait", "engine_queue", "prefill", "decode"]
+    order = ["parse", "image_fetch", "render", "vision_wait", "admission", "engine_queue", "prefill", "decode"]
     starts = [spans[name].start_ns for name in order]
     assert starts == sorted(starts), list(zip(order, starts))
     assert spans["preprocess"].end_ns <= spans["batch_wait"].end_ns <= spans["encode"].end_ns
+    assert spans["admission"].end_ns <= spans["VisionEncoder/Encode"].start_ns  # refused before any encoding
 
     wait = spans["vision_wait"].attributes
     assert wait["images"] == 1 and wait["tiles"] >= 1 and wait["cache_hits"] == 0 and wait["bytes"] > 0
