@@ -78,6 +78,13 @@ def home_of(image: ImageBlob) -> int:
     return routes.index(first.address)
 
 
+def assert_each_went_home(images: list[ImageBlob], scripts: list[ScriptedReplica]) -> None:
+    """Each image was sent once, to the replica its content hash picks."""
+    assert sum(len(script.requests) for script in scripts) == len(images)
+    for n, script in enumerate(scripts):
+        assert {r.images[0].data for r in script.requests} == {i.data for i in images if home_of(i) == n}
+
+
 def routed_to(replica: int) -> ImageBlob:
     """An image whose content hash routes it to `replica` first (of two)."""
     return next(b for b in map(blob, range(100)) if home_of(b) == replica)
@@ -132,8 +139,7 @@ async def test_each_image_goes_to_the_replica_its_hash_picks_and_both_get_their_
     images = [blob(n) for n in range(20)]
     for image in images:
         await client.encode("r", [image], max_tiles=0, timeout_s=5)
-    for n, script in enumerate(scripts):
-        assert {r.images[0].data for r in script.requests} == {i.data for i in images if home_of(i) == n}
+    assert_each_went_home(images, scripts)
     assert all(script.requests for script in scripts)
 
 
@@ -147,5 +153,4 @@ async def test_an_address_list_target_is_one_replica_per_address(replicas):
             await client.encode("r", [image], max_tiles=0, timeout_s=5)
     finally:
         await client.close()
-    for n, script in enumerate(scripts):
-        assert {r.images[0].data for r in script.requests} == {i.data for i in images if home_of(i) == n}
+    assert_each_went_home(images, scripts)
