@@ -9,7 +9,6 @@ import asyncio
 import concurrent.futures
 import io
 import multiprocessing
-import time
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
@@ -23,6 +22,7 @@ from vision_svc.tiling import (
     IMAGE_SIZE,
     TileOptions,
     decode_to_tile_pixels,
+    decode_to_tile_pixels_timed,
     image_to_tile_array,
     image_to_tile_pixels,
     normalize_tiles,
@@ -59,15 +59,6 @@ def preprocess_image(data: bytes, limits: ImageLimits, options: TileOptions) -> 
     return torch.from_numpy(normalize_tiles(decode_to_tile_pixels(data, limits, options)))
 
 
-def decode_to_tile_pixels_timed(data: bytes, limits: ImageLimits, options: TileOptions) -> tuple:
-    """`decode_to_tile_pixels`, and when its decoding began and ended (ns since the epoch): the trace's
-    image_decode span, measured inside the worker."""
-    started = time.time_ns()
-    image = decode_image(data, limits)
-    decoded = time.time_ns()
-    return image_to_tile_pixels(image, options), started, decoded
-
-
 class PreprocessPool:
     """Runs decode + tiling off the event loop: `workers` processes, or one thread when `workers == 0`."""
 
@@ -82,6 +73,8 @@ class PreprocessPool:
         if self.workers == 0:
             return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
         # spawn, not fork: the parent holds gRPC and torch threads, which a forked child would inherit half-dead.
+        # What the workers run comes from modules that import no torch (tiling, video_frames): a worker imports
+        # the module of each function it is given, and torch would cost it a second and ~200 MB.
         context = multiprocessing.get_context("spawn")
         return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
                                                       initializer=die_with_parent)

@@ -6,11 +6,12 @@ crops the tiles row-major, appends a bicubic 448x448 thumbnail of the whole imag
 one tile, then applies ToTensor + ImageNet Normalize. This module does the same with one PIL resize and
 numpy float32 arithmetic in the reference's operation order (divide by 255, subtract mean, divide by
 std), which gives bit-identical values without torchvision. It imports no torch, so that the pool's
-worker processes (which run `decode_to_tile_pixels`) start fast.
+worker processes (which run `decode_to_tile_pixels`, timed or not) start fast and stay small.
 """
 
 import dataclasses
 import functools
+import time
 
 import numpy as np
 from PIL import Image
@@ -114,3 +115,12 @@ def decode_to_tile_pixels(data: bytes, limits: ImageLimits, options: TileOptions
     """Image bytes -> uint8 [tiles, 3, S, S]; raises ImageError for refused bytes. Runs in pool workers:
     uint8 is a quarter of the float32 bytes that would otherwise cross the process boundary."""
     return image_to_tile_pixels(decode_image(data, limits), options)
+
+
+def decode_to_tile_pixels_timed(data: bytes, limits: ImageLimits, options: TileOptions) -> tuple:
+    """`decode_to_tile_pixels`, and when its decoding began and ended (ns since the epoch): the trace's
+    image_decode span, measured inside the worker."""
+    started = time.time_ns()
+    image = decode_image(data, limits)
+    decoded = time.time_ns()
+    return image_to_tile_pixels(image, options), started, decoded

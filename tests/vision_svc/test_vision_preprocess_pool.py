@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from protos import tracing
 from vision_svc.image_decode import ImageError, ImageLimits
 from vision_svc.preprocess import PreprocessPool, PreprocessWorkerDied, preprocess_image
 from vision_svc.tiling import TileOptions
@@ -76,6 +77,18 @@ async def test_pool_replaces_itself_after_a_worker_dies():
                 await pool.tiles(jpeg_bytes(64, 64, 2), OPTIONS)
                 await asyncio.sleep(0.05)
         assert (await pool.tiles(jpeg_bytes(64, 64, 3), OPTIONS)).shape == (1, 3, 448, 448)
+
+
+async def test_workers_do_not_import_torch_with_tracing_on(recorded):
+    # Torch in a worker is a second of start-up on its first image and ~200 MB that it never uses; with
+    # tracing on, the workers run the timed decode, which must come from a module as light as the untimed one.
+    with PreprocessPool(workers=1) as pool:
+        await pool.warm_up()
+        with tracing.span("test"):
+            await pool.tiles(jpeg_bytes(64, 64, 4), OPTIONS)
+        assert [span.name for span in recorded.get_finished_spans()] == ["image_decode", "test"]
+        # A builtin travels by name: the worker answers from its own modules.
+        assert await pool.in_worker(eval, "'torch' in __import__('sys').modules") is False
 
 
 def test_pool_refuses_negative_workers():
