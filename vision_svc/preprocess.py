@@ -24,7 +24,6 @@ from vision_svc.tiling import (
     decode_to_tile_pixels,
     decode_to_tile_pixels_timed,
     image_to_tile_array,
-    image_to_tile_pixels,
     normalize_tiles,
     tile_grid,
 )
