@@ -27,6 +27,11 @@ prints each round's ratio to show how far single runs would scatter.
 
 `--profile` then samples the fronts with py-spy (non-blocking, so the sampled process is not paused) during one
 more run at the highest concurrency and prints the functions where they spend their CPU time.
+
+`--threads` adds, per request, the CPU time and the context switches of each front server's threads, by name
+(`main`: the event loop's; `Python threads`: the unnamed ones that Python starts, such as a tokenizer pool and
+grpc's completion-queue poller; the rest as the kernel names them, such as grpc's `event_engine`, ZMQ's I/O): which
+thread a system's extra cost per request is on, and how many hand-overs between threads it takes.
 """
 
 import argparse
@@ -79,6 +84,59 @@ def context_switches(pid: int, thread_name: str | None = None) -> int:
         total += sum(int(line.split()[1]) for line in status.splitlines()
                      if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
     return total
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadUse:
+    cpu_s: float = 0.0
+    voluntary: int = 0  # switches when it went to sleep (a wait, a lock, I/O)
+    involuntary: int = 0  # switches when it was preempted
+
+    def __add__(self, other: "ThreadUse") -> "ThreadUse":
+        return ThreadUse(self.cpu_s + other.cpu_s, self.voluntary + other.voluntary,
+                         self.involuntary + other.involuntary)
+
+    def __sub__(self, other: "ThreadUse") -> "ThreadUse":
+        return ThreadUse(self.cpu_s - other.cpu_s, self.voluntary - other.voluntary,
+                         self.involuntary - other.involuntary)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_use(pid: int) -> dict[int, tuple[str, ThreadUse]]:
+    """Each thread of the process so far, by thread id: its name and what it used. The first thread is `main`;
+    Python's own threads keep the name their process had when they started (`python`, with no title set since)
+    and go as `Python threads`."""
+    process_name = pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
+    out = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            stat = (task / "stat").read_text()
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()  # after the name, which may hold spaces: state first
+        switches = dict(line.split(":") for line in status.splitlines()
+                        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
+        if task.name == str(pid):
+            name = "main"
+        elif name == process_name or name.startswith("python"):
+            name = "Python threads"
+        out[int(task.name)] = (name, ThreadUse((int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
+                                               int(switches["voluntary_ctxt_switches"]),
+                                               int(switches["nonvoluntary_ctxt_switches"])))
+    return out
+
+
+def threads_between(before: dict[int, tuple[str, ThreadUse]],
+                    after: dict[int, tuple[str, ThreadUse]]) -> dict[str, ThreadUse]:
+    """What each thread name used between two readings; a thread that started in between counts from zero."""
+    used = collections.defaultdict(ThreadUse)
+    for tid, (name, now) in after.items():
+        used[name] += now - before.get(tid, (name, ThreadUse()))[1]
+    return dict(used)
 
 
 def tree_cpu(root_pid: int) -> dict[int, ProcessCpu]:
@@ -141,6 +199,7 @@ class Measured:
     seconds: float  # how long the load took
     idle_cpu_s: float = 0.0  # what the fronts would have spent in as long with no request (`idle_cpu`)
     front_switches: int = 0  # context switches of the fronts' threads
+    threads: dict[str, ThreadUse] = dataclasses.field(default_factory=dict)  # "label: thread name" -> its use
 
     @property
     def summary(self) -> Summary:
@@ -160,7 +219,9 @@ def pooled(rounds: list[Measured]) -> Measured:
     return Measured({label: sum(m.front_cpu_s[label] for m in rounds) for label in rounds[0].front_cpu_s},
                     sum(m.engine_cpu_s for m in rounds), sum(m.output_tokens for m in rounds),
                     tuple(timing for m in rounds for timing in m.timings), sum(m.seconds for m in rounds),
-                    sum(m.idle_cpu_s for m in rounds), sum(m.front_switches for m in rounds))
+                    sum(m.idle_cpu_s for m in rounds), sum(m.front_switches for m in rounds),
+                    {name: sum((m.threads.get(name, ThreadUse()) for m in rounds), ThreadUse())
+                     for name in dict.fromkeys(name for m in rounds for name in m.threads)})
 
 
 # Which processes make up each system's front: label -> index of the stage whose process tree it is.
@@ -172,7 +233,10 @@ def measure(stages: list[Stage], front: dict[str, int], bodies: list[dict], conc
             idle: dict[str, float]) -> Measured:
     roots = {label: stages[index].proc.pid for label, index in front.items()}
     before = {label: tree_cpu(pid) for label, pid in roots.items()}
+    threads_before = {label: thread_use(pid) for label, pid in roots.items()}
     timings, seconds = asyncio.run(run_load(f"http://{stages[-1].address}", bodies, concurrency))
+    threads = {f"{label}: {name}": use for label, pid in roots.items()
+               for name, use in threads_between(threads_before[label], thread_use(pid)).items()}
     after = {label: tree_cpu(pid) for label, pid in roots.items()}
     front_cpu_s, engine_cpu_s, switches = {}, 0.0, 0
     for label, pid in roots.items():
@@ -181,7 +245,7 @@ def measure(stages: list[Stage], front: dict[str, int], bodies: list[dict], conc
         engine_cpu_s += spent.engine
         switches += spent.switches
     return Measured(front_cpu_s, engine_cpu_s, sum(t.output_tokens for t in timings), tuple(timings), seconds,
-                    sum(idle.values()) * seconds, switches)
+                    sum(idle.values()) * seconds, switches, threads)
 
 
 def idle_cpu(stages: list[Stage], front: dict[str, int], seconds: float) -> dict[str, float]:
@@ -248,6 +312,20 @@ def round_ratios(rounds: dict[int, dict[str, list[Measured]]]) -> str:
             ratios = [ratio(o.front_per_1000(True), t.front_per_1000(True)) for o, t in zip(ours, theirs)]
             lines.append(f"concurrency {concurrency}, {system} / vLLM by round (net of idle): {', '.join(ratios)}")
     return "\n".join(lines)
+
+
+def thread_table(results: dict[int, dict[str, Measured]]) -> str:
+    """Per request, each front server's threads by name (those that did anything): CPU and context switches."""
+    rows = []
+    for concurrency, by_system in results.items():
+        for system, m in by_system.items():
+            requests = len(m.timings) or 1
+            for name, use in sorted(m.threads.items()):
+                if use.cpu_s or use.voluntary or use.involuntary:
+                    rows.append([concurrency, system, name, round(1e6 * use.cpu_s / requests),
+                                 round(use.voluntary / requests, 2), round(use.involuntary / requests, 2)])
+    return markdown_table(["concurrency", "system", "process: thread", "CPU us / request", "voluntary switches / req",
+                           "involuntary / req"], rows)
 
 
 # One py-spy raw line: the stack, root first, frames separated by ';', then the sample count.
@@ -355,6 +433,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-s", type=float, default=5.0, help="seconds each front's idle CPU use is read")
     parser.add_argument("--profile", action="store_true", help="then profile each front with py-spy")
     parser.add_argument("--top", type=int, default=12, help="frames shown per profile")
+    parser.add_argument("--threads", action="store_true",
+                        help="also each front server's threads by name: CPU and context switches per request")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=DEFAULT_SYSTEMS,
                         help="measure only these (ratios need vLLM's server); the third is this stack with its "
                              "gateway on --no-multiplex-llm-calls, to show what GenerateStream saves")
@@ -408,10 +488,14 @@ def main() -> None:
             stop(stages)
     print(f"\n{args.input_len} random tokens in, {args.output_len} out (ignore_eos), streamed chat completions, "
           f"{args.dtype}; CPU seconds per 1000 output tokens\n")
-    print(cost_table({concurrency: {system: pooled(runs) for system, runs in by_system.items()}
-                      for concurrency, by_system in rounds.items()}))
+    results = {concurrency: {system: pooled(runs) for system, runs in by_system.items()}
+               for concurrency, by_system in rounds.items()}
+    print(cost_table(results))
     if args.rounds > 1:
         print("\n" + round_ratios(rounds))
+    if args.threads:
+        print("\nper request, by thread of each front server (its helper processes left out)\n")
+        print(thread_table(results))
     print("\nidle, CPU-s per s: " + "; ".join(f"{label} {cpu:.3f}" for by_label in idle.values()
                                               for label, cpu in by_label.items()))
     for section in profiles:

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from bench.e2e import RequestTiming
-from bench.front_cost import (Measured, ProcessCpu, TreeCpu, context_switches, cost_table, is_engine, per_1000_tokens,
-                              pooled, round_ratios, short_frame, split_cpu, top_frames, tree_cpu)
+from bench.front_cost import (Measured, ProcessCpu, ThreadUse, TreeCpu, context_switches, cost_table, is_engine,
+                              per_1000_tokens, pooled, round_ratios, short_frame, split_cpu, thread_table,
+                              thread_use, threads_between, top_frames, tree_cpu)
 
 
 @pytest.mark.parametrize("name, cmdline, engine", [
@@ -49,6 +50,38 @@ def test_tree_cpu_reads_this_process_and_the_switches_of_all_its_threads():
     assert after - before >= 20
     mine = tree_cpu(os.getpid())[os.getpid()]
     assert not mine.engine and mine.cpu_s > 0 and mine.switches > 0
+
+
+def test_thread_use_names_the_main_thread_and_pools_pythons_own():
+    def spin_then_sleep(stop: threading.Event):
+        deadline = time.thread_time() + 0.2
+        while time.thread_time() < deadline:
+            pass
+        while not stop.wait(0.001):
+            pass
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=spin_then_sleep, args=(stop,)) for _ in range(2)]
+    before = thread_use(os.getpid())
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    used = threads_between(before, thread_use(os.getpid()))  # while they run: ended threads are gone
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert "main" in used
+    # The two threads started in between count from zero, under one name.
+    assert used["Python threads"].cpu_s >= 0.35 and used["Python threads"].voluntary >= 40
+
+
+def test_thread_table_gives_each_thread_per_request():
+    timings = tuple(timing(0.1) for _ in range(4))
+    m = Measured({"gateway": 1.0}, 0.0, 4000, timings, 1.0,
+                 threads={"gateway: main": ThreadUse(0.004, 8, 2), "gateway: event_engine": ThreadUse()})
+    table = thread_table({64: {"DvD (gateway)": pooled([m, m])}})
+    assert "| 64 | DvD (gateway) | gateway: main | 1000 | 2 | 0.5 |" in table
+    assert "event_engine" not in table  # a thread that did nothing is left out
 
 
 def timing(ttft_s: float) -> RequestTiming:
