@@ -3,6 +3,7 @@
     python -m bench.vision                                  # tiny checkpoint, CPU (~1 minute)
     python -m bench.vision --size 300m                      # InternViT-300M widths, few images on a CPU
     python -m bench.vision --size 300m --device cuda --images 256 --clients 16
+    python -m bench.vision --size 300m --device cuda --images 256 --clients 16 --decode-on-device
 
 vision_svc runs as its own process (the real server, started as `deploy.local` does) and N concurrent clients
 (llm_svc's `VisionClient`) each send one image per request, distinct images, so the cache never hits. The
@@ -143,6 +144,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch-tiles", type=int, default=None,
                         help="vision_svc's batch and the reference's (default 32; 300m on cpu: 2)")
     parser.add_argument("--preprocess-workers", type=int, default=2, help="vision_svc's preprocessing processes")
+    parser.add_argument("--decode-on-device", action="store_true",
+                        help="vision_svc with --preprocess-on device --decode-on device (JPEGs decoded by nvJPEG)")
     args = parser.parse_args()
     small = args.size == "300m" and args.device == "cpu"
     for name, default, default_small in (("images", 32, 4), ("clients", 4, 2), ("image_size", (1280, 720), (448, 448)),
@@ -167,7 +170,9 @@ def main() -> None:
     stage = vision_stage(model_dir, free_port(), [
         "--device", args.device, "--dtype", str(dtype).removeprefix("torch."), "--grace-s", "2",
         "--max-batch-tiles", str(args.max_batch_tiles), "--preprocess-workers", str(args.preprocess_workers),
-        "--max-queue-tiles", str(max(1024, args.max_batch_tiles))], directory / "logs" / "vision-bench.log")
+        "--max-queue-tiles", str(max(1024, args.max_batch_tiles)),
+        *(["--preprocess-on", "device", "--decode-on", "device"] if args.decode_on_device else [])],
+        directory / "logs" / "vision-bench.log")
     try:
         reference = load_reference(model_dir, device, dtype)
         stage.wait_ready(timeout_s=3600)
