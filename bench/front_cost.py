@@ -71,6 +71,13 @@ class ProcessCpu:
     switches: int = 0  # context switches of all its threads, voluntary and involuntary
 
 
+def switches_of(status: str) -> tuple[int, int]:
+    """A thread's voluntary and involuntary context switches, from its /proc status file."""
+    counts = dict(line.split(":") for line in status.splitlines()
+                  if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
+    return int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"])
+
+
 def context_switches(pid: int, thread_name: str | None = None) -> int:
     """Of every thread of the process (/proc/PID/status counts its first thread's only), or of those so named."""
     total = 0
@@ -81,8 +88,7 @@ def context_switches(pid: int, thread_name: str | None = None) -> int:
             status = (task / "status").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended meanwhile
-        total += sum(int(line.split()[1]) for line in status.splitlines()
-                     if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
+        total += sum(switches_of(status))
     return total
 
 
@@ -118,15 +124,12 @@ def thread_use(pid: int) -> dict[int, tuple[str, ThreadUse]]:
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended meanwhile
         fields = stat[stat.rindex(")") + 2:].split()  # after the name, which may hold spaces: state first
-        switches = dict(line.split(":") for line in status.splitlines()
-                        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
         if task.name == str(pid):
             name = "main"
         elif name == process_name or name.startswith("python"):
             name = "Python threads"
         out[int(task.name)] = (name, ThreadUse((int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
-                                               int(switches["voluntary_ctxt_switches"]),
-                                               int(switches["nonvoluntary_ctxt_switches"])))
+                                               *switches_of(status)))
     return out
 
 
