@@ -83,6 +83,16 @@ def still_running(processes: dict[int, int]) -> list[int]:
             if (fields := _stat_fields(pid)) and int(fields[19]) == started and fields[0] != b"Z"]
 
 
+def last_pid() -> int | None:
+    """The pid this pid namespace gave out last, to a process or a thread (a file of a few bytes): while it stays the
+    same, no process has started. None where the kernel does not say."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def children_by_parent() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

@@ -2,12 +2,13 @@
 left running.
 
 Started by each stage beside itself (`protos.lifetime.start_orphan_guard`). While the stage lives, the guard
-notes its descendants every `SCAN_INTERVAL_S`, and the shared-memory segments they map whenever the processes or
-the names in /dev/shm change (and every `MAPS_INTERVAL_S` regardless): the kernel takes milliseconds to render a
-large process's maps, and an idle replica should cost nothing. Once the stage is gone (a pidfd tells at once), its
-orphans get SIGTERM, then SIGKILL after `GRACE_S`; then the segments that no living process maps any more are
-removed, and so is the stage's own temporary directory. After a clean stop there is nothing else to do. Light: it
-starts in milliseconds, and a scan reads /proc in a millisecond or two.
+notes its descendants every `SCAN_INTERVAL_S` once a process may have started (the pid namespace's last pid has
+moved; finding them reads every process's /proc entry, milliseconds on a busy host), and the shared-memory segments
+they map whenever the processes or the names in /dev/shm change (and every `MAPS_INTERVAL_S` regardless): the kernel
+takes milliseconds to render a large process's maps, and an idle replica should cost nothing. Once the stage is gone
+(a pidfd tells at once), its orphans get SIGTERM, then SIGKILL after `GRACE_S`; then the segments that no living
+process maps any more are removed, and so is the stage's own temporary directory. After a clean stop there is nothing
+else to do. Light: it starts in milliseconds, and a scan with no new pid reads a few bytes and lists /dev/shm.
 """
 
 import contextlib
@@ -19,7 +20,7 @@ import signal
 import sys
 import time
 
-from protos.lifetime import descendants, mapped_shared_memory, snapshot, still_running
+from protos.lifetime import descendants, last_pid, mapped_shared_memory, snapshot, still_running
 from protos.logs import configure_logging
 
 SCAN_INTERVAL_S = 0.5
@@ -39,13 +40,19 @@ class Watched:
         self.stage = stage
         self.processes: dict[int, int] = {}
         self.shared_memory: set[str] = set()
+        self._below: list[int] = []  # the descendants at the last look
+        self._last_pid: int | None = None  # the namespace's last pid then
         self._seen: tuple[frozenset[int], frozenset[str]] | None = None  # processes and names at the last maps read
         self._maps_read_at = 0.0
         self._read_again = False
 
     def scan(self) -> None:
-        below = [pid for pid in descendants(self.stage) if pid != os.getpid()]
-        self.processes.update(snapshot(below))
+        latest = last_pid()  # read first: a process that starts during the look moves it again for the next scan
+        if latest is None or latest != self._last_pid:
+            self._below = [pid for pid in descendants(self.stage) if pid != os.getpid()]
+            self.processes.update(snapshot(self._below))
+            self._last_pid = latest
+        below = self._below
         seen = (frozenset(below), frozenset(_shared_memory_names()))
         changed = seen != self._seen
         if changed or self._read_again or time.monotonic() - self._maps_read_at >= MAPS_INTERVAL_S:

@@ -163,3 +163,44 @@ def test_guard_reads_the_maps_only_when_processes_or_segments_change(tmp_path, m
     assert len(reads) == 5
     stage.kill()
     stage.wait()
+
+
+def test_guard_walks_the_processes_only_once_a_new_pid_was_given_out(monkeypatch):
+    from protos import orphan_guard
+    walks, pid = [], [100]
+    monkeypatch.setattr(orphan_guard, "last_pid", lambda: pid[0])
+    monkeypatch.setattr(orphan_guard, "descendants", lambda stage: walks.append(stage) or [])
+    watched = orphan_guard.Watched(os.getpid())
+    watched.scan()
+    watched.scan()
+    assert len(walks) == 1
+    pid[0] = 101
+    watched.scan()
+    watched.scan()
+    assert len(walks) == 2
+    pid[0] = None  # a kernel that does not say: every scan walks
+    watched.scan()
+    watched.scan()
+    assert len(walks) == 4
+
+
+def test_guard_finds_a_child_started_after_its_last_walk():
+    from protos import orphan_guard
+    stage = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; input(); "
+                              f"subprocess.Popen([sys.executable, '-c', {STUBBORN_CHILD!r}]); time.sleep(600)"],
+                             stdin=subprocess.PIPE, text=True)
+    try:
+        watched = orphan_guard.Watched(stage.pid)
+        watched.scan()
+        watched.scan()
+        assert set(watched.processes) == set()
+        stage.stdin.write("\n")
+        stage.stdin.flush()
+        wait_until(lambda: lifetime.descendants(stage.pid))
+        watched.scan()
+        assert set(watched.processes) == set(lifetime.descendants(stage.pid))
+    finally:
+        for pid in lifetime.descendants(stage.pid):
+            os.kill(pid, signal.SIGKILL)
+        stage.kill()
+        stage.wait()
