@@ -52,11 +52,10 @@ class Watched:
             self._below = [pid for pid in descendants(self.stage) if pid != os.getpid()]
             self.processes.update(snapshot(self._below))
             self._last_pid = latest
-        below = self._below
-        seen = (frozenset(below), frozenset(_shared_memory_names()))
+        seen = (frozenset(self._below), frozenset(_shared_memory_names()))
         changed = seen != self._seen
         if changed or self._read_again or time.monotonic() - self._maps_read_at >= MAPS_INTERVAL_S:
-            for pid in [self.stage, *below]:
+            for pid in [self.stage, *self._below]:
                 self.shared_memory |= mapped_shared_memory(pid)
             self._seen, self._maps_read_at = seen, time.monotonic()
             # A segment is created, then mapped: read once more next time in case the first read fell between.
