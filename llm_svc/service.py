@@ -229,7 +229,8 @@ class LanguageService:
             if parsing is not None:
                 engine_kwargs = parsing.engine_kwargs(self._parsers.tokenizer, self._parsers.model_config,
                                                       engine_input.get("prompt_token_ids") or [])
-                answers = ParsedAnswers(parsing, self._parsers, request.parse_at_end)
+                if parsing.parser_cls is not None:  # else tools only reach the template: the answer is text
+                    answers = ParsedAnswers(parsing, self._parsers, request.parse_at_end)
             if self._running[request.request_id]:  # aborted while the prompt was being rendered
                 for delta in _aborted_before_the_engine(vision_s, request.sampling.n):
                     yield delta

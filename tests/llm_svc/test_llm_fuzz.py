@@ -61,6 +61,20 @@ def test_more_image_placeholders_than_images_is_a_client_error(stack):
     assert response.status_code == 400 and "placeholders" in response.json()["error"]["message"], response.text
 
 
+@pytest.mark.parametrize("fields", [
+    {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
+    {"parallel_tool_calls": True},
+    {"parallel_tool_calls": True, "messages": [{"role": "tool", "content": "", "tool_call_id": ""}]},
+], ids=["tools-choice-none", "parallel-calls", "tool-message"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_fields_on_a_server_without_a_tool_parser_are_answered(stack, fields, stream):
+    """The llm_svc here has no --tool-call-parser: each of these once failed INTERNAL / 500 (`bench.fuzz` found it)."""
+    _, _, gateway, _ = stack
+    body = {"max_tokens": 3, "stream": stream, "messages": [{"role": "user", "content": "Hi"}], **fields}
+    response = httpx.post(f"http://{gateway.address}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200 and fuzz.http_status(response) == 200, response.text
+
+
 def test_generated_generate_requests_get_no_internal_error(stack):
     _, _, _, client = stack
 

@@ -2,6 +2,8 @@
 transformers' `generate`, for both checkpoint layouts, dense and MoE."""
 
 
+import json
+
 import pytest
 import torch
 
@@ -84,6 +86,36 @@ def test_text_only_prompt_equals_monolithic_vllm(pipeline, vllm_engine):
     messages = [("user", ["Tell me a story."])]
     tokens = client.tokens(llm_pb2.GenerateRequest(chat=chat(*messages), sampling=greedy(MAX_TOKENS)))
     assert tokens == monolithic_vllm(vllm_engine, layout, llm, messages)[1]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("parse_at_end", [False, True], ids=["streamed", "whole"])
+@pytest.mark.parametrize("tools", [llm_pb2.Tools(definitions_json=json.dumps([WEATHER]), mode="none"),
+                                   llm_pb2.Tools(parallel_calls=True)], ids=["tools-choice-none", "parallel-calls"])
+def test_tool_fields_without_a_tool_parser_answer_text_as_monolithic_vllm(pipeline, vllm_engine, tools,
+                                                                         parse_at_end):
+    """llm_svc here has no --tool-call-parser, as vLLM's server by default: the answer is vLLM's for the same chat and
+    tools, as text, nothing parsed (each such request once failed INTERNAL: a parser was looked for that none set)."""
+    layout, llm, _, client, _ = pipeline
+    messages = [("user", ["What is the weather in Paris?"])]
+    request = chat(*messages)
+    request.tools.CopyFrom(tools)
+    ours = client.generate(llm_pb2.GenerateRequest(chat=request, sampling=greedy(MAX_TOKENS),
+                                                   parse_at_end=parse_at_end))
+
+    from vllm import SamplingParams
+    engine = vllm_engine(layout, llm, limit_mm_per_prompt={"image": 2})
+    theirs = engine.chat(openai_messages(*messages), SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                         tools=json.loads(tools.definitions_json) if tools.definitions_json else None,
+                         use_tqdm=False)[0]
+    assert [t for r in ours for t in r.token_ids] == list(theirs.outputs[0].token_ids)
+    assert "".join(r.text for r in ours) == theirs.outputs[0].text
+    assert ours[-1].usage.prompt_tokens == len(theirs.prompt_token_ids)
+    assert not any(r.HasField("parsed") for r in ours)
 
 
 def test_images_change_the_output(pipeline):
