@@ -20,6 +20,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.multimodal.inputs import MultiModalKwargsItem, MultiModalKwargsItems
 
 from llm_svc.image_tokens import ImageTokenCounter, ImageTokens
+from llm_svc.prompts import render_for_engine
 from llm_svc.vision_client import ImageBlob
 from llm_svc.vllm_messages import client_message
 from protos.errors import InvalidInput
@@ -60,8 +61,7 @@ class AdmissionCheck:
                                                     for c in counts]}
             # Names of their own, so that no cache could ever mistake a stand-in for an image.
             prompt["multi_modal_uuids"] = {"image": [f"{request_id}-admission-{i}" for i in range(len(counts))]}
-        (engine_input,) = await self._renderer.render_cmpl_async([prompt], tok_params)
-        return engine_input
+        return await render_for_engine(self._renderer, prompt, tok_params)
 
 
 def with_embeddings(checked: dict, embeddings: list[torch.Tensor], uuids: list[str]) -> dict | None:

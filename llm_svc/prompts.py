@@ -9,6 +9,7 @@ travel separately, as `multi_modal_data`.
 
 import dataclasses
 import json
+import re
 
 from vllm.renderers.params import ChatParams, TokenizeParams
 
@@ -190,5 +191,21 @@ class PromptRenderer:
         """Tokenizes `{"prompt", "multi_modal_data", "multi_modal_uuids"}` (or takes `{"prompt_token_ids"}` as they
         are), truncates it where `tok_params` say so and expands its image placeholders into what the engine takes;
         refuses prompts over the context with vLLM's own message."""
-        (engine_input,) = await self._renderer.render_cmpl_async([prompt], tok_params)
-        return engine_input
+        return await render_for_engine(self._renderer, prompt, tok_params)
+
+
+async def render_for_engine(renderer, prompt: dict, tok_params: TokenizeParams | None) -> dict:
+    """vLLM's renderer's engine input for one prompt. Its truncation cuts the tokens before the image and video
+    placeholders expand, and where that cuts a placeholder out its processor fails an assertion (vLLM's own server
+    answers 500): here that is the request's error, in the words vLLM has for a truncation that splits an item."""
+    try:
+        (engine_input,) = await renderer.render_cmpl_async([prompt], tok_params)
+    except AssertionError as error:
+        cut = re.search(r"prompt replacement for mm_items\['(\w+)'\]", str(error))
+        if cut is None or tok_params is None or tok_params.truncate_prompt_tokens is None:
+            raise
+        raise InvalidInput(
+            f"truncate_prompt_tokens={tok_params.truncate_prompt_tokens} would drop a(n) {cut[1]} item's placeholder. "
+            "Multimodal placeholders expand after truncation is applied, so the limit must leave every multimodal "
+            "item intact. Please raise truncate_prompt_tokens or shorten the prompt.") from None
+    return engine_input

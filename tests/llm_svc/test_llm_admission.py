@@ -133,6 +133,19 @@ async def test_the_checked_input_with_the_embeddings_swapped_in_equals_a_fresh_r
     assert with_embeddings(checked, [e[:-1] for e in embeddings], uuids) is None
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+async def test_a_truncation_that_cuts_out_an_image_placeholder_is_refused_naming_it(engine, side):
+    """vLLM truncates the tokenized prompt before its image placeholders expand; where that drops a placeholder,
+    its processor fails an assertion (a 500 from vLLM's own server): here the client's error it is."""
+    _, _, _, admission, renderer = engine
+    data = png_bytes(image(897, 448, seed=3))
+    blob = ImageBlob(hashlib.sha256(data).hexdigest(), data)
+    text = renderer.render([Message("user", (ImageRef(blob.content_hash), "Describe" + " a" * 50))])
+    tok_params = renderer.tok_params(PromptTruncation(4, side, 16))
+    with pytest.raises(InvalidInput, match=r"truncate_prompt_tokens=4 would .*image"):
+        await admission.check("r", text, [blob], 2, SamplingParams(max_tokens=16), tok_params)
+
+
 async def engine_refusal(llm_engine, prompt: str, images_rows: list[int], sampling) -> str:
     """The engine's own message for the real request: the prompt with embeddings of these row counts."""
     hidden = llm_engine.model_config.hf_text_config.hidden_size

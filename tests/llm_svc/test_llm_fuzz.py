@@ -75,6 +75,23 @@ def test_tool_fields_on_a_server_without_a_tool_parser_are_answered(stack, field
     assert response.status_code == 200 and fuzz.http_status(response) == 200, response.text
 
 
+def test_a_truncation_that_cuts_out_an_image_is_a_client_error(stack):
+    """vLLM truncates before the image placeholder expands; one cut out failed an assertion: INTERNAL, a 500."""
+    _, _, gateway, client = stack
+    picture = image(100, 100, 3)
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(llm_pb2.GenerateRequest(chat=chat(("user", [picture, "Describe it."])), sampling=greedy(3),
+                                                truncate_prompt_tokens=4))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "truncate_prompt_tokens=4" in error.value.details()
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(picture)).decode()
+    response = httpx.post(f"http://{gateway.address}/v1/chat/completions", timeout=60, json={
+        "max_tokens": 3, "truncate_prompt_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "Describe it."}]}]})
+    assert response.status_code == 400 and "truncate_prompt_tokens" in response.json()["error"]["message"], \
+        response.text
+
+
 def test_generated_generate_requests_get_no_internal_error(stack):
     _, _, _, client = stack
 
