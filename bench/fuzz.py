@@ -7,7 +7,9 @@ starts the real stack (vision_svc, llm_svc, gateway; the tiny checkpoint) and fo
 generated requests in turn: the gateway HTTP bodies inside its schema and outside it, llm_svc GenerateRequests
 and vision_svc EncodeRequests over gRPC. It prints per target the cases run and their answers (HTTP 2xx / 4xx /
 5xx; over gRPC OK / a client status / INTERNAL or UNKNOWN), the first server errors, and whether each stage is
-still healthy. The strategies here also drive the bounded runs of the test suite (`tests/*/test_*_fuzz.py`).
+still healthy; it exits 1 when a server error was seen or a stage is down. The strategies here also drive the
+bounded runs of the test suite (`tests/*/test_*_fuzz.py`), and set every field of the gRPC requests
+(`tests/bench/test_bench_fuzz.py` holds them to it).
 
 HTTP bodies come from the gateway's pydantic models, through their JSON schema (`schema_values`): the gateway's
 OpenAPI document describes no request bodies (its routes read the raw body, to cap its size), so a tool driven
@@ -270,6 +272,7 @@ def http_status(response: httpx.Response) -> int:
 # ---- gRPC requests ------------------------------------------------------------------------------------------
 
 UINT32, INT32, INT64 = (0, (1 << 32) - 1), (-(1 << 31), (1 << 31) - 1), (-(1 << 63), (1 << 63) - 1)
+UINT64 = (0, (1 << 64) - 1)
 
 
 def repeated(element: st.SearchStrategy, min_size: int = 0, max_size: int = 6, huge: int = 20000
@@ -279,23 +282,54 @@ def repeated(element: st.SearchStrategy, min_size: int = 0, max_size: int = 6, h
     return mostly(st.lists(element, min_size=min_size, max_size=max_size), many, one_in=10)
 
 
+def optional_fields(message_type, required: dict | None = None, **optional: st.SearchStrategy):
+    """Messages of `message_type` with the `required` fields always set and each of the `optional` ones set or not."""
+    return st.fixed_dictionaries(required or {}, optional=optional).map(lambda fields: message_type(**fields))
+
+
+def json_text(usual: tuple[str, ...], max_size: int = 64) -> st.SearchStrategy[str]:
+    """One of the `usual` JSON texts, else any JSON value's text or any text."""
+    return mostly(st.sampled_from(usual), json_values().map(json.dumps) | text(max_size))
+
+
+def between(low: float, high: float, exclude_low: bool = False) -> st.SearchStrategy[float]:
+    return mostly(floats(low, high, exclude_low), floats(width=32))
+
+
+def counted(low: int, high: int, wire: tuple[int, int]) -> st.SearchStrategy[int]:
+    return mostly(ints(low, high), ints(*wire))
+
+
+def structured_outputs_pb() -> st.SearchStrategy[llm_pb2.StructuredOutputs]:
+    """One constraint (or none, or several, which is refused): small ones that compile quickly, else any text."""
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}})
+    return optional_fields(
+        llm_pb2.StructuredOutputs, json=json_text((schema, '{"type": "string", "enum": ["x", "y"]}')),
+        regex=mostly(st.sampled_from(("[a-z]{1,3}", "yes|no", r"\d+")), text(16)),
+        choice=st.builds(llm_pb2.Choices, values=mostly(st.lists(text(8), max_size=3), repeated(text(8), huge=1000))),
+        grammar=mostly(st.just('root ::= "a" | "b"'), text(32)), json_object=st.booleans(),
+        structural_tag=json_text(("{}",), 32), disable_any_whitespace=st.booleans(),
+        disable_additional_properties=st.booleans(), whitespace_pattern=mostly(st.just(" ?"), text(8)))
+
+
 def sampling_pb(max_tokens: st.SearchStrategy[int] = ints(*UINT32)) -> st.SearchStrategy[llm_pb2.SamplingParams]:
     """Each field mostly in its valid range, else at any value its type holds; `max_tokens` is always set, so that
     a real engine's work is bounded."""
-    def between(low: float, high: float, exclude_low: bool = False) -> st.SearchStrategy[float]:
-        return mostly(floats(low, high, exclude_low), floats(width=32))
-
-    def counted(low: int, high: int, wire: tuple[int, int]) -> st.SearchStrategy[int]:
-        return mostly(ints(low, high), ints(*wire))
-    optional = {"temperature": between(0.0, 2.0), "top_p": between(0.0, 1.0, exclude_low=True),
-                "min_p": between(0.0, 1.0), "presence_penalty": between(-2.0, 2.0),
-                "frequency_penalty": between(-2.0, 2.0), "repetition_penalty": between(0.0, 2.0, exclude_low=True),
-                "top_k": counted(-1, 100, INT32), "seed": ints(*INT64), "logprobs": counted(0, 20, UINT32),
-                "n": counted(1, 1, UINT32), "ignore_eos": st.booleans(),
-                "stop": mostly(st.lists(text(16).filter(bool), max_size=3), repeated(text(16), huge=100)),
-                "stop_token_ids": mostly(st.lists(ints(0, 3000), max_size=3), repeated(ints(*UINT32)))}
-    return st.fixed_dictionaries({"max_tokens": max_tokens}, optional=optional).map(
-        lambda fields: llm_pb2.SamplingParams(**fields))
+    token_ids = mostly(st.lists(ints(0, 3000), max_size=3), repeated(ints(*UINT32)))
+    return optional_fields(
+        llm_pb2.SamplingParams, {"max_tokens": max_tokens},
+        temperature=between(0.0, 2.0), top_p=between(0.0, 1.0, exclude_low=True), min_p=between(0.0, 1.0),
+        presence_penalty=between(-2.0, 2.0), frequency_penalty=between(-2.0, 2.0),
+        repetition_penalty=between(0.0, 2.0, exclude_low=True), top_k=counted(-1, 100, INT32), seed=ints(*INT64),
+        logprobs=counted(0, 20, UINT32), n=counted(1, 1, UINT32), ignore_eos=st.booleans(),
+        stop=mostly(st.lists(text(16).filter(bool), max_size=3), repeated(text(16), huge=100)),
+        stop_token_ids=token_ids, min_tokens=counted(0, 4, UINT32),
+        bad_words=mostly(st.lists(text(16), max_size=3), repeated(text(16), huge=100)),
+        allowed_token_ids=token_ids, include_stop_str_in_output=st.booleans(), skip_special_tokens=st.booleans(),
+        spaces_between_special_tokens=st.booleans(), structured_outputs=structured_outputs_pb(),
+        prompt_logprobs=counted(-1, 5, INT32),
+        logit_bias=mostly(st.dictionaries(ints(0, 3000), between(-100.0, 100.0), max_size=3),
+                          st.dictionaries(ints(*UINT32), floats(width=32), max_size=3)))
 
 
 def _image_part(kind: str, value) -> llm_pb2.ImagePart:
@@ -303,34 +337,92 @@ def _image_part(kind: str, value) -> llm_pb2.ImagePart:
 
 
 def content_part_pb(text_size: int = 48) -> st.SearchStrategy[llm_pb2.ContentPart]:
+    """Text, an image, or now and then a video (bytes that are no video, or a hash) or an empty part."""
     image = mostly(image_bytes().map(lambda d: _image_part("data", d)) |
                    content_hashes().map(lambda h: _image_part("content_hash", h)), st.just(_image_part("", None)))
+    video = st.binary(max_size=256).map(lambda d: llm_pb2.VideoPart(data=d)) | \
+        content_hashes().map(lambda h: llm_pb2.VideoPart(content_hash=h))
     return mostly(text(text_size).map(lambda t: llm_pb2.ContentPart(text=t)) |
-                  image.map(lambda i: llm_pb2.ContentPart(image=i)), st.just(llm_pb2.ContentPart()))
+                  image.map(lambda i: llm_pb2.ContentPart(image=i)),
+                  video.map(lambda v: llm_pb2.ContentPart(video=v)) | st.just(llm_pb2.ContentPart()))
+
+
+TOOLS = json.dumps([{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+
+
+def tools_pb() -> st.SearchStrategy[llm_pb2.Tools]:
+    """OpenAI's tools, tool_choice and parallel_tool_calls: mostly a valid tool and a known choice."""
+    mode = mostly(st.sampled_from(("none", "auto", "required")), text(12))
+    function = mostly(st.just("get_weather"), text(16))
+    choice = st.one_of(st.just({}), mode.map(lambda m: {"mode": m}), function.map(lambda f: {"function_name": f}))
+    return st.builds(lambda definitions, chosen, parallel: llm_pb2.Tools(
+        definitions_json=definitions, **chosen, **({} if parallel is None else {"parallel_calls": parallel})),
+        json_text((TOOLS, "", "[]")), choice, st.none() | st.booleans())
+
+
+def chat_pb(text_size: int = 48) -> st.SearchStrategy[llm_pb2.Chat]:
+    # Proto3 enums are open: any int32 is a role.
+    roles = mostly(st.sampled_from(tuple(llm_pb2.Role.values())), ints(*INT32))
+    tool_call = st.builds(llm_pb2.ToolCall, id=text(16), name=mostly(st.just("get_weather"), text(16)),
+                          arguments=json_text(('{"city": "Paris"}', "{}"), 32))
+    message = optional_fields(llm_pb2.ChatMessage, {"role": roles, "content": repeated(content_part_pb(text_size),
+                                                                                        huge=300)},
+                              tool_calls=repeated(tool_call, max_size=2, huge=300), tool_call_id=text(16))
+    return optional_fields(
+        llm_pb2.Chat, {"messages": repeated(message, min_size=1, max_size=4, huge=300)},
+        add_generation_prompt=st.booleans(), continue_final_message=st.booleans(),
+        chat_template_kwargs_json=json_text(('{"enable_thinking": false}', "{}"), 32), tools=tools_pb())
 
 
 def generate_request_pb(text_size: int = 48, max_tokens: st.SearchStrategy[int] = ints(*UINT32)
                         ) -> st.SearchStrategy[llm_pb2.GenerateRequest]:
-    # Proto3 enums are open: any int32 is a role.
-    roles = mostly(st.sampled_from((llm_pb2.ROLE_USER, llm_pb2.ROLE_SYSTEM, llm_pb2.ROLE_ASSISTANT)),
-                   st.just(llm_pb2.ROLE_UNSPECIFIED) | ints(*INT32))
-    message = st.builds(llm_pb2.ChatMessage, role=roles, content=repeated(content_part_pb(text_size), huge=300))
-    chat = st.builds(llm_pb2.Chat, messages=repeated(message, min_size=1, max_size=4, huge=300))
     prompt = mostly(text(text_size).filter(bool), st.just(""))
-    inputs = st.one_of(chat.map(lambda c: {"chat": c}), prompt.map(lambda p: {"prompt": p}), st.just({}))
-    return st.builds(lambda request_id, what, sampling, max_tiles: llm_pb2.GenerateRequest(
-        request_id=request_id, sampling=sampling, max_tiles=max_tiles, **what),
-        text(40), inputs, sampling_pb(max_tokens), mostly(st.integers(0, 13), ints(*UINT32)))
+    prompt_tokens = st.builds(llm_pb2.PromptTokens, token_ids=mostly(st.lists(ints(0, 3000), min_size=1, max_size=16),
+                                                                     repeated(ints(*UINT32), huge=5000)))
+    inputs = st.one_of(chat_pb(text_size).map(lambda c: {"chat": c}), prompt.map(lambda p: {"prompt": p}),
+                       prompt_tokens.map(lambda t: {"prompt_tokens": t}), st.just({}))
+    video_options = optional_fields(llm_pb2.VideoOptions, num_frames=counted(-1, 32, INT32), fps=between(0.0, 30.0))
+    fields = optional_fields(
+        dict, {"request_id": text(40), "sampling": sampling_pb(max_tokens),
+               "max_tiles": mostly(st.integers(0, 13), ints(*UINT32))},
+        return_prompt_text=st.booleans(), parse_at_end=st.booleans(),
+        truncate_prompt_tokens=mostly(ints(-1, 2000), ints(*INT64)),
+        truncation_side=mostly(st.sampled_from(("left", "right", "")), text(8)), continuous_usage=st.booleans(),
+        video_options=video_options)
+    return st.builds(lambda given, what: llm_pb2.GenerateRequest(**given, **what), fields, inputs)
+
+
+def data_plane_offer_pb() -> st.SearchStrategy[vision_pb2.DataPlaneOffer]:
+    """Offers the caller did not negotiate: slots that are not this data plane's, tokens no connection brings, leases
+    mostly short (a socket offer waits for its connection up to the lease), and a Mooncake session on the loopback
+    only: the server must never be led to connect to an address a client names."""
+    slot = st.builds(vision_pb2.SharedMemorySlot, name=mostly(st.just("dvd-emb-0-1"), text(24)),
+                     size_bytes=ints(*UINT64))
+    return optional_fields(
+        vision_pb2.DataPlaneOffer, transport=mostly(st.sampled_from(tuple(vision_pb2.Transport.values())),
+                                                    ints(*INT32)),
+        slots=repeated(slot, max_size=3, huge=1000), socket_token=st.binary(max_size=32),
+        lease_ms=mostly(st.integers(0, 50), ints(*UINT32), one_in=50),
+        mooncake_session=st.sampled_from(("127.0.0.1:1", "127.0.0.1", "", "no session")),
+        mooncake_buffers=repeated(ints(*UINT64), max_size=3), mooncake_buffer_bytes=ints(*UINT64))
 
 
 def encode_request_pb() -> st.SearchStrategy[vision_pb2.EncodeRequest]:
     image = mostly(image_bytes().map(lambda d: vision_pb2.ImageInput(data=d)) |
                    content_hashes().map(lambda h: vision_pb2.ImageInput(content_hash=h)),
                    st.just(vision_pb2.ImageInput()))
+    video = st.binary(max_size=256).map(lambda d: vision_pb2.VideoInput(data=d)) | \
+        content_hashes().map(lambda h: vision_pb2.VideoInput(content_hash=h))
     options = st.builds(vision_pb2.PreprocessOptions, max_tiles=mostly(st.integers(0, 13), ints(*UINT32)),
                         thumbnail=mostly(st.sampled_from(tuple(vision_pb2.Thumbnail.values())), ints(*INT32)))
-    return st.builds(vision_pb2.EncodeRequest, request_id=text(40), images=repeated(image, min_size=1, huge=1000),
-                     options=options)
+    return optional_fields(
+        vision_pb2.EncodeRequest, {"request_id": text(40), "images": repeated(image, min_size=1, huge=1000),
+                                   "options": options},
+        data_plane=data_plane_offer_pb(), videos=repeated(video, max_size=2, huge=100),
+        video_options=optional_fields(vision_pb2.VideoOptions, num_frames=counted(-1, 32, INT32),
+                                      fps=between(0.0, 30.0)))
 
 
 def bounded_run(max_examples: int) -> settings:
@@ -502,6 +594,8 @@ def main() -> None:
         for stage in (gateway, llm, vision):
             stage.stop()
     print("\n" + report(tallies, health))
+    if any(t.kinds["server error"] for t in tallies.values()) or not all(health.values()):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
