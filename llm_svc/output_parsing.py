@@ -15,7 +15,8 @@ import json
 from collections.abc import Sequence
 
 import pydantic
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionNamedToolChoiceParam, ChatCompletionRequest
+from vllm.entrypoints.openai.chat_completion.protocol import (ChatCompletionNamedToolChoiceParam, ChatCompletionRequest,
+                                                              ChatCompletionToolsParam)
 from vllm.parser import ParserManager
 from vllm.renderers.chat_utils import make_tool_call_id
 
@@ -206,6 +207,8 @@ class OutputParsers:
             return ChatCompletionRequest.model_validate(fields)
         except pydantic.ValidationError as error:
             raise InvalidInput(_validation_message(error)) from None
+        except (TypeError, KeyError):  # vLLM's check of tool_choice reads the tools before their shape is checked
+            raise InvalidInput(_tools_shape_message(fields.get("tools"))) from None
 
     def _check_tool_choice(self, request: ChatCompletionRequest) -> None:
         # vLLM's OnlineRenderer.render_chat, with its messages.
@@ -222,6 +225,18 @@ class OutputParsers:
                      if isinstance(request.tool_choice, ChatCompletionNamedToolChoiceParam)
                      else f'"{request.tool_choice}"')
         raise InvalidInput(f"tool_choice={described} requires --tool-call-parser to be set")
+
+
+_TOOLS = pydantic.TypeAdapter(list[ChatCompletionToolsParam])
+
+
+def _tools_shape_message(tools) -> str:
+    """What is wrong with the shape of `tools` (OpenAI's list of functions), in pydantic's words."""
+    try:
+        _TOOLS.validate_python(tools)
+    except pydantic.ValidationError as error:
+        return "tools." + _validation_message(error)
+    return "tools: not a list of functions"
 
 
 def _validation_message(error: pydantic.ValidationError) -> str:

@@ -92,6 +92,19 @@ def test_a_truncation_that_cuts_out_an_image_is_a_client_error(stack):
         response.text
 
 
+@pytest.mark.parametrize("definitions, named", [("[10000000000000000000000000000000000000000]", "tools.0"),
+                                                ('[{"type": "function", "function": 5}]', "tools.0.function")])
+def test_tools_of_the_wrong_shape_with_a_named_choice_are_a_client_error(stack, definitions, named):
+    """vLLM's check of a named tool_choice reads the tools before their shape is checked: a TypeError, INTERNAL."""
+    _, _, _, client = stack
+    request = chat(("user", ["Hi"]))
+    request.tools.CopyFrom(llm_pb2.Tools(definitions_json=definitions, function_name="get_weather"))
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(llm_pb2.GenerateRequest(chat=request, sampling=greedy(3)))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(named + ":"), error.value.details()
+
+
 def test_generated_generate_requests_get_no_internal_error(stack):
     _, _, _, client = stack
 
