@@ -2,6 +2,7 @@
 server error, and stays healthy.
 
     python -m bench.fuzz --minutes 5
+    python -m bench.fuzz --minutes 5 --parsers   # llm_svc with vLLM's tool-call and reasoning parsers
 
 starts the real stack (vision_svc, llm_svc, gateway; the tiny checkpoint) and for that long sends each target
 generated requests in turn: the gateway HTTP bodies inside its schema and outside it, llm_svc GenerateRequests
@@ -515,7 +516,11 @@ def run_batch(strategy: st.SearchStrategy, send: Callable, examples: int, seed: 
     batch()
 
 
-def start_stack(work: pathlib.Path):
+# What README's tools and thinking sections start llm_svc with: the answers then go through vLLM's parsers.
+PARSER_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
+
+
+def start_stack(work: pathlib.Path, llm_flags: list[str]):
     from deploy.local import free_port, gateway_stage, llm_stage, vision_stage
     from deploy.tiny_model.build import build
 
@@ -524,7 +529,7 @@ def start_stack(work: pathlib.Path):
     vision = vision_stage(model, free_port(), ["--preprocess-workers", "0"], logs / "fuzz-vision.log").wait_ready()
     # A short context bounds the work of any request that gets through: unset max_tokens, long prompts, images.
     llm = llm_stage(model, [vision], free_port(), ["--max-model-len", "1024", "--max-num-seqs", "8",
-                                                   "--kv-cache-memory-bytes", str(256 << 20)],
+                                                   "--kv-cache-memory-bytes", str(256 << 20), *llm_flags],
                     logs / "fuzz-llm.log").wait_ready()
     gateway = gateway_stage([llm], "127.0.0.1", free_port(), ["--max-tokens-limit", "16",
                                                              "--image-fetch-timeout-s", "1"],
@@ -562,11 +567,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=25, help="cases per target before moving to the next")
     parser.add_argument("--seed", type=int, default=None, help="first hypothesis seed (default: from the clock)")
     parser.add_argument("--work-dir", default=None, help="where the tiny checkpoint and the logs go")
+    parser.add_argument("--parsers", action="store_true",
+                        help=f"start llm_svc with vLLM's tool-call and reasoning parsers ({' '.join(PARSER_FLAGS)}), "
+                             "so that answers are parsed too; without it, tool fields only reach the chat template")
     args = parser.parse_args()
     work = work_dir(args.work_dir)
     seed = args.seed if args.seed is not None else int(time.time())
-    print(f"seed {seed}, logs in {work / 'logs'}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    vision, llm, gateway = start_stack(work)
+    print(f"seed {seed}, logs in {work / 'logs'}, parsers {'on' if args.parsers else 'off'}, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    vision, llm, gateway = start_stack(work, PARSER_FLAGS if args.parsers else [])
     try:
         from protos import llm_pb2_grpc, vision_pb2_grpc
         tallies = {name: Tally() for name in ("gateway, inside the schema", "gateway, outside the schema",
