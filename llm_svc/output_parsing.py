@@ -235,7 +235,8 @@ def _tools_shape_message(tools) -> str:
     try:
         _TOOLS.validate_python(tools)
     except pydantic.ValidationError as error:
-        return "tools." + _validation_message(error)
+        first = error.errors(include_url=False)[0]
+        return f"{'.'.join(['tools', *map(str, first['loc'])])}: {first['msg']}"
     return "tools: not a list of functions"
 
 
