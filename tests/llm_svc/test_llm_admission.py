@@ -136,7 +136,7 @@ async def test_the_checked_input_with_the_embeddings_swapped_in_equals_a_fresh_r
 @pytest.mark.parametrize("side", ["left", "right"])
 async def test_a_truncation_that_cuts_out_an_image_placeholder_is_refused_naming_it(engine, side):
     """vLLM truncates the tokenized prompt before its image placeholders expand; where that drops a placeholder,
-    its processor fails an assertion (a 500 from vLLM's own server): here the client's error it is."""
+    its processor fails an assertion (a 500 from vLLM's own server): here it is the client's error."""
     _, _, _, admission, renderer = engine
     data = png_bytes(image(897, 448, seed=3))
     blob = ImageBlob(hashlib.sha256(data).hexdigest(), data)

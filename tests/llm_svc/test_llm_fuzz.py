@@ -92,8 +92,9 @@ def test_a_truncation_that_cuts_out_an_image_is_a_client_error(stack):
         response.text
 
 
-@pytest.mark.parametrize("definitions, named", [("5", "tools"), ("[10000000000000000000000000000000000000000]", "tools.0"),
-                                                ('[{"type": "function", "function": 5}]', "tools.0.function")])
+@pytest.mark.parametrize("definitions, named", [
+    ("5", "tools"), ("[10000000000000000000000000000000000000000]", "tools.0"),
+    ('[{"type": "function", "function": 5}]', "tools.0.function")])
 def test_tools_of_the_wrong_shape_with_a_named_choice_are_a_client_error(stack, definitions, named):
     """vLLM's check of a named tool_choice reads the tools before their shape is checked: a TypeError, INTERNAL."""
     _, _, _, client = stack
