@@ -333,6 +333,17 @@ def sampling_pb(max_tokens: st.SearchStrategy[int] = ints(*UINT32)) -> st.Search
                           st.dictionaries(ints(*UINT32), floats(width=32), max_size=3)))
 
 
+def video_source(message_type) -> st.SearchStrategy:
+    """A video's bytes (never a real video: decoding one costs seconds) or a content hash, as `message_type`."""
+    return st.binary(max_size=256).map(lambda d: message_type(data=d)) | \
+        content_hashes().map(lambda h: message_type(content_hash=h))
+
+
+def video_options(message_type) -> st.SearchStrategy:
+    """How a video's frames are sampled (both stages' VideoOptions have these fields)."""
+    return optional_fields(message_type, num_frames=counted(-1, 32, INT32), fps=between(0.0, 30.0))
+
+
 def _image_part(kind: str, value) -> llm_pb2.ImagePart:
     return llm_pb2.ImagePart(**{kind: value}) if kind else llm_pb2.ImagePart()
 
@@ -341,8 +352,7 @@ def content_part_pb(text_size: int = 48) -> st.SearchStrategy[llm_pb2.ContentPar
     """Text, an image, or now and then a video (bytes that are no video, or a hash) or an empty part."""
     image = mostly(image_bytes().map(lambda d: _image_part("data", d)) |
                    content_hashes().map(lambda h: _image_part("content_hash", h)), st.just(_image_part("", None)))
-    video = st.binary(max_size=256).map(lambda d: llm_pb2.VideoPart(data=d)) | \
-        content_hashes().map(lambda h: llm_pb2.VideoPart(content_hash=h))
+    video = video_source(llm_pb2.VideoPart)
     return mostly(text(text_size).map(lambda t: llm_pb2.ContentPart(text=t)) |
                   image.map(lambda i: llm_pb2.ContentPart(image=i)),
                   video.map(lambda v: llm_pb2.ContentPart(video=v)) | st.just(llm_pb2.ContentPart()))
@@ -384,14 +394,13 @@ def generate_request_pb(text_size: int = 48, max_tokens: st.SearchStrategy[int] 
                                                                      repeated(ints(*UINT32), huge=5000)))
     inputs = st.one_of(chat_pb(text_size).map(lambda c: {"chat": c}), prompt.map(lambda p: {"prompt": p}),
                        prompt_tokens.map(lambda t: {"prompt_tokens": t}), st.just({}))
-    video_options = optional_fields(llm_pb2.VideoOptions, num_frames=counted(-1, 32, INT32), fps=between(0.0, 30.0))
     fields = optional_fields(
         dict, {"request_id": text(40), "sampling": sampling_pb(max_tokens),
                "max_tiles": mostly(st.integers(0, 13), ints(*UINT32))},
         return_prompt_text=st.booleans(), parse_at_end=st.booleans(),
         truncate_prompt_tokens=mostly(ints(-1, 2000), ints(*INT64)),
         truncation_side=mostly(st.sampled_from(("left", "right", "")), text(8)), continuous_usage=st.booleans(),
-        video_options=video_options)
+        video_options=video_options(llm_pb2.VideoOptions))
     return st.builds(lambda given, what: llm_pb2.GenerateRequest(**given, **what), fields, inputs)
 
 
@@ -414,16 +423,13 @@ def encode_request_pb() -> st.SearchStrategy[vision_pb2.EncodeRequest]:
     image = mostly(image_bytes().map(lambda d: vision_pb2.ImageInput(data=d)) |
                    content_hashes().map(lambda h: vision_pb2.ImageInput(content_hash=h)),
                    st.just(vision_pb2.ImageInput()))
-    video = st.binary(max_size=256).map(lambda d: vision_pb2.VideoInput(data=d)) | \
-        content_hashes().map(lambda h: vision_pb2.VideoInput(content_hash=h))
     options = st.builds(vision_pb2.PreprocessOptions, max_tiles=mostly(st.integers(0, 13), ints(*UINT32)),
                         thumbnail=mostly(st.sampled_from(tuple(vision_pb2.Thumbnail.values())), ints(*INT32)))
     return optional_fields(
         vision_pb2.EncodeRequest, {"request_id": text(40), "images": repeated(image, min_size=1, huge=1000),
                                    "options": options},
-        data_plane=data_plane_offer_pb(), videos=repeated(video, max_size=2, huge=100),
-        video_options=optional_fields(vision_pb2.VideoOptions, num_frames=counted(-1, 32, INT32),
-                                      fps=between(0.0, 30.0)))
+        data_plane=data_plane_offer_pb(), videos=repeated(video_source(vision_pb2.VideoInput), max_size=2, huge=100),
+        video_options=video_options(vision_pb2.VideoOptions))
 
 
 def bounded_run(max_examples: int) -> settings:

@@ -235,16 +235,16 @@ def _tools_shape_message(tools) -> str:
     try:
         _TOOLS.validate_python(tools)
     except pydantic.ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        return f"{'.'.join(['tools', *map(str, first['loc'])])}: {first['msg']}"
+        return _validation_message(error, field="tools")
     return "tools: not a list of functions"
 
 
-def _validation_message(error: pydantic.ValidationError) -> str:
-    """The message of vLLM's own check where one failed (its server sends that text), else pydantic's."""
+def _validation_message(error: pydantic.ValidationError, field: str | None = None) -> str:
+    """The message of vLLM's own check where one failed (its server sends that text), else pydantic's; `field`: the
+    name of the value validated, where it is a request's field."""
     first = error.errors(include_url=False)[0]
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, Exception):
         return client_message(cause)
-    where = ".".join(str(part) for part in first["loc"])
+    where = ".".join(str(part) for part in ([field] if field else []) + list(first["loc"]))
     return f"{where}: {first['msg']}" if where else first["msg"]
