@@ -4,6 +4,7 @@ Stages raise these; `ErrorInterceptor` turns them into statuses, and `from_rpc_e
 received from another stage back into the same type, so a vision error reaches the gateway unchanged.
 """
 
+import inspect
 import logging
 
 import grpc
@@ -169,6 +170,10 @@ def _guard_unary(behavior, method):
 
 
 def _guard_stream(behavior, method):
+    if not inspect.isasyncgenfunction(behavior):
+        # A handler that streams with `context.write` (grpc's health Watch) is a plain coroutine.
+        return _guard_unary(behavior, method)
+
     async def guarded(request, context):
         try:
             _check_decoded(request)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import vision_pb2, vision_pb2_grpc
+from protos.server import KEEPALIVE_S, channel_options
 from tests.protos.fake_vision_server import SERVICE, make_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -40,6 +41,19 @@ async def test_health_turns_serving_only_when_told_and_reflection_lists_services
     await server.drain()
 
 
+async def test_health_watch_streams_each_change():
+    """Watch streams with `context.write` rather than yielding: the error interceptor passes it through."""
+    server = make_server()
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert (await call.read()).status == NOT_SERVING
+        await server.set_serving()
+        assert (await call.read()).status == SERVING
+        call.cancel()
+    await server.drain()
+
+
 async def test_typed_errors_map_to_status_codes_with_metadata():
     server = make_server()
     port = await server.start()
@@ -62,15 +76,20 @@ async def test_typed_errors_map_to_status_codes_with_metadata():
     await server.drain()
 
 
-def test_sigterm_drains_in_flight_stream_then_exits(tmp_path):
-    port_file = tmp_path / "port"
+def start_fake_server(port_file: pathlib.Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).parent / "fake_vision_server.py"),
                              str(port_file)], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 30
+    while not port_file.exists() or not port_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_drains_in_flight_stream_then_exits(tmp_path):
+    port_file = tmp_path / "port"
+    proc = start_fake_server(port_file)
     try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text():
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.05)
         target = f"127.0.0.1:{port_file.read_text()}"
 
         async def stream_while_terminating():
@@ -90,5 +109,30 @@ def test_sigterm_drains_in_flight_stream_then_exits(tmp_path):
         assert len(chunks) == 5 and chunks[-1].last
         assert status_during_drain == NOT_SERVING
         assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_a_quiet_call_lives_through_pings_and_a_silent_server_fails_it_unavailable(tmp_path):
+    """Keepalive: a live server answers the pings on a call that carries nothing for longer than the ping
+    interval; once the server stops answering (SIGSTOP, as a partition or a hung host would), the call fails
+    UNAVAILABLE within the ping interval and timeout (20 s), which a caller retries elsewhere, and not
+    DEADLINE_EXCEEDED at its deadline."""
+    port_file = tmp_path / "port"
+    proc = start_fake_server(port_file)
+    try:
+        async def watch() -> grpc.StatusCode:
+            options = channel_options(8 << 20)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port_file.read_text()}", options=options) as channel:
+                call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                await call.read()
+                await asyncio.sleep(KEEPALIVE_S + 1)
+                assert await health_status(channel) == SERVING  # the connection outlived a ping
+                proc.send_signal(signal.SIGSTOP)
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await call.read()
+                return failure.value.code()
+
+        assert asyncio.run(watch()) == grpc.StatusCode.UNAVAILABLE
     finally:
         proc.kill()
