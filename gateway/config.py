@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--max-request-bytes plus --max-images-per-request x --max-image-bytes plus "
                              "--max-videos-per-request x --max-video-bytes")
     parser.add_argument("--unavailable-cooldown-s", type=float, default=d.unavailable_cooldown_s,
-                        help="how long a replica that answered UNAVAILABLE is skipped by the balancer")
+                        help="how long a replica that answered UNAVAILABLE (down, or found silent by keepalive pings) "
+                             "goes last in the balancer's order; after that, until its connection is back")
     parser.add_argument("--multiplex-llm-calls", action=argparse.BooleanOptionalAction, default=d.multiplex_llm_calls,
                         help="carry the requests to each llm_svc replica on one GenerateStream, so that the tokens "
                              "of requests that arrive together cost one gRPC message; --no-multiplex-llm-calls: "

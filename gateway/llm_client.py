@@ -24,10 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import llm_pb2, llm_pb2_grpc, tracing
 from protos.call_stream import CallStream, StreamedCall
-from protos.endpoints import DEFAULT_REFRESH_S, DEFAULT_RETIRE_S, Address, Endpoint, EndpointSet, certificate_name
+from protos.endpoints import (DEFAULT_REFRESH_S, DEFAULT_RETIRE_S, Address, Endpoint, EndpointSet, certificate_name,
+                              down_last)
 from protos.errors import FAILED_STAGE_KEY, InternalError, ServingError, Unavailable, from_rpc_error
 from protos.security import TlsFiles, open_channel
-from protos.server import channel_options
+from protos.server import channel_options, channel_ready
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class LlmClient:
         candidates = (await self._pick())[:2]
         for attempt, endpoint in enumerate(candidates):
             try:
-                return await getattr(endpoint.connection.stub, method)(request, timeout=timeout_s)
+                answer = await getattr(endpoint.connection.stub, method)(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error, endpoint.address.target)
                 if error.code not in _RETRIED_ELSEWHERE or _failed_behind(error) or attempt == len(candidates) - 1:
@@ -195,6 +196,9 @@ class LlmClient:
                 if error.code == grpc.StatusCode.UNAVAILABLE:
                     endpoint.down_until = time.monotonic() + self._cooldown_s
                     self._endpoints.refresh_soon()
+                continue
+            endpoint.down_until = 0.0
+            return answer
         raise Unavailable("no language service replica")
 
     async def healthy_replicas(self, timeout_s: float) -> list[str]:
@@ -212,11 +216,9 @@ class LlmClient:
         return [e.address.target for e, ok in zip(endpoints, states) if ok]
 
     async def _pick(self) -> list[Endpoint[Replica]]:
-        """Every replica, starting at the next in turn; those cooling down after UNAVAILABLE go last."""
+        """Every replica, starting at the next in turn; those that answered UNAVAILABLE go last."""
         endpoints = await self._endpoints.ensure_some()
         if not endpoints:
             return []
         start = next(self._turn) % len(endpoints)
-        ordered = endpoints[start:] + endpoints[:start]
-        now = time.monotonic()
-        return sorted(ordered, key=lambda e: e.down_until > now)
+        return down_last(endpoints[start:] + endpoints[:start], lambda replica: channel_ready(replica.channel))

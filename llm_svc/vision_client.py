@@ -29,15 +29,18 @@ from llm_svc.embedding_receiver import INLINE_ONLY, CallReceiver, EmbeddingRecei
 from llm_svc.video_client import VideoBlob, VideoEmbedding, VideoOptions, encode_videos
 from protos import errors, tensors, tracing, vision_pb2, vision_pb2_grpc
 from protos.endpoints import (DEFAULT_RETIRE_S, MIN_REFRESH_GAP_S, Address, Endpoint, EndpointSet, certificate_name,
-                              rendezvous_order)
+                              down_last, rendezvous_order)
 from protos.security import TlsFiles, open_channel
 from protos.transport.errors import TransferError
-from protos.server import channel_options
+from protos.server import channel_options, channel_ready
 
 log = logging.getLogger(__name__)
 
 RECENT_HASHES = 4096
 MISSING_IMAGES_KEY = "missing-image-indices"  # vision_svc's NotFound names the images to resend under this key
+# A replica that answered UNAVAILABLE (down, or found silent by keepalive) takes new images only after this long,
+# and once its channel has connected again; until then its images go to their next replica.
+UNAVAILABLE_COOLDOWN_S = 5.0
 
 
 def hold_nothing(nbytes: int) -> None:
@@ -114,24 +117,34 @@ class VisionClient:
         """Embeddings of `images`, in order; `hold_bytes(n)` is called before each embedding of n bytes is
         received, and may refuse it by raising (Overloaded). Embeddings of an attempt that failed stay counted:
         the budget errs on the side of holding too much, until the caller releases it all."""
-        replicas = rendezvous_order(images[0].content_hash, await self._endpoints.ensure_some())[:2]
+        replicas = (await self._ordered(images[0].content_hash))[:2]
         if not replicas:
             raise errors.Unavailable("vision_svc: no replica resolved",
                                      metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
         for attempt, replica in enumerate(replicas):
             try:
-                return await self._encode_on(replica, request_id, images, max_tiles, timeout_s, hold_bytes)
+                results = await self._encode_on(replica, request_id, images, max_tiles, timeout_s, hold_bytes)
             except (errors.Unavailable, errors.Overloaded) as error:
                 # Without a peer the error is the caller's own budget, which another replica would not change.
                 if error.peer is None:
                     raise
                 if isinstance(error, errors.Unavailable):
+                    replica.down_until = time.monotonic() + UNAVAILABLE_COOLDOWN_S
                     self._endpoints.refresh_soon()
                 if attempt == len(replicas) - 1:
                     raise
                 log.warning("vision_svc %s: %s; retrying on %s", replica.address.target, error,
                             replicas[attempt + 1].address.target)
+                continue
+            replica.down_until = 0.0
+            return results
         raise AssertionError("unreachable")
+
+    async def _ordered(self, content_hash: str) -> list[Endpoint[VisionReplica]]:
+        """The replicas by their weight for `content_hash` (its cache's home first), those that answered
+        UNAVAILABLE last."""
+        return down_last(rendezvous_order(content_hash, await self._endpoints.ensure_some()),
+                         lambda replica: channel_ready(replica.channel))
 
     async def _encode_on(self, replica: Endpoint[VisionReplica], request_id: str, images: list[ImageBlob],
                          max_tiles: int, timeout_s: float, hold_bytes: Callable[[int], None]) -> list[ImageEmbedding]:
@@ -209,7 +222,7 @@ class VisionClient:
                             timeout_s: float, hold_bytes: Callable[[int], None] = hold_nothing
                             ) -> list[VideoEmbedding]:
         """Embeddings of `videos`, in order, from one Encode call of videos only (`video_client`)."""
-        replicas = rendezvous_order(videos[0].content_hash, await self._endpoints.ensure_some())
+        replicas = await self._ordered(videos[0].content_hash)
         if not replicas:
             raise errors.Unavailable("vision_svc: no replica resolved",
                                      metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))

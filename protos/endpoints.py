@@ -102,13 +102,25 @@ def rendezvous_order(key: str, endpoints: list["Endpoint[T]"]) -> list["Endpoint
     return sorted(endpoints, key=weight, reverse=True)
 
 
+def down_last(endpoints: list["Endpoint[T]"], ready: Callable[[T], bool]) -> list["Endpoint[T]"]:
+    """`endpoints` in their order, those that answered UNAVAILABLE last: during their cooldown, and after it until
+    `ready(connection)` says their channel is connected again (a call on a channel still connecting to a silent
+    address waits for the attempt to time out, 20 s)."""
+    now = time.monotonic()
+
+    def down(endpoint: Endpoint[T]) -> bool:
+        return endpoint.down_until != 0.0 and (endpoint.down_until > now or not ready(endpoint.connection))
+    return sorted(endpoints, key=down)
+
+
 class Endpoint(Generic[T]):
     """One replica: its address, what `connect` made for it (channel and stubs), and when it may be tried again."""
 
     def __init__(self, address: Address, connection: T):
         self.address = address
         self.connection = connection
-        # Monotonic time before which balancers prefer other endpoints (after an UNAVAILABLE answer).
+        # Monotonic time before which balancers prefer other endpoints (after an UNAVAILABLE answer; 0 once a
+        # call succeeds again).
         self.down_until = 0.0
 
     def __repr__(self) -> str:

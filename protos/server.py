@@ -48,6 +48,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     ]
 
 
+def channel_ready(channel: grpc.aio.Channel) -> bool:
+    """Whether `channel` is connected; asking starts a connection on an idle one."""
+    return channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY
+
+
 class GrpcServer:
     """A grpc.aio server with health, reflection and the error interceptor installed; TLS (mutual with a CA)
     when `tls` is enabled, a bearer token required when `auth_token` is set, and plaintext health alone on

@@ -1,6 +1,7 @@
 """VisionClient against scripted vision replicas on real loopback gRPC servers: retries, hash-first, resend."""
 
 import hashlib
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ class ScriptedReplica(vision_pb2_grpc.VisionEncoderServicer):
 
     def __init__(self, full: bool = False):
         self.full = full
+        self.down = False
         self.known: set[str] = set()
         self.requests: list[vision_pb2.EncodeRequest] = []
 
@@ -31,6 +33,8 @@ class ScriptedReplica(vision_pb2_grpc.VisionEncoderServicer):
         self.requests.append(request)
         if self.full:
             raise errors.Overloaded("vision queue full")
+        if self.down:
+            raise errors.Unavailable("vision_svc is draining")
         hashes = [i.content_hash if i.WhichOneof("source") == "content_hash" else hashlib.sha256(i.data).hexdigest()
                   for i in request.images]
         missing = [n for n, (i, h) in enumerate(zip(request.images, hashes)) if not i.data and h not in self.known]
@@ -96,6 +100,19 @@ async def test_a_full_replica_is_retried_on_the_other(replicas):
     result = await client.encode("r", [routed_to(0)], max_tiles=0, timeout_s=5)
     assert result[0].embeddings.shape == (ROWS, WIDTH)
     assert len(scripts[0].requests) == 1 and len(scripts[1].requests) == 1
+
+
+async def test_a_replica_that_answered_unavailable_is_skipped_until_it_cooled_down(replicas):
+    client, scripts = replicas
+    scripts[0].down = True
+    for seed in range(2):
+        await client.encode(f"r{seed}", [routed_to(0)], max_tiles=0, timeout_s=5)
+    assert len(scripts[0].requests) == 1 and len(scripts[1].requests) == 2  # the second went to replica 1 at once
+    scripts[0].down = False
+    for endpoint in client._endpoints.live():
+        endpoint.down_until = min(endpoint.down_until, time.monotonic())  # the cooldown is over; its channel ready
+    await client.encode("r2", [routed_to(0)], max_tiles=0, timeout_s=5)
+    assert len(scripts[0].requests) == 2
 
 
 async def test_recent_images_travel_as_hashes_and_are_resent_when_forgotten(replicas):

@@ -2,11 +2,12 @@
 
 import asyncio
 import socket
+import time
 
 import pytest
 
-from protos.endpoints import (Address, Endpoint, EndpointSet, certificate_name, check_targets, parse_target,
-                              rendezvous_order, system_resolver)
+from protos.endpoints import (Address, Endpoint, EndpointSet, certificate_name, check_targets, down_last,
+                              parse_target, rendezvous_order, system_resolver)
 
 
 @pytest.mark.parametrize("target,pairs,names", [
@@ -45,6 +46,23 @@ def test_rendezvous_moves_only_the_keys_of_a_replica_that_joins_or_leaves():
     # The order is a fallback list: a key's second choice is where it goes when its home is down.
     assert all(rendezvous_order(key, two)[0].address.host == rendezvous_order(key, three)[1].address.host
                for key in moved)
+
+
+def test_replicas_that_answered_unavailable_go_last_until_cooled_down_and_connected():
+    a, b, c = (Endpoint(Address(host, 1, host), host) for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"))
+    connected = {"10.0.0.1": False, "10.0.0.2": True, "10.0.0.3": False}
+    asked = []
+
+    def order() -> list[str]:
+        return [e.address.host for e in down_last([a, b, c], lambda host: asked.append(host) or connected[host])]
+
+    assert order() == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] and asked == []  # none down, no channel asked
+    a.down_until = b.down_until = time.monotonic() + 60
+    assert order() == ["10.0.0.3", "10.0.0.1", "10.0.0.2"]  # cooling down, in their order among themselves
+    a.down_until = b.down_until = time.monotonic() - 1
+    assert order() == ["10.0.0.2", "10.0.0.3", "10.0.0.1"]  # a's cooldown is over but its channel still connecting
+    connected["10.0.0.1"] = True
+    assert order() == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
 class Dns:
