@@ -19,13 +19,15 @@ its own requests), then applies its fault:
 - partition: vision-1 runs in a network namespace of its own, reached over a veth pair, and the link goes down
   for --fault-s (packets dropped, no reset). Needs root and `ip netns`; skipped, with the reason, otherwise.
 
-A blackhole or partition longer than llm_svc's --vision-timeout-s fails the image requests that meet it with a
-504 at that deadline: llm_svc retries another vision replica only when one answers UNAVAILABLE or
-RESOURCE_EXHAUSTED, and a silent one never does. Timeouts are small, so that the faults play out within a run.
+gRPC's keepalive finds a silent vision replica (blackhole, partition) within 20 s: its calls fail UNAVAILABLE,
+llm_svc retries them on the other replica and sends it that replica's images until the connection is back. A
+--vision-timeout-s under that fails the image requests that meet the fault with a 504 at the deadline instead.
+Timeouts are small, so that the faults play out within a run.
 
 Which mechanism each phase used is printed with its results. Checked (the exit status is 1 when one fails): no
 request hangs (open past the gateway's --request-timeout-s plus a margin); every failure is an HTTP error or an
-SSE error event with a message; the baseline and the vision kill lose no request; the llm_svc kill fails only
+SSE error event with a message; the baseline and the vision kill lose no request, nor do the blackhole and the
+partition when --vision-timeout-s leaves keepalive its 20 s; the llm_svc kill fails only
 requests that were in flight on the killed replica, each with a 5xx or an SSE error; both restarted replicas
 serve again; the gateway sees both llm_svc replicas healthy at the end.
 """
@@ -47,10 +49,13 @@ from bench.fault_phases import PHASE_COUNT, Phase, plan, run_phases
 from bench.fault_stack import Stack, start_stack
 from bench.traffic import HUNG, Outcome, RequestMix, Traffic, latency_summary
 from deploy.local import Stage
+from protos.server import KEEPALIVE_S, PING_TIMEOUT_S
 
 # How long past the gateway's deadline a request may stay open before it counts as hung.
 HANG_MARGIN_S = 10.0
 ID_PREFIX = "faults"
+# Keepalive's ping interval and answer timeout, and a margin for the retry: how long a silent replica can hold a call.
+SILENT_FOUND_S = KEEPALIVE_S + PING_TIMEOUT_S + 5
 
 
 # ---- what happened ------------------------------------------------------------------------------------------
@@ -115,8 +120,8 @@ def failure_rows(phases: list[Phase], outcomes: list[Outcome]) -> list[list]:
     return rows
 
 
-def check(phases: list[Phase], outcomes: list[Outcome], killed_llm_log: pathlib.Path, healthy_at_end: list[str]
-          ) -> list[tuple[str, bool, str]]:
+def check(phases: list[Phase], outcomes: list[Outcome], killed_llm_log: pathlib.Path, healthy_at_end: list[str],
+          vision_timeout_s: float) -> list[tuple[str, bool, str]]:
     """(what is expected, whether it held, the figures behind it)."""
     by_name = {p.name: p for p in phases}
     checks = []
@@ -125,7 +130,10 @@ def check(phases: list[Phase], outcomes: list[Outcome], killed_llm_log: pathlib.
     unclean = [o for o in outcomes if not o.clean]
     checks.append(("every failure is an HTTP error or an SSE error event, with a message", not unclean,
                    "; ".join(f"{o.request_id}: {o.result}: {o.message[:80]}" for o in unclean[:3]) or "all clean"))
-    for name in ("baseline", "vision kill -9"):
+    lossless = ["baseline", "vision kill -9"]
+    if vision_timeout_s > SILENT_FOUND_S:
+        lossless += [name for name in ("blackhole", "partition") if by_name[name].skipped is None]
+    for name in lossless:
         failed = [o for o in outcomes_of(by_name[name], phases, outcomes) if not o.ok]
         checks.append((f"{name}: no request lost", not failed, f"{len(failed)} failed"))
     llm_kill = by_name["llm_svc kill -9"]
@@ -161,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (ignore_eos)")
     parser.add_argument("--lead-in-s", type=float, default=5.0, help="plain traffic at the start of each phase")
-    parser.add_argument("--fault-s", type=float, default=10.0,
+    parser.add_argument("--fault-s", type=float, default=30.0,
                         help="how long each network fault lasts (at most what its phase leaves)")
     parser.add_argument("--delay-ms", type=int, default=100, help="delay phase: added latency, each way")
     parser.add_argument("--loss-percent", type=float, default=5.0, help="loss phase with netem: packets dropped")
@@ -169,8 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="loss phase with the fault proxy: chance that a forwarded chunk resets its connection")
     parser.add_argument("--request-timeout-s", type=float, default=30.0,
                         help="the gateway's deadline per request (--request-timeout-s)")
-    parser.add_argument("--vision-timeout-s", type=float, default=5.0,
-                        help="llm_svc's deadline per vision_svc call (--vision-timeout-s)")
+    parser.add_argument("--vision-timeout-s", type=float, default=30.0,
+                        help="llm_svc's deadline per vision_svc call (--vision-timeout-s); above 25 s, keepalive's "
+                             "time to find a silent replica and a margin, the blackhole and partition must lose no "
+                             "request")
     parser.add_argument("--no-namespace", action="store_true",
                         help="keep vision-1 on loopback (and skip the partition) even when namespaces are available")
     parser.add_argument("--model", type=pathlib.Path, default=None,
@@ -224,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.request_timeout_s + HANG_MARGIN_S, ID_PREFIX).start()
         run_phases(phases, traffic, phase_s, lead_in_s)
         traffic.stop()
-        checks = check(phases, traffic.outcomes, stack.llm[1].log_path(0), healthy_replicas(stack.gateway))
+        checks = check(phases, traffic.outcomes, stack.llm[1].log_path(0), healthy_replicas(stack.gateway),
+                       args.vision_timeout_s)
     finally:
         # Interrupted: no new requests, the stages go (what is in flight fails at once), then the traffic ends.
         if traffic is not None:

@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from bench import netns
+from bench.fault_phases import Phase
 from bench.fault_proxy import NO_FAULT, Fault, FaultProxy
+from bench.faults import check
 from bench.traffic import COMPLETED, NO_MESSAGE, STREAM_CUT, Outcome, send_chat
 
 
@@ -110,3 +112,15 @@ def test_a_bare_5xx_is_not_a_clean_failure():
 def test_namespaces_are_named_by_pid_and_get_subnets_of_their_own():
     assert netns.subnet_of(os.getpid()) != netns.subnet_of(os.getpid() + 1)
     assert netns.subnet_of(4_194_303).subnet_of(ipaddress.IPv4Network("10.0.0.0/8"))  # the largest pid
+
+
+@pytest.mark.parametrize("vision_timeout_s, checked", [(5.0, False), (30.0, True)])
+def test_a_blackhole_must_lose_nothing_when_the_vision_deadline_outlasts_keepalive(tmp_path, vision_timeout_s, checked):
+    names = ["baseline", "vision kill -9", "llm_svc kill -9", "blackhole", "partition"]
+    phases = [Phase(name, "", "", started=10.0 * n, fault_at=10.0 * n + 1) for n, name in enumerate(names)]
+    phases[-1].skipped = "no namespaces"
+    lost = Outcome(0, "faults-000000", "image", False, 31.0, 45.0, "HTTP 504", "Deadline exceeded")
+    checks = {expected: held for expected, held, _ in check(phases, [lost], tmp_path / "llm.log", ["a", "b"],
+                                                             vision_timeout_s)}
+    assert checks.get("blackhole: no request lost") is (False if checked else None)
+    assert "partition: no request lost" not in checks  # skipped
