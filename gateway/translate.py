@@ -5,6 +5,7 @@ Nothing here does I/O: image bytes arrive already loaded, in the order `image_ur
 
 import dataclasses
 import json
+import math
 
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart, VideoPart
 from gateway.structured_outputs import structured_outputs_to_proto
@@ -205,11 +206,12 @@ LOWEST_LOGPROB = -9999.0
 
 
 def _clamped(logprob: float) -> float:
-    return max(logprob, LOWEST_LOGPROB)
+    """-inf (a token masked by a grammar or a bias) and NaN as vLLM's floor: JSON has neither."""
+    return LOWEST_LOGPROB if math.isnan(logprob) else max(logprob, LOWEST_LOGPROB)
 
 
 def _token_json(token: str, logprob: float) -> dict:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    return {"token": token, "logprob": _clamped(logprob), "bytes": list(token.encode())}
 
 
 def chat_logprobs(response: llm_pb2.GenerateResponse) -> list[dict]:

@@ -146,3 +146,19 @@ def test_the_readme_example_answers_in_its_schema(stack, tmp_path):
     assert result.returncode == 0, result.stderr
     printed = result.stdout.strip()
     assert printed.startswith("{'answer': ") and printed.endswith("}"), printed
+
+
+def test_logprobs_of_tokens_the_constraint_masks_are_vllm_s_floor(servers):
+    """The constraint masks the logits before the log-probabilities are taken: the alternatives it rules out are
+    -inf, which JSON cannot carry, and come back as vLLM's -9999.0, streamed and not."""
+    body = chat(structured_outputs={"choice": CHOICES}, logprobs=True, top_logprobs=5)
+    ours, theirs = servers
+    mine, vllms = (client.post(CHAT, json=body) for client in (ours, theirs))
+    assert mine.status_code == 200, mine.text
+    logprobs = mine.json()["choices"][0]["logprobs"]["content"]
+    assert logprobs == vllms.json()["choices"][0]["logprobs"]["content"]
+    assert any(top["logprob"] == -9999.0 for token in logprobs for top in token["top_logprobs"])
+    with ours.stream("POST", CHAT, json={**body, "stream": True}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    choices = [c for e in events[:-1] for c in json.loads(e)["choices"]]
+    assert [t for c in choices for t in (c["logprobs"] or {}).get("content", [])] == logprobs

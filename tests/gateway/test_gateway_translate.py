@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -266,3 +267,27 @@ def test_an_sse_event_is_one_line_of_json_that_reads_back_as_its_payload(payload
 
 def test_an_sse_event_writes_what_json_cannot_carry_as_null():
     assert sse({"logprob": float("nan"), "top": [float("-inf")]}) == b'data: {"logprob":null,"top":[null]}\n\n'
+
+
+# What the engine can send (a log-probability, as the contract's float32), -inf and NaN among them.
+ANY_LOGPROB = st.floats(max_value=0.0, width=32) | st.sampled_from([float("-inf"), float("nan")])
+
+
+def floor(value: float) -> float:
+    return translate.LOWEST_LOGPROB if math.isnan(value) else max(value, translate.LOWEST_LOGPROB)
+
+
+@given(token=ANY_LOGPROB, top=st.lists(ANY_LOGPROB, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_every_logprob_a_response_carries_is_valid_json(token, top):
+    """-inf (a token the grammar masks) and NaN become vLLM's floor, -9999.0: a chat answer's logprobs, a
+    completion's and the prompt's all serialize as strict JSON."""
+    alternatives = [llm_pb2.TopLogprob(token_id=n, token=f"t{n}", logprob=v) for n, v in enumerate(top)]
+    response = llm_pb2.GenerateResponse(
+        logprobs=[llm_pb2.TokenLogprob(token_id=9, token="x", logprob=token, top=alternatives)],
+        prompt_logprobs=[llm_pb2.PromptTokenLogprob(token_id=9, token="x", logprob=token, rank=1, top=alternatives)])
+    chat = translate.chat_logprobs(response)
+    json.dumps([chat, translate.generated_tokens(response), translate.prompt_logprobs_json(response.prompt_logprobs)],
+               allow_nan=False)
+    assert chat[0]["logprob"] == floor(token)
+    assert [t["logprob"] for t in chat[0]["top_logprobs"]] == [floor(v) for v in top]
