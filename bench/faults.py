@@ -178,9 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-timeout-s", type=float, default=30.0,
                         help="the gateway's deadline per request (--request-timeout-s)")
     parser.add_argument("--vision-timeout-s", type=float, default=30.0,
-                        help="llm_svc's deadline per vision_svc call (--vision-timeout-s); above 25 s, keepalive's "
-                             "time to find a silent replica and a margin, the blackhole and partition must lose no "
-                             "request")
+                        help=f"llm_svc's deadline per vision_svc call (--vision-timeout-s); above {SILENT_FOUND_S} s, "
+                             "keepalive's time to find a silent replica and a margin, the blackhole and partition "
+                             "must lose no request")
     parser.add_argument("--no-namespace", action="store_true",
                         help="keep vision-1 on loopback (and skip the partition) even when namespaces are available")
     parser.add_argument("--model", type=pathlib.Path, default=None,
