@@ -28,7 +28,7 @@ from protos.endpoints import (DEFAULT_REFRESH_S, DEFAULT_RETIRE_S, Address, Endp
                               down_last)
 from protos.errors import FAILED_STAGE_KEY, InternalError, ServingError, Unavailable, from_rpc_error
 from protos.security import TlsFiles, open_channel
-from protos.server import channel_options, channel_ready
+from protos.server import channel_options, channel_state
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +216,9 @@ class LlmClient:
         return [e.address.target for e, ok in zip(endpoints, states) if ok]
 
     async def _pick(self) -> list[Endpoint[Replica]]:
-        """Every replica, starting at the next in turn; those that answered UNAVAILABLE go last."""
+        """Every replica, starting at the next in turn; those that are down (`down_last`) go last."""
         endpoints = await self._endpoints.ensure_some()
         if not endpoints:
             return []
         start = next(self._turn) % len(endpoints)
-        return down_last(endpoints[start:] + endpoints[:start], lambda replica: channel_ready(replica.channel))
+        return down_last(endpoints[start:] + endpoints[:start], lambda replica: channel_state(replica.channel))

@@ -7,7 +7,8 @@
 - Hash first: images this client sent recently go as their hash only; on NOT_FOUND (evicted, or another
   replica) the request is resent with bytes.
 - On UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED (replica full) the request is retried once on the
-  hash's second replica; UNAVAILABLE also asks for a new resolution of the names.
+  hash's second replica; UNAVAILABLE also asks for a new resolution of the names. A replica whose channel is
+  failing (unreachable, or its health says NOT_SERVING: draining, its work stuck) goes last without a call.
 - Embedding bytes come over the data plane negotiated with each replica (`embedding_receiver`): shared
   memory, a direct socket, or inline in the stream.
 - Bytes held: each embedding's size is counted against the caller's budget (`hold_bytes`) when its header
@@ -32,7 +33,7 @@ from protos.endpoints import (DEFAULT_RETIRE_S, MIN_REFRESH_GAP_S, Address, Endp
                               down_last, rendezvous_order)
 from protos.security import TlsFiles, open_channel
 from protos.transport.errors import TransferError
-from protos.server import channel_options, channel_ready
+from protos.server import channel_options, channel_state, connection_options
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,16 @@ class VisionClient:
                  retire_s: float = DEFAULT_RETIRE_S, data_plane: ReceiverSettings = INLINE_ONLY):
         if not targets:
             raise ValueError("no vision_svc address given")
-        options = channel_options(max_message_bytes)
+        def open_to(address: Address, options: list[tuple[str, int | str]]) -> grpc.aio.Channel:
+            return open_channel(address.target, options, tls, server_name or certificate_name(address), token)
 
         def connect(address: Address) -> VisionReplica:
-            channel = open_channel(address.target, options, tls, server_name or certificate_name(address), token)
+            channel = open_to(address, channel_options(max_message_bytes))
             return VisionReplica(channel, vision_pb2_grpc.VisionEncoderStub(channel))
+
+        # GetInfo at start asks a replica that may still be warming up (NOT_SERVING), which the replicas' channels,
+        # as they check health, would not reach: the language engine then loads while the encoder warms.
+        self._open_unchecked = lambda address: open_to(address, connection_options(max_message_bytes))
 
         async def close(replica: VisionReplica) -> None:
             await replica.channel.close()
@@ -94,22 +100,24 @@ class VisionClient:
         await self._endpoints.start()
 
     async def get_info(self, timeout_s: float) -> vision_pb2.GetInfoResponse:
-        """GetInfo from the first replica that answers, waiting up to `timeout_s` for one to exist and be ready."""
+        """GetInfo from the first replica that answers, waiting up to `timeout_s` for one to exist and be reachable
+        (serving or still warming up)."""
         deadline = time.monotonic() + timeout_s
         last_error = None
         while not (replicas := await self._endpoints.ensure_some()) and time.monotonic() < deadline:
             await asyncio.sleep(MIN_REFRESH_GAP_S)  # a name with no address yet: its replicas are starting
         for endpoint in replicas:
-            stub = endpoint.connection.stub
-            try:
-                return await stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=max(deadline - time.monotonic(), 1),
-                                          wait_for_ready=True)
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    # Waiting for ready hides why no connection came up (a refused TLS handshake, a certificate
-                    # for another name): one call that fails at once says it.
-                    error = await _fail_fast(stub) or error
-                last_error = errors.from_rpc_error(error, f"vision_svc {endpoint.address.target}")
+            async with self._open_unchecked(endpoint.address) as channel:
+                stub = vision_pb2_grpc.VisionEncoderStub(channel)
+                try:
+                    return await stub.GetInfo(vision_pb2.GetInfoRequest(),
+                                              timeout=max(deadline - time.monotonic(), 1), wait_for_ready=True)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        # Waiting for ready hides why no connection came up (a refused TLS handshake, a certificate
+                        # for another name): one call that fails at once says it.
+                        error = await _fail_fast(stub) or error
+                    last_error = errors.from_rpc_error(error, f"vision_svc {endpoint.address.target}")
         raise errors.Unavailable(f"no vision_svc replica answered GetInfo: {last_error or 'none resolved'}")
 
     async def encode(self, request_id: str, images: list[ImageBlob], max_tiles: int, timeout_s: float,
@@ -141,10 +149,9 @@ class VisionClient:
         raise AssertionError("unreachable")
 
     async def _ordered(self, content_hash: str) -> list[Endpoint[VisionReplica]]:
-        """The replicas by their weight for `content_hash` (its cache's home first), those that answered
-        UNAVAILABLE last."""
+        """The replicas by their weight for `content_hash` (its cache's home first), those that are down last."""
         return down_last(rendezvous_order(content_hash, await self._endpoints.ensure_some()),
-                         lambda replica: channel_ready(replica.channel))
+                         lambda replica: channel_state(replica.channel))
 
     async def _encode_on(self, replica: Endpoint[VisionReplica], request_id: str, images: list[ImageBlob],
                          max_tiles: int, timeout_s: float, hold_bytes: Callable[[int], None]) -> list[ImageEmbedding]:

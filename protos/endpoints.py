@@ -20,6 +20,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+import grpc
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -102,14 +104,19 @@ def rendezvous_order(key: str, endpoints: list["Endpoint[T]"]) -> list["Endpoint
     return sorted(endpoints, key=weight, reverse=True)
 
 
-def down_last(endpoints: list["Endpoint[T]"], ready: Callable[[T], bool]) -> list["Endpoint[T]"]:
-    """`endpoints` in their order, those that answered UNAVAILABLE last: during their cooldown, and after it until
-    `ready(connection)` says their channel is connected again (a call on a channel still connecting to a silent
-    address waits for the attempt to time out, 20 s)."""
+def down_last(endpoints: list["Endpoint[T]"], state: Callable[[T], grpc.ChannelConnectivity]) -> list["Endpoint[T]"]:
+    """`endpoints` in their order, those that are down last: whose channel is failing (`state(connection)` is
+    TRANSIENT_FAILURE: unreachable, or its health says NOT_SERVING), and those that answered UNAVAILABLE, during
+    their cooldown and after it until their channel is connected again (a call on a channel still connecting to a
+    silent address waits for the attempt to time out, 20 s)."""
     now = time.monotonic()
 
     def down(endpoint: Endpoint[T]) -> bool:
-        return endpoint.down_until != 0.0 and (endpoint.down_until > now or not ready(endpoint.connection))
+        connectivity = state(endpoint.connection)
+        if connectivity == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return True
+        return endpoint.down_until != 0.0 and (endpoint.down_until > now
+                                               or connectivity != grpc.ChannelConnectivity.READY)
     return sorted(endpoints, key=down)
 
 

@@ -6,6 +6,7 @@ stops. With TLS, probes that cannot speak it ask a second, plaintext server that
 """
 
 import asyncio
+import json
 import logging
 import signal
 
@@ -23,19 +24,33 @@ KEEPALIVE_S = 10
 PING_TIMEOUT_S = 10
 
 
+# A client's channel watches its server's gRPC health (the overall status, service ""): a replica that says
+# NOT_SERVING (warming up, draining, its engine dead, its encoder stuck) takes no new calls, which fail at once
+# with UNAVAILABLE ("backend unhealthy") for the caller to retry elsewhere, and its channel leaves READY.
+HEALTH_CHECKED = json.dumps({"healthCheckConfig": {"serviceName": ""}})
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
-    """Explicit message limits (gRPC's default receive limit is 4 MB), keepalive, round-robin over every
-    address a target resolves to (a `dns:///` name of a headless Service reaches all its replicas; gRPC's
-    default, pick-first, would send everything to one), and a reconnect backoff capped at a few seconds:
-    gRPC's default grows to 120 s, so a replica restarted after a crash would sit unused for up to two
-    minutes (28 s in the fault bench) while the others carry its load.
+    """A client channel's options: those of `connection_options`, round-robin over every address a target
+    resolves to (a `dns:///` name of a headless Service reaches all its replicas; gRPC's default, pick-first,
+    would send everything to one), and health checking (`HEALTH_CHECKED`)."""
+    return [
+        *connection_options(max_message_bytes),
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.service_config", HEALTH_CHECKED),
+    ]
+
+
+def connection_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    """Both ends': explicit message limits (gRPC's default receive limit is 4 MB), keepalive, and a reconnect
+    backoff capped at a few seconds: gRPC's default grows to 120 s, so a replica restarted after a crash would
+    sit unused for up to two minutes (28 s in the fault bench) while the others carry its load.
 
     Keepalive finds a peer that went silent (stopped, partitioned, behind a proxy that forwards nothing) within
     20 s: its calls fail UNAVAILABLE, which the callers retry on another replica, instead of waiting out their
     deadlines. gRPC waits for a ping's answer `ping_timeout_ms` (a minute by default), not `keepalive_timeout_ms`
     alone, so both are set."""
     return [
-        ("grpc.lb_policy_name", "round_robin"),
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", 5_000),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -48,9 +63,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     ]
 
 
-def channel_ready(channel: grpc.aio.Channel) -> bool:
-    """Whether `channel` is connected; asking starts a connection on an idle one."""
-    return channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY
+def channel_state(channel: grpc.aio.Channel) -> grpc.ChannelConnectivity:
+    """`channel`'s connectivity; asking starts a connection on an idle one."""
+    return channel.get_state(try_to_connect=True)
 
 
 class GrpcServer:
@@ -70,7 +85,7 @@ class GrpcServer:
         # Connections are recycled every few minutes so that clients re-resolve DNS and find new replicas;
         # streams in flight on a recycled connection keep 11 minutes to finish: a call's deadline (the gateway's
         # 10 minutes) after a GenerateStream's last new call (`protos.call_stream.NEW_CALLS_S`).
-        options = [*channel_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000),
+        options = [*connection_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000),
                    ("grpc.max_connection_age_grace_ms", 660_000),
                    # Accept the clients' keepalive pings on quiet connections (every 10 s); gRPC's default
                    # minimum of 5 minutes answers them with GOAWAY "too_many_pings".

@@ -1,8 +1,10 @@
 """VisionClient against scripted vision replicas on real loopback gRPC servers: retries, hash-first, resend."""
 
+import asyncio
 import hashlib
 import time
 
+import grpc
 import pytest
 import torch
 
@@ -56,12 +58,13 @@ async def replicas():
         server = GrpcServer(host, 0, 8 << 20, grace_s=0, announce_s=0)
         server.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server, script, SERVICE)
         await server.start()
+        await server.set_serving()
         servers.append(server)
     addresses = [Address(host, server.port, host) for host, server in zip(HOSTS, servers)]
     client = VisionClient([f"{a.host}:{a.port}" for a in addresses], 8 << 20, 1 << 30)
     routes.clear()
     routes.extend(addresses)
-    yield client, scripts
+    yield client, scripts, servers
     await client.close()
     for server in servers:
         await server.drain()
@@ -95,7 +98,7 @@ def routed_to(replica: int) -> ImageBlob:
 
 
 async def test_a_full_replica_is_retried_on_the_other(replicas):
-    client, scripts = replicas
+    client, scripts, _ = replicas
     scripts[0].full = True
     result = await client.encode("r", [routed_to(0)], max_tiles=0, timeout_s=5)
     assert result[0].embeddings.shape == (ROWS, WIDTH)
@@ -103,7 +106,7 @@ async def test_a_full_replica_is_retried_on_the_other(replicas):
 
 
 async def test_a_replica_that_answered_unavailable_is_skipped_until_it_cooled_down(replicas):
-    client, scripts = replicas
+    client, scripts, _ = replicas
     scripts[0].down = True
     for seed in range(2):
         await client.encode(f"r{seed}", [routed_to(0)], max_tiles=0, timeout_s=5)
@@ -115,8 +118,35 @@ async def test_a_replica_that_answered_unavailable_is_skipped_until_it_cooled_do
     assert len(scripts[0].requests) == 2
 
 
+async def test_a_replica_that_says_not_serving_gets_no_images_until_it_serves_again(replicas):
+    """Its channel checks health: a stuck or draining replica is passed over without a call, and taken back once it
+    says SERVING."""
+    client, scripts, servers = replicas
+    images = [b for b in map(blob, range(100)) if home_of(b) == 0][:4]
+    await client.encode("r0", images[:1], max_tiles=0, timeout_s=5)
+    channel = next(e.connection.channel for e in client._endpoints.live() if e.address.host == HOSTS[0])
+    await servers[0].set_not_serving("stuck")
+    await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 10)
+    for n, image in enumerate(images[1:]):
+        await client.encode(f"r{n + 1}", [image], max_tiles=0, timeout_s=5)
+    assert len(scripts[0].requests) == 1 and len(scripts[1].requests) == 3
+    await servers[0].set_serving()
+    await asyncio.wait_for(channel.channel_ready(), 10)
+    await client.encode("r4", images[:1], max_tiles=0, timeout_s=5)
+    assert len(scripts[0].requests) == 2
+
+
+async def test_get_info_reaches_a_replica_still_warming_up(replicas):
+    """At start llm_svc asks for GetInfo while vision_svc may still be NOT_SERVING (warming up): its engine loads
+    meanwhile."""
+    client, _, servers = replicas
+    for server in servers:
+        await server.set_not_serving("warming up")
+    assert (await client.get_info(timeout_s=10)).llm_hidden == WIDTH
+
+
 async def test_recent_images_travel_as_hashes_and_are_resent_when_forgotten(replicas):
-    client, scripts = replicas
+    client, scripts, _ = replicas
     image = routed_to(1)
     await client.encode("r1", [image], max_tiles=0, timeout_s=5)
     await client.encode("r2", [image], max_tiles=0, timeout_s=5)
@@ -128,20 +158,20 @@ async def test_recent_images_travel_as_hashes_and_are_resent_when_forgotten(repl
 
 
 async def test_an_image_named_only_by_an_unknown_hash_is_invalid_input(replicas):
-    client, _ = replicas
+    client, _, _ = replicas
     with pytest.raises(errors.InvalidInput, match="send their bytes"):
         await client.encode("r", [ImageBlob("ab" * 32, None)], max_tiles=0, timeout_s=5)
 
 
 async def test_each_embedding_is_held_when_its_header_arrives(replicas):
-    client, _ = replicas
+    client, _, _ = replicas
     held = []
     await client.encode("r", [blob(1), blob(2)], max_tiles=0, timeout_s=5, hold_bytes=held.append)
     assert held == [ROWS * WIDTH * 4, ROWS * WIDTH * 4]  # float32 tensors, as announced
 
 
 async def test_an_embedding_past_the_callers_budget_is_overloaded_and_not_retried_elsewhere(replicas):
-    client, scripts = replicas
+    client, scripts, _ = replicas
 
     def full(nbytes: int) -> None:
         raise errors.Overloaded("llm_svc holds too much")
@@ -152,7 +182,7 @@ async def test_an_embedding_past_the_callers_budget_is_overloaded_and_not_retrie
 
 
 async def test_each_image_goes_to_the_replica_its_hash_picks_and_both_get_their_share(replicas):
-    client, scripts = replicas
+    client, scripts, _ = replicas
     images = [blob(n) for n in range(20)]
     for image in images:
         await client.encode("r", [image], max_tiles=0, timeout_s=5)
@@ -161,7 +191,7 @@ async def test_each_image_goes_to_the_replica_its_hash_picks_and_both_get_their_
 
 
 async def test_an_address_list_target_is_one_replica_per_address(replicas):
-    _, scripts = replicas
+    _, scripts, _ = replicas
     # Both homes appear whatever ports the replicas got: eight arbitrary images all land on one in 1 run of 128.
     images = [routed_to(0), routed_to(1), *map(blob, range(100, 106))]  # routed_to draws from 0-99
     client = VisionClient([f"ipv4:{routes[0].target},{routes[1].target}"], 8 << 20, 1 << 30)

@@ -4,6 +4,7 @@ import asyncio
 import socket
 import time
 
+import grpc
 import pytest
 
 from protos.endpoints import (Address, Endpoint, EndpointSet, certificate_name, check_targets, down_last,
@@ -50,19 +51,28 @@ def test_rendezvous_moves_only_the_keys_of_a_replica_that_joins_or_leaves():
 
 def test_replicas_that_answered_unavailable_go_last_until_cooled_down_and_connected():
     a, b, c = (Endpoint(Address(host, 1, host), host) for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"))
-    connected = {"10.0.0.1": False, "10.0.0.2": True, "10.0.0.3": False}
-    asked = []
+    ready, connecting = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING
+    state = {"10.0.0.1": connecting, "10.0.0.2": ready, "10.0.0.3": connecting}
 
     def order() -> list[str]:
-        return [e.address.host for e in down_last([a, b, c], lambda host: asked.append(host) or connected[host])]
+        return [e.address.host for e in down_last([a, b, c], lambda host: state[host])]
 
-    assert order() == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] and asked == []  # none down, no channel asked
+    assert order() == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]  # none down: connecting is no reason to go last
     a.down_until = b.down_until = time.monotonic() + 60
     assert order() == ["10.0.0.3", "10.0.0.1", "10.0.0.2"]  # cooling down, in their order among themselves
     a.down_until = b.down_until = time.monotonic() - 1
     assert order() == ["10.0.0.2", "10.0.0.3", "10.0.0.1"]  # a's cooldown is over but its channel still connecting
-    connected["10.0.0.1"] = True
+    state["10.0.0.1"] = ready
     assert order() == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+def test_replicas_whose_channel_is_failing_go_last_without_a_failed_call():
+    """TRANSIENT_FAILURE: unreachable, or (the channels check health) a replica that says NOT_SERVING."""
+    a, b = (Endpoint(Address(host, 1, host), host) for host in ("10.0.0.1", "10.0.0.2"))
+    state = {"10.0.0.1": grpc.ChannelConnectivity.TRANSIENT_FAILURE, "10.0.0.2": grpc.ChannelConnectivity.READY}
+    assert [e.address.host for e in down_last([a, b], lambda host: state[host])] == ["10.0.0.2", "10.0.0.1"]
+    state["10.0.0.1"] = grpc.ChannelConnectivity.READY
+    assert [e.address.host for e in down_last([a, b], lambda host: state[host])] == ["10.0.0.1", "10.0.0.2"]
 
 
 class Dns:

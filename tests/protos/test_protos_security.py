@@ -70,6 +70,7 @@ async def health(channel) -> int | str:
 async def test_mutual_tls_admits_only_clients_with_a_certificate_of_the_ca(pki):
     server = make_server(tls=pki.stages["vision"])
     port = await server.start()
+    await server.set_serving()  # the clients' channels check health
     target = f"127.0.0.1:{port}"
     clients = {
         "llm's certificate": open_channel(target, OPTIONS, pki.stages["llm"], server_name("vision")),
@@ -95,6 +96,7 @@ async def test_llm_svc_says_why_it_cannot_reach_a_tls_vision_stage(pki):
 
     server = make_server(tls=pki.stages["vision"])
     port = await server.start()
+    await server.set_serving()  # the clients' channels check health
     client = VisionClient([f"127.0.0.1:{port}"], 8 << 20, 8 << 20, tls=pki.stages["llm"], server_name="x.test")
     with pytest.raises(Unavailable, match="Hostname Verification Check failed"):
         await client.get_info(timeout_s=1)
@@ -107,6 +109,7 @@ async def test_tls_without_a_ca_serves_any_client(pki):
     vision = pki.stages["vision"]
     server = make_server(tls=TlsFiles(vision.cert, vision.key))
     port = await server.start()
+    await server.set_serving()  # the clients' channels check health
     async with open_channel(f"127.0.0.1:{port}", OPTIONS, TlsFiles(ca=pki.ca_path), server_name("vision")) as channel:
         assert await get_info(channel) == "fake"
     await server.drain()
@@ -116,6 +119,7 @@ async def test_a_rotated_certificate_is_served_to_new_connections(pki, tmp_path)
     rotating = pki.issue("rotating", "before.internvl.test")
     server = make_server(tls=rotating)
     port = await server.start()
+    await server.set_serving()  # the clients' channels check health
     target = f"127.0.0.1:{port}"
     async with open_channel(target, OPTIONS, pki.stages["llm"], "before.internvl.test") as channel:
         assert await get_info(channel) == "fake"
@@ -146,6 +150,7 @@ async def test_health_port_serves_plaintext_health_alone(pki):
 async def test_reflection_can_be_turned_off():
     server = make_server(reflection=False)
     port = await server.start()
+    await server.set_serving()  # the clients' channels check health
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         assert await list_services(channel) == "UNIMPLEMENTED"
         assert await get_info(channel) == "fake"
@@ -176,6 +181,7 @@ async def test_every_call_but_health_needs_the_token(caplog):
 async def test_token_and_mutual_tls_together(pki):
     server = make_server(tls=pki.stages["vision"], auth_token=TOKEN)
     port = await server.start()
+    await server.set_serving()  # the clients' channels check health
     target = f"127.0.0.1:{port}"
     async with open_channel(target, OPTIONS, pki.stages["llm"], server_name("vision"), TOKEN) as channel:
         assert (await get_info(channel), await encode(channel)) == ("fake", "2 messages")

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import vision_pb2, vision_pb2_grpc
-from protos.server import KEEPALIVE_S, channel_options
+from protos.server import KEEPALIVE_S, channel_options, channel_state
 from tests.protos.fake_vision_server import SERVICE, make_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -51,6 +51,31 @@ async def test_health_watch_streams_each_change():
         await server.set_serving()
         assert (await call.read()).status == SERVING
         call.cancel()
+    await server.drain()
+
+
+async def test_a_client_channel_takes_no_calls_while_its_server_is_not_serving():
+    """The channels check health: a call to a replica that says NOT_SERVING fails UNAVAILABLE at once (for its
+    caller to retry elsewhere) rather than reaching it, and the channel leaves READY until it says SERVING."""
+    server = make_server()
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(8 << 20)) as channel:
+        stub = vision_pb2_grpc.VisionEncoderStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "unhealthy" in refused.value.details()
+        assert time.monotonic() - started < 5  # refused, not left to its deadline
+        assert channel_state(channel) == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+        await server.set_serving()
+        await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.TRANSIENT_FAILURE), 10)
+        assert (await stub.GetInfo(vision_pb2.GetInfoRequest(), wait_for_ready=True, timeout=10)).model == "fake"
+        assert channel_state(channel) == grpc.ChannelConnectivity.READY
+
+        await server.set_not_serving("a test")
+        await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 10)
+        assert channel_state(channel) == grpc.ChannelConnectivity.TRANSIENT_FAILURE
     await server.drain()
 
 
