@@ -161,7 +161,8 @@ def test_one_ctrl_c_finishes_the_stream_stops_the_stages_in_order_and_leaves_not
     make_serve.ctrl_c()
     reader.join(60)
     assert chunks[-1].usage.completion_tokens == 150
-    assert make_serve.proc.wait(120) == -signal.SIGINT  # interrupted, not failed: make says "Interrupt"
+    # Interrupted, not failed: make says "Interrupt".
+    assert make_serve.proc.wait(120) == -signal.SIGINT, make_serve.output()
     assert_all_gone(processes)
     output = make_serve.output()
     assert "Traceback" not in output and "still running" not in output and "Error 1" not in output, output
