@@ -51,6 +51,7 @@ class VisionConfig:
     max_requests_in_flight: int = 1024
     max_bytes_in_flight: int = 2 * GIB
     grace_s: float = 30.0
+    stall_timeout_s: float = 60.0  # vision_svc/progress.py: NOT_SERVING when no image work finishes for so long
     log_level: str = "INFO"
     log_json: bool = False
     tls: TlsFiles = TlsFiles()
@@ -106,8 +107,9 @@ class VisionConfig:
         for name in ("max_video_bytes", "max_video_frames", "max_video_seconds", "max_video_frame_pixels"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0 or self.grace_s < 0 or self.preprocess_workers < 0 or self.cache_bytes < 0:
-            raise ValueError("--batch-wait-ms, --grace-s, --preprocess-workers and --cache-bytes must be >= 0")
+        if min(self.batch_wait_ms, self.grace_s, self.preprocess_workers, self.cache_bytes, self.stall_timeout_s) < 0:
+            raise ValueError("--batch-wait-ms, --grace-s, --preprocess-workers, --cache-bytes and --stall-timeout-s "
+                             "must be >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--max-message-bytes, what one request may hold")
     p.add_argument("--grace-s", type=float, default=d.grace_s,
                    help="on SIGTERM, seconds that in-flight requests get to finish")
+    p.add_argument("--stall-timeout-s", type=float, default=d.stall_timeout_s,
+                   help="when images are in hand and none has finished preprocessing or an encoder pass for this "
+                        "long (a hung device, a stuck worker), health turns NOT_SERVING, so that callers send "
+                        "their images to other replicas and a liveness probe restarts this one; SERVING again "
+                        "once work moves (0: never)")
     p.add_argument("--embedding-transports", default=d.embedding_transports,
                    help="how embedding bytes may reach callers besides gRPC inline (always served), comma-separated: "
                         "shm (shared memory, callers on this host, proven by a probe), socket (a TCP connection "

@@ -14,7 +14,6 @@ bit-equal to Pillow). Other formats, CMYK JPEGs and whatever the device decoder 
 whose decoder then decodes them or names the problem, so refusals read the same on both paths.
 """
 
-import asyncio
 import concurrent.futures
 import logging
 
@@ -124,18 +123,16 @@ class DevicePreprocessPool(PreprocessPool):
 
     async def tiles(self, data: bytes, options: TileOptions) -> torch.Tensor:
         """Tiles [tiles, 3, S, S] of one image, in the encoder's dtype on its device; ImageError for refused bytes."""
-        loop = asyncio.get_running_loop()
         if self.decode_on_device:
-            tiles = await loop.run_in_executor(self._device_thread, self._stream.run, self._decode_and_tile, data,
-                                               options)
+            tiles = await self.watched(self._device_thread, self._stream.run, self._decode_and_tile, data, options)
             if tiles is not None:
                 metrics.DECODED.labels(on="device").inc()
                 return tiles
         with tracing.span("image_decode"):
             image = await self.in_worker(decode_image, data, self.limits)
         metrics.DECODED.labels(on="host").inc()
-        return await loop.run_in_executor(self._device_thread, self._stream.run, image_tiles_on_device, image,
-                                          options, self.device, self.dtype)
+        return await self.watched(self._device_thread, self._stream.run, image_tiles_on_device, image, options,
+                                  self.device, self.dtype)
 
     def _decode_and_tile(self, data: bytes, options: TileOptions) -> torch.Tensor | None:
         pixels = decode_jpeg_on_device(data, self.limits, self.device)

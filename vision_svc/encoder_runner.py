@@ -22,6 +22,7 @@ import torch
 from protos import tracing
 from protos.errors import Overloaded
 from vision_svc import metrics
+from vision_svc.progress import ProgressWatch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class EncoderRunner:
         self._coming = 0  # images being prepared for `encode`
         self._cond = threading.Condition()
         self._stopping = False
+        self.progress = ProgressWatch()  # the forward pass under way: one that never returns is a stuck device
         self._thread = threading.Thread(target=self._run, name="encoder-runner", daemon=True)
         self._thread.start()
 
@@ -145,12 +147,15 @@ class EncoderRunner:
             live = [(job, start, end) for job, start, end in batch if not job.future.done()]
             if not live:
                 continue
+            self.progress.started()
             try:
                 self._forward(live)
             except Exception as error:  # noqa: BLE001 - a failed pass fails its requests, not the worker
                 log.exception("encoder forward pass failed")
                 for job, _, _ in live:
                     job.loop.call_soon_threadsafe(_fail, job.future, error)
+            finally:
+                self.progress.finished()
 
     def _pixels(self, batch: list[tuple[_Job, int, int]]) -> torch.Tensor:
         """The batch's tiles as one `[tiles, 3, H, W]` tensor on the device, in the encoder's dtype. One image's go as

@@ -10,6 +10,9 @@ TILES = Counter("vision_tiles_encoded", "Tiles run through the encoder")
 BATCH_TILES = Histogram("vision_batch_tiles", "Tiles per encoder forward pass",
                         buckets=(1, 2, 4, 8, 13, 16, 26, 32, 48, 64, 128))
 FORWARD_SECONDS = Histogram("vision_forward_seconds", "Duration of one encoder forward pass")
+STALLED_SECONDS = Gauge("vision_stalled_seconds", "How long work has been in hand with none of it finishing, by part "
+                        "(preprocessing, encoder); 0 when idle. Past --stall-timeout-s health turns NOT_SERVING",
+                        ["part"])
 QUEUE_TILES = Gauge("vision_queue_tiles", "Tiles waiting for the encoder")
 PENDING_IMAGES = Gauge("vision_pending_images", "Images being preprocessed or encoded")
 ADMITTED_REQUESTS = Gauge("vision_admitted_requests", "Encode requests holding a slot of --max-requests-in-flight")

@@ -18,6 +18,7 @@ from protos import tracing
 from protos.lifetime import die_with_parent
 from vision_svc import metrics
 from vision_svc.image_decode import ImageError, ImageLimits, decode_image
+from vision_svc.progress import ProgressWatch
 from vision_svc.tiling import (
     IMAGE_SIZE,
     TileOptions,
@@ -66,6 +67,7 @@ class PreprocessPool:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers = workers
         self.limits = limits
+        self.progress = ProgressWatch()
         self._executor = self._new_executor()
 
     def _new_executor(self) -> concurrent.futures.Executor:
@@ -99,17 +101,32 @@ class PreprocessPool:
         tracing.record_span("image_decode", started, decoded)
         return torch.from_numpy(await asyncio.get_running_loop().run_in_executor(None, normalize_tiles, pixels))
 
-    async def in_worker(self, fn, *args):
-        """`fn(*args)` on a worker; a dead worker fails the images pending on it and the pool is replaced."""
+    async def in_worker(self, fn, *args, watched: bool = True):
+        """`fn(*args)` on a worker; a dead worker fails the images pending on it and the pool is replaced.
+        `watched=False` for work that may rightly run long (a video's decoding): it does not count in `progress`."""
         executor = self._executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+            if not watched:
+                return await asyncio.wrap_future(executor.submit(fn, *args))
+            return await self.watched(executor, fn, *args)
         except BrokenProcessPool as e:
             # Every pending image of the dead pool fails; only the first replaces it.
             if self._executor is executor:
                 self._executor = self._new_executor()
                 executor.shutdown(wait=False, cancel_futures=True)
             raise PreprocessWorkerDied(f"preprocessing worker died: {e}") from e
+
+    async def watched(self, executor: concurrent.futures.Executor, fn, *args):
+        """`fn(*args)` on `executor`, counted in `progress` from its submission until it ends (a cancelled call
+        that had not started is withdrawn, not progress; one that had keeps its worker until it returns)."""
+        self.progress.started()
+        try:
+            future = executor.submit(fn, *args)
+        except BaseException:
+            self.progress.finished(moved=False)
+            raise
+        future.add_done_callback(lambda done: self.progress.finished(moved=not done.cancelled()))
+        return await asyncio.wrap_future(future)
 
     async def warm_up(self) -> None:
         """Starts every worker (spawn imports take seconds) so that the first requests do not pay for it."""

@@ -1,5 +1,6 @@
 """Assembles the vision stage from its config: encoder, runner, preprocessing pool, cache, gRPC server."""
 
+import asyncio
 import logging
 import os
 import time
@@ -11,6 +12,7 @@ from prometheus_client import start_http_server
 from kernels import cpu as cpu_kernels
 from protos import tensors, vision_pb2, vision_pb2_grpc
 from protos.server import GrpcServer
+from vision_svc import metrics
 from vision_svc.cache import EmbeddingCache
 from vision_svc.config import VisionConfig
 from vision_svc.device_preprocess import DevicePreprocessPool
@@ -19,6 +21,7 @@ from vision_svc.encoder_compile import BucketedEncoder, batch_buckets
 from vision_svc.encoder_runner import EncoderRunner
 from vision_svc.limits import RequestLimits
 from vision_svc.preprocess import PreprocessPool
+from vision_svc.progress import StallWatch
 from vision_svc.service import TileSettings, VisionService
 from vision_svc.servicer import VisionEncoderServicer
 from vision_svc.transport_sender import EmbeddingSender, sender_settings
@@ -95,6 +98,7 @@ class VisionServer:
         self.info.MergeFrom(video_info(videos.service.settings))
         self.grpc.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server,
                               VisionEncoderServicer(self.service, self.info, self.sender, videos), SERVICE_NAME)
+        self._stall_watch: asyncio.Task | None = None
 
     async def start(self, before_serving: Callable[[], object] = lambda: None) -> int:
         """Warms up, runs `before_serving` (what the process does once up: `vision_svc.__main__` freezes its heap),
@@ -107,7 +111,17 @@ class VisionServer:
         await self.sender.start()
         before_serving()
         await self.grpc.set_serving()
+        watches = {"preprocessing": self.pool.progress, "encoder": self.runner.progress}
+        for part, watch in watches.items():
+            metrics.STALLED_SECONDS.labels(part).set_function(watch.stalled_s)
+        if self.config.stall_timeout_s > 0:
+            watch = StallWatch(watches, self.config.stall_timeout_s, self.grpc.set_not_serving, self._moving_again)
+            self._stall_watch = asyncio.create_task(watch.run())
         return port
+
+    async def _moving_again(self) -> None:
+        log.warning("image work is moving again")
+        await self.grpc.set_serving()
 
     async def _warm_up(self) -> None:
         """One pass at batch 1 and one full batch (every bucket when compiled), so that the first request pays
@@ -123,6 +137,8 @@ class VisionServer:
                  self.config.max_batch_tiles, time.perf_counter() - started)
 
     async def stop(self) -> None:
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()  # else it could turn a draining server SERVING again
         await self.grpc.drain()
         await self.sender.stop()
         self.runner.stop()

@@ -110,8 +110,10 @@ class VideoService:
         metrics.CACHE_MISSES.inc()
         started = time.perf_counter()
         try:
+            # Unwatched: decoding walks the clip up to its last sampled frame, which for a long clip can rightly
+            # take longer than --stall-timeout-s.
             pixels = await self._pool.in_worker(decode_to_frame_pixels, video.data, self.settings.limits,
-                                                key.sampling, self.settings.image_size)
+                                                key.sampling, self.settings.image_size, watched=False)
         except VideoError as error:
             raise InvalidInput(f"video {index}: {error}") from error
         tiles = torch.from_numpy(await asyncio.get_running_loop().run_in_executor(None, normalize_tiles, pixels))
