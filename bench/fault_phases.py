@@ -3,14 +3,17 @@ network fault for a while), and the moments it happened on the traffic's clock."
 
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Callable
+
+import psutil
 
 from bench.fault_proxy import NO_FAULT, Fault
 from bench.fault_stack import START_TIMEOUT_S, Replica, Stack
 from bench.traffic import Traffic
 
-PHASE_COUNT = 7  # the partition, the last, needs a namespace
+PHASE_COUNT = 8  # the partition, the last, needs a namespace
 
 
 @dataclasses.dataclass
@@ -53,6 +56,30 @@ def fault_for(apply: Callable[[], None], heal: Callable[[], None], fault_s: floa
     return act
 
 
+def preprocessing_worker(replica: Replica) -> psutil.Process:
+    """The one preprocessing worker of a vision replica (`--preprocess-workers 1`): a spawned child, not
+    multiprocessing's resource tracker."""
+    workers = [child for child in psutil.Process(replica.stage.proc.pid).children(recursive=True)
+               if "spawn_main" in (line := " ".join(child.cmdline())) and "resource_tracker" not in line]
+    if len(workers) != 1:
+        raise RuntimeError(f"{replica.label}: expected one preprocessing worker, found {len(workers)}")
+    return workers[0]
+
+
+def stop_for(replica: Replica, fault_s: float) -> Callable[[Phase, Traffic], None]:
+    """SIGSTOP to the replica's preprocessing worker for `fault_s`, then SIGCONT: a worker that does not return."""
+    stopped: list[psutil.Process] = []
+
+    def stop() -> None:
+        stopped.append(preprocessing_worker(replica))
+        stopped[0].send_signal(signal.SIGSTOP)
+
+    def resume() -> None:
+        for worker in stopped:
+            worker.send_signal(signal.SIGCONT)
+    return fault_for(stop, resume, fault_s)
+
+
 def plan(args, stack: Stack, namespace_problem: str | None, netem: bool, fault_s: float) -> list[Phase]:
     proxy, namespace = stack.proxy, stack.namespace
     proxy_hop = "fault proxy (user-space TCP, bench.fault_proxy) on llm_svc -> vision-0"
@@ -79,6 +106,8 @@ def plan(args, stack: Stack, namespace_problem: str | None, netem: bool, fault_s
         delay, lossy,
         Phase("blackhole", f"{blackhole.describe()}, for {fault_s:.0f} s", proxy_hop,
               fault_for(lambda: proxy.set_fault(blackhole), lambda: proxy.set_fault(NO_FAULT), fault_s)),
+        Phase("stuck worker", f"vision-0's preprocessing worker stopped for {fault_s:.0f} s (the process answers "
+              "pings and health)", "SIGSTOP / SIGCONT", stop_for(stack.vision[0], fault_s)),
     ]
     partition = Phase("partition", f"link to vision-1 down for {fault_s:.0f} s",
                       "network namespace + veth pair, `ip link set veth0 down` inside it")

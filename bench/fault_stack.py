@@ -81,11 +81,12 @@ class Stack:
             self.namespace.delete()
 
 
-def vision_replica(label: str, model: pathlib.Path, logs: pathlib.Path, namespace: netns.VethNamespace | None
-                   ) -> Replica:
+def vision_replica(label: str, model: pathlib.Path, logs: pathlib.Path, namespace: netns.VethNamespace | None,
+                   args) -> Replica:
     port, metrics_port = free_port(), free_port()
     host = namespace.inside_address if namespace else "127.0.0.1"
-    flags = ["--preprocess-workers", "1", "--grace-s", "2", "--metrics-port", str(metrics_port)]
+    flags = ["--preprocess-workers", "1", "--grace-s", "2", "--metrics-port", str(metrics_port),
+             "--stall-timeout-s", str(args.stall_timeout_s)]
 
     def launch(log_path: pathlib.Path) -> Stage:
         if namespace is None:
@@ -108,8 +109,8 @@ def start_stack(args, model: pathlib.Path, logs: pathlib.Path, stack: Stack) -> 
     Stages are started from this (the main) thread: they get SIGTERM when the thread that started them ends."""
     if stack.namespace is not None:
         stack.namespace.create()
-    stack.vision = [vision_replica("vision-0", model, logs, None),
-                    vision_replica("vision-1", model, logs, stack.namespace)]
+    stack.vision = [vision_replica("vision-0", model, logs, None, args),
+                    vision_replica("vision-1", model, logs, stack.namespace, args)]
     for replica in stack.vision:
         replica.start()
     for replica in stack.vision:

@@ -16,20 +16,25 @@ its own requests), then applies its fault:
   pair of vision-1's namespace; without it, the bench's fault proxy (`bench.fault_proxy`) in front of vision-0:
   +delay per chunk each way, and connections reset at random;
 - blackhole: the fault proxy in front of vision-0 forwards nothing for --fault-s, connections left open;
+- stuck worker: vision-0's preprocessing worker is stopped (SIGSTOP) for --fault-s, then resumed: the replica
+  still answers pings and health checks, but its new images wait;
 - partition: vision-1 runs in a network namespace of its own, reached over a veth pair, and the link goes down
   for --fault-s (packets dropped, no reset). Needs root and `ip netns`; skipped, with the reason, otherwise.
 
 gRPC's keepalive finds a silent vision replica (blackhole, partition) within 20 s: its calls fail UNAVAILABLE,
 llm_svc retries them on the other replica and sends it that replica's images until the connection is back. A
 --vision-timeout-s under that fails the image requests that meet the fault with a 504 at the deadline instead.
+A stuck worker is found by vision_svc itself: after --stall-timeout-s without progress it says NOT_SERVING, and
+llm_svc's channels, which watch health, send its images to the other replica until it serves again.
 Timeouts are small, so that the faults play out within a run.
 
 Which mechanism each phase used is printed with its results. Checked (the exit status is 1 when one fails): no
 request hangs (open past the gateway's --request-timeout-s plus a margin); every failure is an HTTP error or an
 SSE error event with a message; the baseline and the vision kill lose no request, nor do the blackhole and the
-partition when --vision-timeout-s leaves keepalive its 20 s; the llm_svc kill fails only
-requests that were in flight on the killed replica, each with a 5xx or an SSE error; both restarted replicas
-serve again; the gateway sees both llm_svc replicas healthy at the end.
+partition when --vision-timeout-s leaves keepalive its 20 s; once a stuck worker is found (--stall-timeout-s and a
+margin into the fault) no request waits for it (each sent then takes less than --stall-timeout-s); the llm_svc
+kill fails only requests that were in flight on the killed replica, each with a 5xx or an SSE error; both
+restarted replicas serve again; the gateway sees both llm_svc replicas healthy at the end.
 """
 
 from deploy import fork_safe_grpc  # noqa: F401  (first: before anything imports grpc)
@@ -56,6 +61,9 @@ HANG_MARGIN_S = 10.0
 ID_PREFIX = "faults"
 # Keepalive's ping interval and answer timeout, and a margin for the retry: how long a silent replica can hold a call.
 SILENT_FOUND_S = KEEPALIVE_S + PING_TIMEOUT_S + 5
+# After --stall-timeout-s, what a stuck vision replica's callers take to see it NOT_SERVING: its watch checks every
+# second, and their channels' health watch answers at once.
+STALL_FOUND_MARGIN_S = 3.0
 
 
 # ---- what happened ------------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ def failure_rows(phases: list[Phase], outcomes: list[Outcome]) -> list[list]:
 
 
 def check(phases: list[Phase], outcomes: list[Outcome], killed_llm_log: pathlib.Path, healthy_at_end: list[str],
-          vision_timeout_s: float) -> list[tuple[str, bool, str]]:
+          vision_timeout_s: float, stall_timeout_s: float) -> list[tuple[str, bool, str]]:
     """(what is expected, whether it held, the figures behind it)."""
     by_name = {p.name: p for p in phases}
     checks = []
@@ -136,6 +144,14 @@ def check(phases: list[Phase], outcomes: list[Outcome], killed_llm_log: pathlib.
     for name in lossless:
         failed = [o for o in outcomes_of(by_name[name], phases, outcomes) if not o.ok]
         checks.append((f"{name}: no request lost", not failed, f"{len(failed)} failed"))
+    stuck = by_name.get("stuck worker")
+    if stuck is not None and stuck.fault_at is not None and stuck.healed_at is not None and stall_timeout_s > 0:
+        found_at = stuck.fault_at + stall_timeout_s + STALL_FOUND_MARGIN_S
+        after = [o for o in outcomes_of(stuck, phases, outcomes) if found_at <= o.started < stuck.healed_at]
+        longest = max((o.ended - o.started for o in after), default=0.0)
+        checks.append((f"stuck worker: each request sent once it was found ({found_at - stuck.fault_at:g} s in) took "
+                       "less than --stall-timeout-s", bool(after) and longest < stall_timeout_s,
+                       f"{len(after)} requests, the longest {longest:.1f} s"))
     llm_kill = by_name["llm_svc kill -9"]
     failed = [o for o in outcomes_of(llm_kill, phases, outcomes) if not o.ok]
     served_by_killed = ids_in_log(killed_llm_log)
@@ -181,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"llm_svc's deadline per vision_svc call (--vision-timeout-s); above {SILENT_FOUND_S} s, "
                              "keepalive's time to find a silent replica and a margin, the blackhole and partition "
                              "must lose no request")
+    parser.add_argument("--stall-timeout-s", type=float, default=10.0,
+                        help="vision_svc's --stall-timeout-s (its default is 60 s; shorter here so that the stuck "
+                             "worker is found within its fault; 0: never, so its images wait for it)")
     parser.add_argument("--no-namespace", action="store_true",
                         help="keep vision-1 on loopback (and skip the partition) even when namespaces are available")
     parser.add_argument("--model", type=pathlib.Path, default=None,
@@ -194,7 +213,7 @@ def report(args, phases: list[Phase], outcomes: list[Outcome], checks, logs: pat
     hang_after_s = args.request_timeout_s + HANG_MARGIN_S
     lines = [f"{len(outcomes)} requests at concurrency {args.concurrency}, {args.max_tokens} tokens out each; gateway "
              f"--request-timeout-s {args.request_timeout_s:g}, llm_svc --vision-timeout-s {args.vision_timeout_s:g}, "
-             f"a request open {hang_after_s:g} s counts as hung; logs in {logs}",
+             f"vision_svc --stall-timeout-s {args.stall_timeout_s:g}, a request open {hang_after_s:g} s counts as hung; logs in {logs}",
              "", markdown_table(PHASE_HEADERS, phase_rows(phases, outcomes)), ""]
     failures = failure_rows(phases, outcomes)
     if failures:
@@ -235,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         run_phases(phases, traffic, phase_s, lead_in_s)
         traffic.stop()
         checks = check(phases, traffic.outcomes, stack.llm[1].log_path(0), healthy_replicas(stack.gateway),
-                       args.vision_timeout_s)
+                       args.vision_timeout_s, args.stall_timeout_s)
     finally:
         # Interrupted: no new requests, the stages go (what is in flight fails at once), then the traffic ends.
         if traffic is not None:

@@ -121,6 +121,25 @@ def test_a_blackhole_must_lose_nothing_when_the_vision_deadline_outlasts_keepali
     phases[-1].skipped = "no namespaces"
     lost = Outcome(0, "faults-000000", "image", False, 31.0, 45.0, "HTTP 504", "Deadline exceeded")
     checks = {expected: held for expected, held, _ in check(phases, [lost], tmp_path / "llm.log", ["a", "b"],
-                                                             vision_timeout_s)}
+                                                             vision_timeout_s, 10.0)}
     assert checks.get("blackhole: no request lost") is (False if checked else None)
     assert "partition: no request lost" not in checks  # skipped
+
+
+@pytest.mark.parametrize("waited_s, holds", [(2.0, True), (15.0, False)])
+def test_once_a_stuck_worker_is_found_no_request_waits_for_it(tmp_path, waited_s, holds):
+    """Requests sent once the stall is found (the stall timeout and a margin into the fault) must each take less
+    than the stall timeout; those sent before it may wait for the worker."""
+    names = ["baseline", "vision kill -9", "llm_svc kill -9", "blackhole", "stuck worker", "partition"]
+    phases = [Phase(name, "", "", started=100.0 * n, fault_at=100.0 * n + 5) for n, name in enumerate(names)]
+    phases[-1].skipped = "no namespaces"
+    stuck = phases[4]
+    stuck.healed_at = stuck.fault_at + 30
+    outcomes = [Outcome(0, "faults-000000", "image", False, stuck.fault_at + 1, stuck.fault_at + 30, COMPLETED),
+                Outcome(1, "faults-000001", "image", False, stuck.fault_at + 14, stuck.fault_at + 14 + waited_s,
+                        COMPLETED)]
+    found = [(held, seen) for expected, held, seen in check(phases, outcomes, tmp_path / "llm.log", ["a", "b"], 30.0,
+                                                           10.0) if expected.startswith("stuck worker")]
+    assert found == [(holds, f"1 requests, the longest {waited_s:.1f} s")]
+    assert not any(e.startswith("stuck worker") for e, _, _ in check(phases, outcomes, tmp_path / "llm.log",
+                                                                      ["a", "b"], 30.0, 0.0))  # never found
