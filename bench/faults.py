@@ -197,9 +197,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"llm_svc's deadline per vision_svc call (--vision-timeout-s); above {SILENT_FOUND_S} s, "
                              "keepalive's time to find a silent replica and a margin, the blackhole and partition "
                              "must lose no request")
-    parser.add_argument("--stall-timeout-s", type=float, default=10.0,
-                        help="vision_svc's --stall-timeout-s (its default is 60 s; shorter here so that the stuck "
-                             "worker is found within its fault; 0: never, so its images wait for it)")
+    parser.add_argument("--stall-timeout-s", type=float, default=5.0,
+                        help="vision_svc's --stall-timeout-s (its default is 60 s; short here so that the stuck worker "
+                             "is found before every client waits on it: each client sends its next request only once "
+                             "its last has ended; 0: never, so its images wait for it)")
     parser.add_argument("--no-namespace", action="store_true",
                         help="keep vision-1 on loopback (and skip the partition) even when namespaces are available")
     parser.add_argument("--model", type=pathlib.Path, default=None,
