@@ -214,7 +214,8 @@ def report(args, phases: list[Phase], outcomes: list[Outcome], checks, logs: pat
     hang_after_s = args.request_timeout_s + HANG_MARGIN_S
     lines = [f"{len(outcomes)} requests at concurrency {args.concurrency}, {args.max_tokens} tokens out each; gateway "
              f"--request-timeout-s {args.request_timeout_s:g}, llm_svc --vision-timeout-s {args.vision_timeout_s:g}, "
-             f"vision_svc --stall-timeout-s {args.stall_timeout_s:g}, a request open {hang_after_s:g} s counts as hung; logs in {logs}",
+             f"vision_svc --stall-timeout-s {args.stall_timeout_s:g}, a request open {hang_after_s:g} s counts as "
+             f"hung; logs in {logs}",
              "", markdown_table(PHASE_HEADERS, phase_rows(phases, outcomes)), ""]
     failures = failure_rows(phases, outcomes)
     if failures:

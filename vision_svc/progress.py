@@ -6,12 +6,9 @@ replicas at once, and a liveness probe restarts the stuck one) and SERVING again
 """
 
 import asyncio
-import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-
-log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0
 
