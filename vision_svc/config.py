@@ -195,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-timeout-s", type=float, default=d.stall_timeout_s,
                    help="when images are in hand and none has finished preprocessing or an encoder pass for this "
                         "long (a hung device, a stuck worker), health turns NOT_SERVING, so that callers send "
-                        "their images to other replicas and a liveness probe restarts this one; SERVING again "
-                        "once work moves (0: never)")
+                        "their images to other replicas and a liveness probe restarts this one, and the images in "
+                        "hand fail UNAVAILABLE for their callers to retry elsewhere; SERVING again once work moves "
+                        "(0: never)")
     p.add_argument("--embedding-transports", default=d.embedding_transports,
                    help="how embedding bytes may reach callers besides gRPC inline (always served), comma-separated: "
                         "shm (shared memory, callers on this host, proven by a probe), socket (a TCP connection "

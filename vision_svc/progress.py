@@ -1,8 +1,9 @@
 """Whether the stage's work is moving: a stuck encoder or preprocessing worker (a hung device, a worker that
 never returns) leaves the process answering pings and health checks while every image sent to it waits out its
-deadline. `ProgressWatch` says how long work has waited with none of it finishing; `StallWatch` turns the stage's
-health NOT_SERVING past `--stall-timeout-s` (the clients' channels check health, so new images go to the other
-replicas at once, and a liveness probe restarts the stuck one) and SERVING again once work moves.
+deadline. `ProgressWatch` says how long work has waited with none of it finishing; `StallWatch` calls the stage
+past `--stall-timeout-s` (vision_svc.server turns its health NOT_SERVING, so that the clients' channels send new
+images to the other replicas at once and a liveness probe restarts the stuck one, and sends the images in hand
+back to their callers) and again once work moves (SERVING).
 """
 
 import asyncio

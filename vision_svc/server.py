@@ -115,12 +115,19 @@ class VisionServer:
         for part, watch in watches.items():
             metrics.STALLED_SECONDS.labels(part).set_function(watch.stalled_s)
         if self.config.stall_timeout_s > 0:
-            watch = StallWatch(watches, self.config.stall_timeout_s, self.grpc.set_not_serving, self._moving_again)
+            watch = StallWatch(watches, self.config.stall_timeout_s, self.stalled, self.moving_again)
             self._stall_watch = asyncio.create_task(watch.run())
         return port
 
-    async def _moving_again(self) -> None:
+    async def stalled(self, reason: str) -> None:
+        """The stall watch found the work stuck: NOT_SERVING, and the images in hand go back to their callers."""
+        await self.grpc.set_not_serving(reason)
+        sent_back = self.service.send_back(reason)
+        log.warning("%d images in hand sent back to their callers (UNAVAILABLE), to be retried elsewhere", sent_back)
+
+    async def moving_again(self) -> None:
         log.warning("image work is moving again")
+        self.service.moving_again()
         await self.grpc.set_serving()
 
     async def _warm_up(self) -> None:

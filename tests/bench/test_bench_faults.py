@@ -139,7 +139,24 @@ def test_once_a_stuck_worker_is_found_no_request_waits_for_it(tmp_path, waited_s
                 Outcome(1, "faults-000001", "image", False, stuck.fault_at + 14, stuck.fault_at + 14 + waited_s,
                         COMPLETED)]
     found = [(held, seen) for expected, held, seen in check(phases, outcomes, tmp_path / "llm.log", ["a", "b"], 30.0,
-                                                           10.0) if expected.startswith("stuck worker")]
+                                                           10.0) if expected.startswith("stuck worker: each")]
     assert found == [(holds, f"1 requests, the longest {waited_s:.1f} s")]
     assert not any(e.startswith("stuck worker") for e, _, _ in check(phases, outcomes, tmp_path / "llm.log",
                                                                       ["a", "b"], 30.0, 0.0))  # never found
+
+
+@pytest.mark.parametrize("stall_timeout_s, vision_timeout_s, checked", [(5.0, 30.0, True), (30.0, 30.0, False),
+                                                                         (0.0, 30.0, False)])
+def test_a_stuck_worker_must_lose_nothing_when_it_is_found_before_the_vision_deadline(
+        tmp_path, stall_timeout_s, vision_timeout_s, checked):
+    """The images a stuck replica holds once it finds itself stuck go back to llm_svc, which retries them elsewhere:
+    none is lost when the stall timeout and a margin fit in the vision deadline."""
+    names = ["baseline", "vision kill -9", "llm_svc kill -9", "blackhole", "stuck worker", "partition"]
+    phases = [Phase(name, "", "", started=100.0 * n, fault_at=100.0 * n + 5) for n, name in enumerate(names)]
+    phases[-1].skipped = "no namespaces"
+    stuck = phases[4]
+    lost = Outcome(0, "faults-000000", "image", False, stuck.fault_at + 1, stuck.fault_at + 31, "HTTP 504",
+                   "Deadline exceeded")
+    checks = {expected: held for expected, held, _ in check(phases, [lost], tmp_path / "llm.log", ["a", "b"],
+                                                             vision_timeout_s, stall_timeout_s)}
+    assert checks.get("stuck worker: no request lost") is (False if checked else None)

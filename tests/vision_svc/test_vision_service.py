@@ -194,6 +194,33 @@ async def test_work_of_a_cancelled_request_is_dropped(slow_vision):
     assert REGISTRY.get_sample_value("vision_tiles_encoded_total") == tiles_before
 
 
+async def test_a_stuck_stage_sends_its_images_back_and_refuses_new_ones_until_it_moves(tiny_checkpoint):
+    """What the stall watch does once the stage's work is stuck (tests/vision_svc/test_vision_stall.py has the watch
+    find a stopped worker): the images in hand, shared ones too, fail UNAVAILABLE at once; cached ones are served."""
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    async with running_vision(model, max_batch_tiles=32, batch_wait_ms=1500) as (stub, server):
+        cached = png(200, 100, seed=50)
+        await encode(stub, [vision_pb2.ImageInput(data=cached)])
+        with awaited_image(server):  # the next images wait 1.5 s in the encoder's queue
+            in_hand = [asyncio.ensure_future(encode(stub, [vision_pb2.ImageInput(data=png(300, 200, seed=51))]))
+                       for _ in range(2)]  # the second waits on the first's work
+            await asyncio.sleep(0.3)
+            await server.stalled("no progress for 60 s in encoder")
+            for request in in_hand:
+                with pytest.raises(grpc.aio.AioRpcError) as sent_back:
+                    await asyncio.wait_for(request, 1)
+                assert sent_back.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "image work is stuck (no progress for 60 s in encoder); retry on another replica" in \
+                    sent_back.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await encode(stub, [vision_pb2.ImageInput(data=png(300, 200, seed=52))])
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert (await encode(stub, [vision_pb2.ImageInput(content_hash=content_hash(cached))]))[0][0].cache_hit
+            assert REGISTRY.get_sample_value("vision_pending_images") == 0
+            await server.moving_again()
+        assert (await encode(stub, [vision_pb2.ImageInput(data=png(300, 200, seed=52))]))[0][0].num_tiles == 7
+
+
 def test_config_refuses_bad_limits():
     with pytest.raises(ValueError, match="--max-batch-tiles must be positive"):
         VisionConfig(model=pathlib.Path("."), max_batch_tiles=0)

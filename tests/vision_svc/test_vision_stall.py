@@ -1,6 +1,7 @@
 """A vision_svc whose preprocessing worker is stuck (stopped, as a hung worker or device would be) still answers
 pings and health checks; past --stall-timeout-s it says NOT_SERVING, so that the callers' channels send no more
-images to it, and SERVING again once the worker moves."""
+images to it, sends the images in hand back to their callers (UNAVAILABLE, for them to retry elsewhere), and is
+SERVING again once the worker moves."""
 
 import asyncio
 import signal
@@ -56,17 +57,25 @@ def test_a_stuck_worker_turns_health_not_serving_until_it_moves(tiny_checkpoint,
             try:
                 stuck = encode(stub, 2, 120)  # waits on the stopped worker
                 waited = await wait_for_health(probe, NOT_SERVING, 30)
+                with pytest.raises(grpc.aio.AioRpcError) as sent_back:  # in hand: sent back, not left to wait
+                    await asyncio.wait_for(stuck.read(), 5)
+                assert sent_back.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "image work is stuck (no progress for" in sent_back.value.details()
                 if client.get_state() == grpc.ChannelConnectivity.READY:  # its health watch may lag the probe
                     await asyncio.wait_for(client.wait_for_state_change(grpc.ChannelConnectivity.READY), 5)
                 started = time.monotonic()
                 with pytest.raises(grpc.aio.AioRpcError) as refused:  # refused at once, for a caller to go elsewhere
                     [m async for m in encode(stub, 3, 30)]
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 5
+                # A caller that does not check health reaches the replica, which refuses new images while stuck.
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    [m async for m in encode(vision_pb2_grpc.VisionEncoderStub(probe), 4, 30)]
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "image work is stuck" in refused.value.details()
             finally:
                 worker.send_signal(signal.SIGCONT)
-            messages = [m async for m in stuck]  # the stuck image finishes once its worker moves
-            assert messages[-1].last
             await wait_for_health(probe, SERVING, 10)
+            assert (await anext(aiter(encode(stub, 5, 60)))).image_index == 0  # takes images again
             return waited
 
     waited = asyncio.run(scenario())
@@ -74,4 +83,5 @@ def test_a_stuck_worker_turns_health_not_serving_until_it_moves(tiny_checkpoint,
     vision.stop()
     log = vision.logs()
     assert "health: NOT_SERVING: no progress for" in log and "in preprocessing (--stall-timeout-s 2)" in log, log
+    assert "1 images in hand sent back to their callers" in log, log
     assert "image work is moving again" in log, log
