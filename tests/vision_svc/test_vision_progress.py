@@ -55,7 +55,7 @@ async def test_the_pool_counts_a_task_until_it_returns_and_a_withdrawn_one_as_no
         await asyncio.sleep(0.3)
         second.cancel()
         await asyncio.sleep(0.2)
-        assert pool.progress.stalled_s() >= 0.5  # the cancelled task did not count as the pool moving
+        assert pool.progress.stalled_s() >= 0.45  # the cancelled task did not count as the pool moving
         gate.set()
         assert await asyncio.wait_for(first, 30) == 1
         assert pool.progress.stalled_s() == 0
@@ -87,6 +87,10 @@ async def test_the_encoder_counts_a_pass_until_it_returns():
         assert runner.progress.stalled_s() >= 0.4
         gate.set()
         assert (await asyncio.wait_for(job, 30)).shape == (2, 2)
+        for _ in range(50):  # the pass resolves its jobs' futures just before it counts itself finished
+            if runner.progress.stalled_s() == 0:
+                break
+            await asyncio.sleep(0.1)
         assert runner.progress.stalled_s() == 0
     finally:
         gate.set()
