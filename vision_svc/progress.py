@@ -11,6 +11,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+from protos.errors import Unavailable
+
 CHECK_INTERVAL_S = 1.0
 
 
@@ -69,3 +71,42 @@ class StallWatch:
         while True:
             await asyncio.sleep(CHECK_INTERVAL_S)
             await self.check()
+
+
+class InHand:
+    """The work a stage holds for its callers (an image's or a video's encoding), so that a stuck stage sends it
+    back: `send_back` cancels each piece, whose waiter then raises `error()` (UNAVAILABLE, for its caller to retry
+    on another replica instead of waiting out its deadline here), and `refuse_if_stuck` turns new work away the same
+    way until `moving_again`."""
+
+    def __init__(self):
+        self.stuck: str | None = None  # why the work is stuck, while it is
+        self._work: set[asyncio.Future] = set()
+
+    def refuse_if_stuck(self) -> None:
+        if self.stuck is not None:
+            raise self.error()
+
+    def hold(self, work: asyncio.Future) -> None:
+        self._work.add(work)
+        work.add_done_callback(self._work.discard)
+
+    def send_back(self, reason: str) -> int:
+        """Cancels the work in hand; returns how many pieces there were."""
+        self.stuck = reason
+        work = list(self._work)
+        for piece in work:
+            piece.cancel()
+        return len(work)
+
+    def moving_again(self) -> None:
+        self.stuck = None
+
+    @staticmethod
+    def was_sent_back(work: asyncio.Future) -> bool:
+        """For a waiter that got CancelledError from `work`: the work itself was cancelled, not the waiter."""
+        return work.cancelled() and not asyncio.current_task().cancelling()
+
+    def error(self) -> Unavailable:
+        return Unavailable(f"this replica's image work is stuck ({self.stuck or 'no progress'}); retry on another "
+                           "replica")

@@ -21,7 +21,7 @@ from vision_svc.encoder_compile import BucketedEncoder, batch_buckets
 from vision_svc.encoder_runner import EncoderRunner
 from vision_svc.limits import RequestLimits
 from vision_svc.preprocess import PreprocessPool
-from vision_svc.progress import StallWatch
+from vision_svc.progress import InHand, StallWatch
 from vision_svc.service import TileSettings, VisionService
 from vision_svc.servicer import VisionEncoderServicer
 from vision_svc.transport_sender import EmbeddingSender, sender_settings
@@ -81,7 +81,8 @@ class VisionServer:
         tiling = TileSettings(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch,
                               max_tiles=max_tiles, default_thumbnail=self.spec.use_thumbnail,
                               tokens_per_tile=self.spec.tokens_per_tile)
-        self.service = VisionService(tiling, limits, self.runner, self.pool, self.cache)
+        self.in_hand = InHand()  # images and videos being encoded, sent back should the work get stuck
+        self.service = VisionService(tiling, limits, self.runner, self.pool, self.cache, self.in_hand)
         self.info = vision_pb2.GetInfoResponse(
             model=config.served_model_name or config.model.resolve().name, llm_hidden=self.spec.llm_hidden,
             dtype=tensors.dtype_to_proto(self.dtype), tokens_per_tile=tiling.tokens_per_tile,
@@ -93,7 +94,8 @@ class VisionServer:
                                auth_token=config.auth_token, reflection=config.reflection,
                                health_port=config.health_port)
         self.sender = EmbeddingSender(sender_settings(config), config.chunk_bytes)
-        videos = VideoEncoding(VideoService(video_settings(config, tiling), self.runner, self.pool, self.cache),
+        videos = VideoEncoding(VideoService(video_settings(config, tiling), self.runner, self.pool, self.cache,
+                                            self.in_hand),
                                config.chunk_bytes)
         self.info.MergeFrom(video_info(videos.service.settings))
         self.grpc.add_service(vision_pb2_grpc.add_VisionEncoderServicer_to_server,
@@ -122,12 +124,13 @@ class VisionServer:
     async def stalled(self, reason: str) -> None:
         """The stall watch found the work stuck: NOT_SERVING, and the images in hand go back to their callers."""
         await self.grpc.set_not_serving(reason)
-        sent_back = self.service.send_back(reason)
-        log.warning("%d images in hand sent back to their callers (UNAVAILABLE), to be retried elsewhere", sent_back)
+        sent_back = self.in_hand.send_back(reason)
+        log.warning("%d images and videos in hand sent back to their callers (UNAVAILABLE), to be retried elsewhere",
+                    sent_back)
 
     async def moving_again(self) -> None:
         log.warning("image work is moving again")
-        self.service.moving_again()
+        self.in_hand.moving_again()
         await self.grpc.set_serving()
 
     async def _warm_up(self) -> None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from protos import tracing
-from protos.errors import InvalidInput, NotFound, Overloaded, Unavailable
+from protos.errors import InvalidInput, NotFound, Overloaded
 from protos.work_limits import AdmittedWork, WorkLimit
 from vision_svc import metrics
 from vision_svc.cache import CacheKey, EmbeddingCache, content_hash
@@ -23,6 +23,7 @@ from vision_svc.encoder_runner import EncoderRunner
 from vision_svc.image_decode import ImageError
 from vision_svc.limits import RequestLimits
 from vision_svc.preprocess import PreprocessPool
+from vision_svc.progress import InHand
 from vision_svc.tiling import TileOptions
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class TileSettings:
 
 class VisionService:
     def __init__(self, tiling: TileSettings, limits: RequestLimits, runner: EncoderRunner, pool: PreprocessPool,
-                 cache: EmbeddingCache):
+                 cache: EmbeddingCache, in_hand: InHand):
         self.tiling = tiling
         self.limits = limits
         self.work_limit = WorkLimit("vision_svc", limits.max_requests_in_flight, limits.max_bytes_in_flight)
@@ -73,10 +74,9 @@ class VisionService:
         self._runner = runner
         self._pool = pool
         self._cache = cache
+        self._in_hand = in_hand  # sent back if the stage's work gets stuck (server.py)
         self._pending = 0
-        self._works: set[asyncio.Future] = set()  # the images being encoded
         self._waiters: dict[CacheKey, int] = {}
-        self.stuck: str | None = None  # why the stage's work is stuck (`send_back`), until `moving_again`
 
     def admit(self, request_bytes: int) -> AdmittedWork:
         """A slot for one request holding its message's bytes, or Overloaded (holding nothing) past the limits."""
@@ -102,23 +102,6 @@ class VisionService:
         finally:
             for task in tasks:
                 task.cancel()
-
-    def send_back(self, reason: str) -> int:
-        """The stage's work is stuck (`progress.StallWatch`): each image in hand fails UNAVAILABLE now, for its caller
-        to retry on another replica instead of waiting out its deadline here, and so does each new one until
-        `moving_again` (cached images are still served). Returns how many images were in hand."""
-        self.stuck = reason
-        works = list(self._works)
-        for work in works:
-            work.cancel()
-        return len(works)
-
-    def moving_again(self) -> None:
-        self.stuck = None
-
-    def _stuck_error(self) -> Unavailable:
-        return Unavailable(f"this replica's image work is stuck ({self.stuck or 'no progress'}); retry on another "
-                           "replica")
 
     def _check(self, images: list[ImageSource]) -> None:
         """Validates every image before any work starts, so a bad request costs nothing."""
@@ -158,8 +141,7 @@ class VisionService:
         if image.data is None:  # evicted since the check
             raise NotFound(f"image {index} named by content hash is no longer cached; resend its bytes",
                            metadata=((MISSING_IMAGES_KEY, str(index)),))
-        if self.stuck is not None:
-            raise self._stuck_error()
+        self._in_hand.refuse_if_stuck()  # cached images are still served
         if self._pending >= self.limits.max_pending_images:
             raise Overloaded(f"{self._pending} images are being encoded, the limit of this replica; retry later "
                              "or on another replica")
@@ -168,7 +150,7 @@ class VisionService:
         self._pending += 1
         metrics.PENDING_IMAGES.set(self._pending)
         work = asyncio.ensure_future(self._run(index, image.data, key))
-        self._works.add(work)
+        self._in_hand.hold(work)
         work.add_done_callback(self._release)
         self._cache.track(key, work)
         embeddings = await self._wait(key, work)
@@ -180,9 +162,8 @@ class VisionService:
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            # The work itself was cancelled, not this waiter: only `send_back` does that while a waiter is left.
-            if work.cancelled() and not asyncio.current_task().cancelling():
-                raise self._stuck_error() from None
+            if self._in_hand.was_sent_back(work):  # nothing else cancels work that has waiters
+                raise self._in_hand.error() from None
             raise
         finally:
             self._waiters[key] -= 1
@@ -190,8 +171,7 @@ class VisionService:
                 del self._waiters[key]
                 work.cancel()  # nothing left to use the result (a no-op when it is done)
 
-    def _release(self, work: asyncio.Future) -> None:
-        self._works.discard(work)
+    def _release(self, _work: asyncio.Future) -> None:
         self._pending -= 1
         metrics.PENDING_IMAGES.set(self._pending)
 

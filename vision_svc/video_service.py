@@ -20,6 +20,7 @@ from vision_svc import metrics
 from vision_svc.cache import EmbeddingCache, content_hash
 from vision_svc.encoder_runner import EncoderRunner
 from vision_svc.preprocess import PreprocessPool
+from vision_svc.progress import InHand
 from vision_svc.service import EncodedImage, ImageSource
 from vision_svc.tiling import normalize_tiles
 from vision_svc.video_decode import DEFAULT_NUM_FRAMES, FrameSampling, VideoError, VideoLimits
@@ -48,11 +49,13 @@ class VideoSettings:
 
 
 class VideoService:
-    def __init__(self, settings: VideoSettings, runner: EncoderRunner, pool: PreprocessPool, cache: EmbeddingCache):
+    def __init__(self, settings: VideoSettings, runner: EncoderRunner, pool: PreprocessPool, cache: EmbeddingCache,
+                 in_hand: InHand):
         self.settings = settings
         self._runner = runner
         self._pool = pool
         self._cache = cache
+        self._in_hand = in_hand  # sent back if the stage's work gets stuck (server.py)
 
     def sampling(self, num_frames: int | None, fps: float | None) -> FrameSampling:
         """vLLM's options within this server's limits; None takes the defaults (vLLM's 32 frames, fewer when this
@@ -107,12 +110,23 @@ class VideoService:
         if video.data is None:  # evicted since the check
             raise NotFound(f"video {index} named by content hash is no longer cached; resend its bytes",
                            metadata=((MISSING_VIDEOS_KEY, str(index)),))
+        self._in_hand.refuse_if_stuck()
+        work = asyncio.ensure_future(self._encoded(index, video.data, key))
+        self._in_hand.hold(work)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if self._in_hand.was_sent_back(work):
+                raise self._in_hand.error() from None
+            raise
+
+    async def _encoded(self, index: int, data: bytes, key: VideoCacheKey) -> EncodedImage:
         metrics.CACHE_MISSES.inc()
         started = time.perf_counter()
         try:
             # Unwatched: decoding walks the clip up to its last sampled frame, which for a long clip can rightly
             # take longer than --stall-timeout-s.
-            pixels = await self._pool.in_worker(decode_to_frame_pixels, video.data, self.settings.limits,
+            pixels = await self._pool.in_worker(decode_to_frame_pixels, data, self.settings.limits,
                                                 key.sampling, self.settings.image_size, watched=False)
         except VideoError as error:
             raise InvalidInput(f"video {index}: {error}") from error

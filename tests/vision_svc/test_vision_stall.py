@@ -83,5 +83,5 @@ def test_a_stuck_worker_turns_health_not_serving_until_it_moves(tiny_checkpoint,
     vision.stop()
     log = vision.logs()
     assert "health: NOT_SERVING: no progress for" in log and "in preprocessing (--stall-timeout-s 2)" in log, log
-    assert "1 images in hand sent back to their callers" in log, log
+    assert "1 images and videos in hand sent back to their callers" in log, log
     assert "image work is moving again" in log, log

@@ -1,6 +1,8 @@
 """Videos through a real vision_svc on a loopback port: embeddings of vLLM's frames, the cache, the limits, and
 hostile files refused with INVALID_ARGUMENT while the server stays SERVING."""
 
+import asyncio
+
 import grpc
 import pytest
 import torch
@@ -104,3 +106,23 @@ async def test_get_info_tells_the_video_limits(vision):
     info = await stub.GetInfo(vision_pb2.GetInfoRequest())
     assert (info.max_videos_per_request, info.max_video_frames, info.max_video_bytes, info.default_video_frames) == (
         2, 12, 1 << 20, 12)
+
+
+async def test_a_stuck_stage_sends_a_video_in_hand_back_and_refuses_new_ones_until_it_moves(tiny_checkpoint):
+    model = tiny_checkpoint(layout="original", llm="dense", vision="300m")
+    async with running_vision(model, max_batch_tiles=32, batch_wait_ms=1500, max_videos_per_request=1,
+                              max_video_frames=12, max_video_bytes=1 << 20) as (stub, server):
+        with server.runner.expecting():  # an image announced and never sent: each batch waits 1.5 s for it
+            in_hand = asyncio.ensure_future(encode_videos(stub, [vision_pb2.VideoInput(data=make_video(8))],
+                                                          num_frames=4))
+            await asyncio.sleep(0.5)
+            await server.stalled("no progress for 60 s in encoder")
+            with pytest.raises(grpc.aio.AioRpcError) as sent_back:
+                await asyncio.wait_for(in_hand, 1)
+            assert sent_back.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "image work is stuck (no progress for 60 s in encoder)" in sent_back.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await encode_videos(stub, [vision_pb2.VideoInput(data=make_video(8))], num_frames=4)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            await server.moving_again()
+        assert len((await encode_videos(stub, [vision_pb2.VideoInput(data=make_video(8))], num_frames=4))[0][1]) > 0
