@@ -6,8 +6,8 @@
   holds them, and a replica joining or leaving moves only its own share of images.
 - Hash first: images this client sent recently go as their hash only; on NOT_FOUND (evicted, or another
   replica) the request is resent with bytes.
-- On UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED (replica full) the request is retried once on the
-  hash's second replica; UNAVAILABLE also asks for a new resolution of the names. A replica whose channel is
+- On UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED (replica full) the request, of images or of videos, is
+  retried once on the hash's second replica; UNAVAILABLE also asks for a new resolution of the names. A replica whose channel is
   failing (unreachable, or its health says NOT_SERVING: draining, its work stuck) goes last without a call.
 - Embedding bytes come over the data plane negotiated with each replica (`embedding_receiver`): shared
   memory, a direct socket, or inline in the stream.
@@ -21,7 +21,8 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import torch
@@ -42,6 +43,8 @@ MISSING_IMAGES_KEY = "missing-image-indices"  # vision_svc's NotFound names the 
 # A replica that answered UNAVAILABLE (down, or found silent by keepalive) takes new images only after this long,
 # and once its channel has connected again; until then its images go to their next replica.
 UNAVAILABLE_COOLDOWN_S = 5.0
+
+T = TypeVar("T")
 
 
 def hold_nothing(nbytes: int) -> None:
@@ -125,13 +128,19 @@ class VisionClient:
         """Embeddings of `images`, in order; `hold_bytes(n)` is called before each embedding of n bytes is
         received, and may refuse it by raising (Overloaded). Embeddings of an attempt that failed stay counted:
         the budget errs on the side of holding too much, until the caller releases it all."""
-        replicas = (await self._ordered(images[0].content_hash))[:2]
+        return await self._retried(images[0].content_hash, lambda replica: self._encode_on(
+            replica, request_id, images, max_tiles, timeout_s, hold_bytes))
+
+    async def _retried(self, content_hash: str, call: Callable[[Endpoint[VisionReplica]], Awaitable[T]]) -> T:
+        """`call` on the replica that `content_hash` picks, and once more on the next one if that one was down
+        (UNAVAILABLE) or full (RESOURCE_EXHAUSTED)."""
+        replicas = (await self._ordered(content_hash))[:2]
         if not replicas:
             raise errors.Unavailable("vision_svc: no replica resolved",
                                      metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
-        for attempt, replica in enumerate(replicas):
+        for attempt_number, replica in enumerate(replicas):
             try:
-                results = await self._encode_on(replica, request_id, images, max_tiles, timeout_s, hold_bytes)
+                result = await call(replica)
             except (errors.Unavailable, errors.Overloaded) as error:
                 # Without a peer the error is the caller's own budget, which another replica would not change.
                 if error.peer is None:
@@ -139,13 +148,13 @@ class VisionClient:
                 if isinstance(error, errors.Unavailable):
                     replica.down_until = time.monotonic() + UNAVAILABLE_COOLDOWN_S
                     self._endpoints.refresh_soon()
-                if attempt == len(replicas) - 1:
+                if attempt_number == len(replicas) - 1:
                     raise
                 log.warning("vision_svc %s: %s; retrying on %s", replica.address.target, error,
-                            replicas[attempt + 1].address.target)
+                            replicas[attempt_number + 1].address.target)
                 continue
             replica.down_until = 0.0
-            return results
+            return result
         raise AssertionError("unreachable")
 
     async def _ordered(self, content_hash: str) -> list[Endpoint[VisionReplica]]:
@@ -228,14 +237,11 @@ class VisionClient:
     async def encode_videos(self, request_id: str, videos: list[VideoBlob], options: VideoOptions,
                             timeout_s: float, hold_bytes: Callable[[int], None] = hold_nothing
                             ) -> list[VideoEmbedding]:
-        """Embeddings of `videos`, in order, from one Encode call of videos only (`video_client`)."""
-        replicas = await self._ordered(videos[0].content_hash)
-        if not replicas:
-            raise errors.Unavailable("vision_svc: no replica resolved",
-                                     metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
-        replica = replicas[0]
-        return await encode_videos(replica.connection.stub, replica.address.target, request_id, videos, options,
-                                   timeout_s, lambda header: self._assembler(header, hold_bytes))
+        """Embeddings of `videos`, in order, from one Encode call of videos only (`video_client`), retried as
+        images are."""
+        return await self._retried(videos[0].content_hash, lambda replica: encode_videos(
+            replica.connection.stub, replica.address.target, request_id, videos, options, timeout_s,
+            lambda header: self._assembler(header, hold_bytes)))
 
     def _assembler(self, header: vision_pb2.TensorHeader,
                    hold_bytes: Callable[[int], None]) -> tensors.TensorAssembler:

@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from llm_svc.video_client import VideoBlob, VideoOptions
 from llm_svc.vision_client import ImageBlob, VisionClient
 from protos import errors, vision_pb2, vision_pb2_grpc
 from protos.endpoints import Address, Endpoint, rendezvous_order
@@ -37,6 +38,14 @@ class ScriptedReplica(vision_pb2_grpc.VisionEncoderServicer):
             raise errors.Overloaded("vision queue full")
         if self.down:
             raise errors.Unavailable("vision_svc is draining")
+        if request.videos:
+            for n, video in enumerate(request.videos):
+                encoded = EncodedImage(n, hashlib.sha256(video.data).hexdigest(), 2, torch.full((ROWS, WIDTH), 1.0),
+                                       False)
+                for message in image_to_pb(encoded, 1024):
+                    message.video = True
+                    yield message
+            return
         hashes = [i.content_hash if i.WhichOneof("source") == "content_hash" else hashlib.sha256(i.data).hexdigest()
                   for i in request.images]
         missing = [n for n, (i, h) in enumerate(zip(request.images, hashes)) if not i.data and h not in self.known]
@@ -103,6 +112,22 @@ async def test_a_full_replica_is_retried_on_the_other(replicas):
     result = await client.encode("r", [routed_to(0)], max_tiles=0, timeout_s=5)
     assert result[0].embeddings.shape == (ROWS, WIDTH)
     assert len(scripts[0].requests) == 1 and len(scripts[1].requests) == 1
+
+
+async def test_a_video_whose_replica_is_down_or_full_is_retried_on_the_other(replicas):
+    client, scripts, _ = replicas
+    video = VideoBlob(routed_to(0).content_hash, routed_to(0).data)
+    for script in scripts:
+        script.full = True
+    with pytest.raises(errors.Overloaded):
+        await client.encode_videos("v0", [video], VideoOptions(num_frames=2, fps=None), timeout_s=5)
+    assert [len(s.requests) for s in scripts] == [1, 1]
+    scripts[1].full = False
+    result = await client.encode_videos("v1", [video], VideoOptions(num_frames=2, fps=None), timeout_s=5)
+    assert result[0].embeddings.shape == (ROWS, WIDTH) and [len(s.requests) for s in scripts] == [2, 2]
+    scripts[0].full, scripts[0].down = False, True
+    await client.encode_videos("v2", [video], VideoOptions(num_frames=2, fps=None), timeout_s=5)
+    assert [len(s.requests) for s in scripts] == [3, 3]
 
 
 async def test_a_replica_that_answered_unavailable_is_skipped_until_it_cooled_down(replicas):
