@@ -2,7 +2,7 @@
 never returns) leaves the process answering pings and health checks while every image sent to it waits out its
 deadline. `ProgressWatch` says how long work has waited with none of it finishing; `StallWatch` calls the stage
 past `--stall-timeout-s` (vision_svc.server turns its health NOT_SERVING, so that the clients' channels send new
-images to the other replicas at once and a liveness probe restarts the stuck one, and sends the images in hand
+images to the other replicas at once and a liveness probe restarts the stuck one, and sends the work in hand
 back to their callers) and again once work moves (SERVING).
 """
 

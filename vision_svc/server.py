@@ -122,7 +122,7 @@ class VisionServer:
         return port
 
     async def stalled(self, reason: str) -> None:
-        """The stall watch found the work stuck: NOT_SERVING, and the images in hand go back to their callers."""
+        """The stall watch found the work stuck: NOT_SERVING, and the work in hand goes back to its callers."""
         await self.grpc.set_not_serving(reason)
         sent_back = self.in_hand.send_back(reason)
         log.warning("%d images and videos in hand sent back to their callers (UNAVAILABLE), to be retried elsewhere",
