@@ -533,9 +533,13 @@ def start_stack(work: pathlib.Path, llm_flags: list[str]):
     model = build(work / "tiny", layout="original")
     logs = work / "logs"
     vision = vision_stage(model, free_port(), ["--preprocess-workers", "0"], logs / "fuzz-vision.log").wait_ready()
-    # A short context bounds the work of any request that gets through: unset max_tokens, long prompts, images.
+    # A short context bounds the work of any request that gets through (long prompts, images), and max_new_tokens
+    # the answers of requests that leave max_tokens unset or null, which the gateway's --max-tokens-limit does not
+    # bound: 3 prompts with n=101 each ran to the context's end, 300,000 tokens, past the client's timeout.
     llm = llm_stage(model, [vision], free_port(), ["--max-model-len", "1024", "--max-num-seqs", "8",
-                                                   "--kv-cache-memory-bytes", str(256 << 20), *llm_flags],
+                                                   "--kv-cache-memory-bytes", str(256 << 20),
+                                                   "--override-generation-config", '{"max_new_tokens": 16}',
+                                                   *llm_flags],
                     logs / "fuzz-llm.log").wait_ready()
     gateway = gateway_stage([llm], "127.0.0.1", free_port(), ["--max-tokens-limit", "16",
                                                              "--image-fetch-timeout-s", "1"],

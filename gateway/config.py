@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest HTTP request body, in bytes (413 above it)")
     parser.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                         help="largest max_tokens a request may ask for (400 above it); requests that do not set "
-                             "it are bounded by the model's context length")
+                             "it are bounded by the model's context length, or by llm_svc's "
+                             "--override-generation-config '{\"max_new_tokens\": N}'")
     parser.add_argument("--max-requests-in-flight", type=int, default=d.max_requests_in_flight,
                         help="most chat and completion requests served at once, streams included; beyond it a "
                              "request gets 429 with Retry-After at once")
