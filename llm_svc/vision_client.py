@@ -7,8 +7,9 @@
 - Hash first: images this client sent recently go as their hash only; on NOT_FOUND (evicted, or another
   replica) the request is resent with bytes.
 - On UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED (replica full) the request, of images or of videos, is
-  retried once on the hash's second replica; UNAVAILABLE also asks for a new resolution of the names. A replica whose channel is
-  failing (unreachable, or its health says NOT_SERVING: draining, its work stuck) goes last without a call.
+  retried once on the hash's second replica; UNAVAILABLE also asks for a new resolution of the names. A replica
+  whose channel is failing (unreachable, or its health says NOT_SERVING: draining, its work stuck) goes last
+  without a call.
 - Embedding bytes come over the data plane negotiated with each replica (`embedding_receiver`): shared
   memory, a direct socket, or inline in the stream.
 - Bytes held: each embedding's size is counted against the caller's budget (`hold_bytes`) when its header
@@ -138,7 +139,7 @@ class VisionClient:
         if not replicas:
             raise errors.Unavailable("vision_svc: no replica resolved",
                                      metadata=((errors.FAILED_STAGE_KEY, "vision_svc"),))
-        for attempt_number, replica in enumerate(replicas):
+        for attempt, replica in enumerate(replicas):
             try:
                 result = await call(replica)
             except (errors.Unavailable, errors.Overloaded) as error:
@@ -148,10 +149,10 @@ class VisionClient:
                 if isinstance(error, errors.Unavailable):
                     replica.down_until = time.monotonic() + UNAVAILABLE_COOLDOWN_S
                     self._endpoints.refresh_soon()
-                if attempt_number == len(replicas) - 1:
+                if attempt == len(replicas) - 1:
                     raise
                 log.warning("vision_svc %s: %s; retrying on %s", replica.address.target, error,
-                            replicas[attempt_number + 1].address.target)
+                            replicas[attempt + 1].address.target)
                 continue
             replica.down_until = 0.0
             return result

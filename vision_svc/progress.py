@@ -102,10 +102,11 @@ class InHand:
     def moving_again(self) -> None:
         self.stuck = None
 
-    @staticmethod
-    def was_sent_back(work: asyncio.Future) -> bool:
-        """For a waiter that got CancelledError from `work`: the work itself was cancelled, not the waiter."""
-        return work.cancelled() and not asyncio.current_task().cancelling()
+    def raise_if_sent_back(self, work: asyncio.Future) -> None:
+        """For a waiter that got CancelledError from `work`: `error()` if the work itself was cancelled (sent back,
+        as nothing else cancels work that has a waiter), not the waiter."""
+        if work.cancelled() and not asyncio.current_task().cancelling():
+            raise self.error() from None
 
     def error(self) -> Unavailable:
         return Unavailable(f"this replica's image work is stuck ({self.stuck or 'no progress'}); retry on another "

@@ -162,8 +162,7 @@ class VisionService:
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            if self._in_hand.was_sent_back(work):  # nothing else cancels work that has waiters
-                raise self._in_hand.error() from None
+            self._in_hand.raise_if_sent_back(work)
             raise
         finally:
             self._waiters[key] -= 1

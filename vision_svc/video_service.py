@@ -116,8 +116,7 @@ class VideoService:
         try:
             return await work
         except asyncio.CancelledError:
-            if self._in_hand.was_sent_back(work):
-                raise self._in_hand.error() from None
+            self._in_hand.raise_if_sent_back(work)
             raise
 
     async def _encoded(self, index: int, data: bytes, key: VideoCacheKey) -> EncodedImage:
