@@ -20,6 +20,11 @@ ROLES = ("system", "user", "assistant", "tool")
 # vLLM's server refuses a template sent with the request unless started with --trust-request-chat-template, which
 # this stage never is. (vLLM's renderer refuses the other variable a request may not set, `tokenize`, itself.)
 REQUEST_TEMPLATE_KWARG = "chat_template"
+# A text prompt up to this many characters (or a prompt of a quarter as many token ids) is made into the engine's
+# input on the event loop, in at most ~1.2 ms: the hand-over to vLLM's tokenizer thread and back costs ~0.4 ms of CPU
+# a request in wake-ups and the GIL's hand-overs, more than tokenizing a short prompt takes (bench/RESULTS.md). A
+# longer one goes to the thread, so that the streams of the requests in flight are not held up for it.
+RENDER_IN_PLACE_CHARS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +204,10 @@ async def render_for_engine(renderer, prompt: dict, tok_params: TokenizeParams |
     placeholders expand, and where that cuts a placeholder out its processor fails an assertion (vLLM's own server
     answers 500): here that is the request's error, in the words vLLM has for a truncation that splits an item."""
     try:
-        (engine_input,) = await renderer.render_cmpl_async([prompt], tok_params)
+        if _renders_in_place(prompt):
+            (engine_input,) = renderer.render_cmpl([prompt], tok_params)
+        else:
+            (engine_input,) = await renderer.render_cmpl_async([prompt], tok_params)
     except AssertionError as error:
         cut = re.search(r"prompt replacement for mm_items\['(\w+)'\]", str(error))
         if cut is None or tok_params is None or tok_params.truncate_prompt_tokens is None:
@@ -209,3 +217,12 @@ async def render_for_engine(renderer, prompt: dict, tok_params: TokenizeParams |
             "Multimodal placeholders expand after truncation is applied, so the limit must leave every multimodal "
             "item intact. Please raise truncate_prompt_tokens or shorten the prompt.") from None
     return engine_input
+
+
+def _renders_in_place(prompt: dict) -> bool:
+    """A short prompt without images or videos (their processor's work stays on vLLM's thread)."""
+    if "multi_modal_data" in prompt:
+        return False
+    if (text := prompt.get("prompt")) is not None:
+        return len(text) <= RENDER_IN_PLACE_CHARS
+    return len(prompt.get("prompt_token_ids") or ()) <= RENDER_IN_PLACE_CHARS // 4

@@ -2,6 +2,7 @@
 chat's images included (fed to vLLM as raw images), and token ids decode back to their text."""
 
 import hashlib
+import threading
 
 import pytest
 import transformers
@@ -9,7 +10,7 @@ import transformers
 from llm_svc.admission import AdmissionCheck
 from llm_svc.image_tokens import ImageTokenCounter
 from llm_svc.limits import RequestLimits
-from llm_svc.prompts import ImageRef, Message, PromptRenderer
+from llm_svc.prompts import RENDER_IN_PLACE_CHARS, ImageRef, Message, PromptRenderer
 from llm_svc.servicer import tokenize_input_from_pb, tokens_to_pb
 from llm_svc.tokenization import TokenizationService, TokenizeInput, Tokens
 from llm_svc.vision_client import ImageBlob
@@ -73,6 +74,27 @@ def test_a_chat_renders_to_the_templates_text_without_tokenizing_it(service, mon
     assert tokenized == []
     assert text == llm_engine.renderer.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": "Hello there."}], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("chars,in_place", [(200, True), (RENDER_IN_PLACE_CHARS, True),
+                                             (RENDER_IN_PLACE_CHARS + 1, False)])
+async def test_a_short_prompt_is_tokenized_on_the_event_loop_and_a_long_one_on_vllms_thread(
+        service, monkeypatch, chars, in_place):
+    """The hand-over to vLLM's tokenizer thread costs more than tokenizing a short prompt; either way the engine input
+    is the one vLLM's renderer makes."""
+    _, prompts, llm_engine = service
+    threads = []
+    tokenize = transformers.PreTrainedTokenizerBase.__call__
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__call__",
+                        lambda self, *args, **kwargs: threads.append(threading.get_ident()) or tokenize(self, *args,
+                                                                                                      **kwargs))
+    text = ("The quick brown fox. " * chars)[:chars]
+    engine_input = await prompts.engine_input({"prompt": text})
+    assert len(threads) == 1 and (threads[0] == threading.get_ident()) == in_place
+    monkeypatch.undo()
+    (vllms,) = await llm_engine.renderer.render_cmpl_async([{"prompt": text}])
+    assert engine_input["prompt_token_ids"] == vllms["prompt_token_ids"]
+    assert engine_input["prompt"] == text
 
 
 async def test_a_prompt_is_tokenized_as_is_with_special_tokens_as_asked(service):
