@@ -20,10 +20,10 @@ ROLES = ("system", "user", "assistant", "tool")
 # vLLM's server refuses a template sent with the request unless started with --trust-request-chat-template, which
 # this stage never is. (vLLM's renderer refuses the other variable a request may not set, `tokenize`, itself.)
 REQUEST_TEMPLATE_KWARG = "chat_template"
-# A text prompt up to this many characters (or a prompt of a quarter as many token ids) is made into the engine's
-# input on the event loop, in at most ~1.2 ms: the hand-over to vLLM's tokenizer thread and back costs ~0.4 ms of CPU
-# a request in wake-ups and the GIL's hand-overs, more than tokenizing a short prompt takes (bench/RESULTS.md). A
-# longer one goes to the thread, so that the streams of the requests in flight are not held up for it.
+# A text prompt up to this many characters (or a quarter as many token ids) is made into the engine's input on the
+# event loop, holding it a millisecond or so: the hand-over to vLLM's tokenizer thread and back (a wake-up each way, the
+# GIL taken back and forth) costs more CPU than tokenizing a short prompt does (bench/RESULTS.md). A longer one still
+# goes to the thread, so that the streams in flight are not held up for it.
 RENDER_IN_PLACE_CHARS = 4096
 
 
