@@ -2,7 +2,7 @@
 
     python -m bench.e2e                       # ~2 minutes on 2 quiet cores (~6 under heavy load)
     python -m bench.e2e --quick               # ~1 minute (~2 under heavy load)
-    python -m bench.e2e --parts vllm-bench    # vLLM's serving benchmark (`vllm bench serve`) against both
+    python -m bench.e2e --parts vllm-bench    # vLLM's serving benchmark (`vllm bench serve`), the same rounds
 
 Both systems serve the same checkpoint on this machine with the same engine flags and dtype, and get the
 same requests from the same client: streamed chat completions at a fixed concurrency, a fixed number of
@@ -38,6 +38,7 @@ from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stag
 from deploy.tiny_model.tokenizer import LEARNED_VOCAB_SIZE
 
 SYSTEMS = ("DvD (gateway)", "vLLM monolithic")
+VLLM_BENCH_DATASETS = ("random", "random-mm")
 CPU_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(1 << 30), "--max-model-len", "8192", "--enforce-eager"]
 WORKLOADS = ("text", "image, distinct", "image, repeated")
 
@@ -250,15 +251,17 @@ def plot_sweep(by_concurrency: dict[int, Results], path: pathlib.Path) -> pathli
                              log2_x=True, styles=styles)
 
 
-def vllm_bench_argv(base_url: str, model_dir: pathlib.Path, dataset: str, args, concurrency: int) -> list[str]:
-    """The `vllm bench serve` command line (after `vllm bench serve`) for one dataset."""
+def vllm_bench_argv(base_url: str, model_dir: pathlib.Path, dataset: str, args, concurrency: int, requests: int,
+                    seed: int, warm_up: int) -> list[str]:
+    """The `vllm bench serve` command line (after `vllm bench serve`) for one dataset and round."""
     width, height = args.image_size
     argv = ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
             "--model", model_dir.name, "--tokenizer", str(model_dir), "--dataset-name", dataset,
-            "--num-prompts", str(args.requests), "--max-concurrency", str(concurrency),
+            "--num-prompts", str(requests), "--max-concurrency", str(concurrency), "--seed", str(seed),
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-            "--ignore-eos", "--num-warmups", str(args.warm_up), "--temperature", "0", "--disable-tqdm",
-            "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99"]
+            "--ignore-eos", "--num-warmups", str(warm_up), "--temperature", "0",
+            "--disable-tqdm", "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
+            "--save-detailed"]  # the per-request times in the result (no file is written without --save-result)
     if dataset == "random-mm":
         argv += ["--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
                  "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
@@ -272,28 +275,70 @@ def serve_benchmark(argv: list[str]) -> dict:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
-    return serve.main(parser.parse_args(argv))
+    result = serve.main(parser.parse_args(argv))
+    # Only what the tables need crosses back from the benchmark's process (not the generated texts).
+    return {key: result[key] for key in ("duration", "ttfts", "latencies", "input_lens", "output_lens", "errors")}
+
+
+def timings_of(result: dict) -> list[RequestTiming]:
+    """The requests of one `vllm bench serve` run that succeeded, as the other parts time theirs."""
+    return [RequestTiming(ttft, latency, prompt, output) for ttft, latency, prompt, output, error
+            in zip(result["ttfts"], result["latencies"], result["input_lens"], result["output_lens"], result["errors"])
+            if not error]
 
 
 def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
+    """`vllm bench serve` against both systems, up at once and loaded in turns as in `run_compare`: `--requests`
+    split into `--rounds`, each round new prompts and images (its own seed) for both, the first round warmed up."""
+    servers: dict[str, list[Stage]] = {}
+    timings = {(s, d, c): [] for s in SYSTEMS for d in VLLM_BENCH_DATASETS for c in args.concurrency}
+    seconds = dict.fromkeys(timings, 0.0)
+    by_round = {key: [] for key in timings}
     # In a separate interpreter: importing vLLM's benchmark changes this process's environment (opencv sets
     # LD_LIBRARY_PATH), and a vLLM server started with that environment fails to load torchaudio.
-    rows = []
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as runner:
-        for system, start in zip(SYSTEMS, (start_ours, start_vllm)):
-            stages = start(args, model_dir, logs)
-            try:
-                for dataset, concurrency in itertools.product(("random", "random-mm"), args.concurrency):
-                    argv = vllm_bench_argv(f"http://{stages[-1].address}", model_dir, dataset, args, concurrency)
-                    print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
+        try:
+            for system, start in zip(SYSTEMS, (start_ours, start_vllm)):
+                servers[system] = start(args, model_dir, logs)
+            for round_ in range(args.rounds):
+                order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
+                for dataset, concurrency, system in itertools.product(VLLM_BENCH_DATASETS, args.concurrency, order):
+                    argv = vllm_bench_argv(f"http://{servers[system][-1].address}", model_dir, dataset, args,
+                                           concurrency, args.requests // args.rounds, seed=round_ + 1,
+                                           warm_up=args.warm_up if round_ == 0 else 0)
+                    if round_ == 0:
+                        print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
                     result = runner.submit(serve_benchmark, argv).result()
-                    rows.append([dataset, concurrency, system, f"{result['completed']}/{args.requests}",
-                                 result["request_throughput"], result["output_throughput"],
-                                 result["p50_ttft_ms"], result["p99_ttft_ms"], result["p50_tpot_ms"]])
-            finally:
+                    done = timings_of(result)
+                    timings[system, dataset, concurrency] += done
+                    seconds[system, dataset, concurrency] += result["duration"]
+                    by_round[system, dataset, concurrency].append(len(done) / result["duration"])
+                print(f"vllm bench serve: round {round_ + 1} of {args.rounds} done, load average "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
+        finally:
+            for stages in servers.values():
                 stop(stages)
+    return vllm_bench_table(args, timings, seconds, by_round)
+
+
+def vllm_bench_table(args, timings: dict, seconds: dict, by_round: dict) -> str:
+    rows = []
+    ours, theirs = SYSTEMS
+    for dataset, concurrency in itertools.product(VLLM_BENCH_DATASETS, args.concurrency):
+        summaries = {s: Summary.of(timings[s, dataset, concurrency], seconds[s, dataset, concurrency])
+                     for s in SYSTEMS}
+        for system, summary in summaries.items():
+            rows.append([dataset, concurrency, system, f"{len(timings[system, dataset, concurrency])}/{args.requests}",
+                         summary.requests_per_s, summary.output_tokens_per_s, summary.ttft_p50_ms,
+                         summary.ttft_p99_ms, summary.tpot_p50_ms, ""])
+        rounds = ", ".join(ratio(a, b) for a, b in zip(by_round[ours, dataset, concurrency],
+                                                      by_round[theirs, dataset, concurrency]))
+        rows.append([dataset, concurrency, "**DvD / vLLM**", "",
+                     *(ratio(getattr(summaries[ours], f), getattr(summaries[theirs], f))
+                       for f in ("requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms")),
+                     rounds])
     return markdown_table(["dataset", "concurrency", "system", "completed", "req/s", "out tok/s", "TTFT p50 ms",
-                           "TTFT p99 ms", "TPOT p50 ms"], rows)
+                           "TTFT p99 ms", "TPOT p50 ms", "req/s by round"], rows)
 
 
 def parse_args() -> argparse.Namespace:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from bench.common import markdown_table, photo_like_jpeg, ratio
-from bench.e2e import RequestTiming, Summary, chat_body, vllm_bench_argv
+from bench.e2e import RequestTiming, Summary, chat_body, timings_of, vllm_bench_argv
 from vision_svc.tiling import TileOptions, tile_count
 
 
@@ -48,14 +48,22 @@ def test_vllm_bench_command_parses_with_vllm_own_parser(tmp_path):
         os.environ.update(environ)
 
     class Args:
-        image_size, requests, input_len, output_len, warm_up = (1280, 720), 8, 200, 32, 2
+        image_size, input_len, output_len = (1280, 720), 200, 32
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
-    args = parser.parse_args(vllm_bench_argv("http://127.0.0.1:1", tmp_path, "random-mm", Args, concurrency=4))
+    args = parser.parse_args(vllm_bench_argv("http://127.0.0.1:1", tmp_path, "random-mm", Args, concurrency=4,
+                                             requests=6, seed=3, warm_up=0))
     assert args.backend == "openai-chat" and args.endpoint == "/v1/chat/completions"
     assert args.random_mm_bucket_config == {(720, 1280, 1): 1.0}  # (height, width, frames)
     assert args.random_mm_limit_mm_per_prompt == {"image": 1, "video": 0}
-    assert args.ignore_eos and args.num_prompts == 8 and args.max_concurrency == 4
+    assert args.ignore_eos and args.num_prompts == 6 and args.max_concurrency == 4
+    assert args.seed == 3 and args.num_warmups == 0 and args.save_detailed and not args.save_result
+
+
+def test_a_vllm_bench_run_counts_only_the_requests_that_succeeded():
+    result = {"duration": 2.0, "ttfts": [0.1, 0.0, 0.3], "latencies": [1.0, 0.0, 2.0], "input_lens": [200, 200, 200],
+              "output_lens": [32, 0, 32], "errors": ["", "HTTP 400", ""]}
+    assert timings_of(result) == [RequestTiming(0.1, 1.0, 200, 32), RequestTiming(0.3, 2.0, 200, 32)]
 
 
 def test_tables_and_ratios():
