@@ -18,6 +18,7 @@ transfer` adds the embedding transfer alone (`bench.embedding_transfer`).
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -27,6 +28,7 @@ import pathlib
 import random
 import shlex
 import time
+from collections.abc import Iterator
 
 import httpx
 from tokenizers import Tokenizer
@@ -206,13 +208,20 @@ Results = dict[str, dict[str, Summary]]  # system -> workload -> summary
 def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> dict[int, Results]:
     """Both systems up at once but loaded one at a time, alternating in short rounds: on a shared machine the
     background load drifts, and alternation spreads the drift over both systems instead of favouring one."""
+    with both_up(args, model_dir, logs) as servers:
+        return {concurrency: compare_at(args, model_dir, servers, concurrency) for concurrency in args.concurrency}
+
+
+@contextlib.contextmanager
+def both_up(args, model_dir: pathlib.Path, logs: pathlib.Path) -> Iterator[dict[str, list[Stage]]]:
+    """Both systems' stages by system, stopped however the caller ends."""
     servers: dict[str, list[Stage]] = {}
     try:
         for system, start in zip(SYSTEMS, (start_ours, start_vllm)):
             started = time.perf_counter()
             servers[system] = start(args, model_dir, logs)
             print(f"{system}: ready in {time.perf_counter() - started:.0f} s", flush=True)
-        return {concurrency: compare_at(args, model_dir, servers, concurrency) for concurrency in args.concurrency}
+        yield servers
     finally:
         for stages in servers.values():
             stop(stages)
@@ -290,55 +299,42 @@ def timings_of(result: dict) -> list[RequestTiming]:
 def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
     """`vllm bench serve` against both systems, up at once and loaded in turns as in `run_compare`: `--requests`
     split into `--rounds`, each round new prompts and images (its own seed) for both, the first round warmed up."""
-    servers: dict[str, list[Stage]] = {}
-    timings = {(s, d, c): [] for s in SYSTEMS for d in VLLM_BENCH_DATASETS for c in args.concurrency}
+    keys = list(itertools.product(VLLM_BENCH_DATASETS, args.concurrency))
+    timings = {(s, *key): [] for s in SYSTEMS for key in keys}
     seconds = dict.fromkeys(timings, 0.0)
-    by_round = {key: [] for key in timings}
+    by_round = {key: [] for key in timings}  # requests/s of each round
     # In a separate interpreter: importing vLLM's benchmark changes this process's environment (opencv sets
     # LD_LIBRARY_PATH), and a vLLM server started with that environment fails to load torchaudio.
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as runner:
-        try:
-            for system, start in zip(SYSTEMS, (start_ours, start_vllm)):
-                servers[system] = start(args, model_dir, logs)
-            for round_ in range(args.rounds):
-                order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
-                for dataset, concurrency, system in itertools.product(VLLM_BENCH_DATASETS, args.concurrency, order):
-                    argv = vllm_bench_argv(f"http://{servers[system][-1].address}", model_dir, dataset, args,
-                                           concurrency, args.requests // args.rounds, seed=round_ + 1,
-                                           warm_up=args.warm_up if round_ == 0 else 0)
-                    if round_ == 0:
-                        print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
-                    result = runner.submit(serve_benchmark, argv).result()
-                    done = timings_of(result)
-                    timings[system, dataset, concurrency] += done
-                    seconds[system, dataset, concurrency] += result["duration"]
-                    by_round[system, dataset, concurrency].append(len(done) / result["duration"])
-                print(f"vllm bench serve: round {round_ + 1} of {args.rounds} done, load average "
-                      f"{os.getloadavg()[0]:.1f}", flush=True)
-        finally:
-            for stages in servers.values():
-                stop(stages)
-    return vllm_bench_table(args, timings, seconds, by_round)
-
-
-def vllm_bench_table(args, timings: dict, seconds: dict, by_round: dict) -> str:
-    rows = []
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as runner, \
+            both_up(args, model_dir, logs) as servers:
+        for round_ in range(args.rounds):
+            order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
+            for (dataset, concurrency), system in itertools.product(keys, order):
+                argv = vllm_bench_argv(f"http://{servers[system][-1].address}", model_dir, dataset, args,
+                                       concurrency, args.requests // args.rounds, seed=round_ + 1,
+                                       warm_up=args.warm_up if round_ == 0 else 0)
+                if round_ == 0:
+                    print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
+                result = runner.submit(serve_benchmark, argv).result()
+                done = timings_of(result)
+                timings[system, dataset, concurrency] += done
+                seconds[system, dataset, concurrency] += result["duration"]
+                by_round[system, dataset, concurrency].append(len(done) / result["duration"])
+            print(f"vllm bench serve: round {round_ + 1} of {args.rounds} done, load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+    sections = []
     ours, theirs = SYSTEMS
-    for dataset, concurrency in itertools.product(VLLM_BENCH_DATASETS, args.concurrency):
-        summaries = {s: Summary.of(timings[s, dataset, concurrency], seconds[s, dataset, concurrency])
-                     for s in SYSTEMS}
-        for system, summary in summaries.items():
-            rows.append([dataset, concurrency, system, f"{len(timings[system, dataset, concurrency])}/{args.requests}",
-                         summary.requests_per_s, summary.output_tokens_per_s, summary.ttft_p50_ms,
-                         summary.ttft_p99_ms, summary.tpot_p50_ms, ""])
-        rounds = ", ".join(ratio(a, b) for a, b in zip(by_round[ours, dataset, concurrency],
-                                                      by_round[theirs, dataset, concurrency]))
-        rows.append([dataset, concurrency, "**DvD / vLLM**", "",
-                     *(ratio(getattr(summaries[ours], f), getattr(summaries[theirs], f))
-                       for f in ("requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms")),
-                     rounds])
-    return markdown_table(["dataset", "concurrency", "system", "completed", "req/s", "out tok/s", "TTFT p50 ms",
-                           "TTFT p99 ms", "TPOT p50 ms", "req/s by round"], rows)
+    for concurrency in args.concurrency:
+        results = {s: {d: Summary.of(timings[s, d, concurrency], seconds[s, d, concurrency])
+                       for d in VLLM_BENCH_DATASETS} for s in SYSTEMS}
+        lines = [f"vllm bench serve, {args.requests} requests per dataset, concurrency {concurrency}\n",
+                 compare_table(results), ""]
+        for d in VLLM_BENCH_DATASETS:
+            rounds = ", ".join(map(ratio, by_round[ours, d, concurrency], by_round[theirs, d, concurrency]))
+            completed = ", ".join(f"{len(timings[s, d, concurrency])}/{args.requests}" for s in SYSTEMS)
+            lines.append(f"{d}: requests/s by round, ours / vLLM: {rounds}; completed {completed}")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
 
 
 def parse_args() -> argparse.Namespace:
