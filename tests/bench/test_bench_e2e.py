@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from bench.common import markdown_table, photo_like_jpeg, ratio
-from bench.e2e import RequestTiming, Summary, chat_body, timings_of, vllm_bench_argv
+from bench.e2e import RequestTiming, Summary, chat_body, parse_args, sized_for, timings_of, vllm_bench_argv
 from vision_svc.tiling import TileOptions, tile_count
 
 
@@ -64,6 +64,22 @@ def test_a_vllm_bench_run_counts_only_the_requests_that_succeeded():
     result = {"duration": 2.0, "ttfts": [0.1, 0.0, 0.3], "latencies": [1.0, 0.0, 2.0], "input_lens": [200, 200, 200],
               "output_lens": [32, 0, 32], "errors": ["", "HTTP 400", ""]}
     assert timings_of(result) == [RequestTiming(0.1, 1.0, 200, 32), RequestTiming(0.3, 2.0, 200, 32)]
+
+
+def sizes(monkeypatch, *argv: str) -> dict[str, tuple[int, int]]:
+    monkeypatch.setattr("sys.argv", ["bench.e2e", *argv])
+    args = parse_args()
+    return {part: (sized.requests, sized.rounds) for part in ("compare", "vllm-bench")
+            for sized in [sized_for(args, part)]}
+
+
+def test_each_part_has_its_own_default_size_and_the_command_line_sets_both(monkeypatch):
+    assert sizes(monkeypatch) == {"compare": (48, 4), "vllm-bench": (768, 8)}
+    assert sizes(monkeypatch, "--quick") == {"compare": (12, 2), "vllm-bench": (96, 2)}
+    assert sizes(monkeypatch, "--requests", "64", "--rounds", "2") == {"compare": (64, 2), "vllm-bench": (64, 2)}
+    assert sizes(monkeypatch, "--parts", "compare", "--rounds", "6") == {"compare": (48, 6), "vllm-bench": (768, 6)}
+    with pytest.raises(SystemExit):  # 768 requests do not split into 5 rounds
+        sizes(monkeypatch, "--parts", "vllm-bench", "--rounds", "5")
 
 
 def test_tables_and_ratios():
