@@ -46,7 +46,7 @@ CPU_ENGINE_FLAGS = ["--kv-cache-memory-bytes", str(1 << 30), "--max-model-len", 
 WORKLOADS = ("text", "image, distinct", "image, repeated")
 # `--requests` and `--rounds` where the command line leaves them out, by part and `--quick`. vLLM's benchmark serves
 # ~35 text requests a second here: 96 of them in 2 rounds last under 3 s a system, and three such runs put ours at
-# 0.80x, 0.98x and 1.21x of vLLM's requests/s; 768 in 8 rounds came out at 0.92x and 0.93x (bench/RESULTS.md).
+# 0.80x, 0.98x and 1.21x of vLLM's requests/s; 768 in 8 rounds came out at 0.92x and 0.96x (bench/RESULTS.md).
 PART_SIZES = {("compare", False): (48, 4), ("compare", True): (12, 2),
               ("vllm-bench", False): (768, 8), ("vllm-bench", True): (96, 2)}
 
