@@ -233,13 +233,19 @@ def both_up(args, model_dir: pathlib.Path, logs: pathlib.Path) -> Iterator[dict[
             stop(stages)
 
 
+def turns(round_: int) -> tuple[str, ...]:
+    """The systems in the order they are loaded in a round: swapped each round (AB, BA, ...), so that neither is
+    always the one that goes first."""
+    return SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
+
+
 def compare_at(args, model_dir: pathlib.Path, servers: dict[str, list[Stage]], concurrency: int) -> Results:
     timings = {(s, w): [] for s in SYSTEMS for w in WORKLOADS}
     seconds = dict.fromkeys(timings, 0.0)
     for round_ in range(-1, args.rounds):  # round -1 warms both systems up, untimed
         count = args.warm_up if round_ < 0 else args.requests // args.rounds
         bodies = workload_bodies(args, model_dir, count, seed=round_ + 1)
-        order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
+        order = turns(round_)
         for workload in WORKLOADS:
             for system in order:
                 done, elapsed = asyncio.run(run_load(f"http://{servers[system][-1].address}",
@@ -314,7 +320,7 @@ def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as runner, \
             both_up(args, model_dir, logs) as servers:
         for round_ in range(args.rounds):
-            order = SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
+            order = turns(round_)
             for (dataset, concurrency), system in itertools.product(keys, order):
                 argv = vllm_bench_argv(f"http://{servers[system][-1].address}", model_dir, dataset, args,
                                        concurrency, args.requests // args.rounds, seed=round_ + 1,

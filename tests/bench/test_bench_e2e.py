@@ -69,8 +69,8 @@ def test_a_vllm_bench_run_counts_only_the_requests_that_succeeded():
 def sizes(monkeypatch, *argv: str) -> dict[str, tuple[int, int]]:
     monkeypatch.setattr("sys.argv", ["bench.e2e", *argv])
     args = parse_args()
-    return {part: (sized.requests, sized.rounds) for part in ("compare", "vllm-bench")
-            for sized in [sized_for(args, part)]}
+    parts = {part: sized_for(args, part) for part in ("compare", "vllm-bench")}
+    return {part: (sized.requests, sized.rounds) for part, sized in parts.items()}
 
 
 def test_each_part_has_its_own_default_size_and_the_command_line_sets_both(monkeypatch):
