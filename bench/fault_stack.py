@@ -85,8 +85,9 @@ def vision_replica(label: str, model: pathlib.Path, logs: pathlib.Path, namespac
                    args) -> Replica:
     port, metrics_port = free_port(), free_port()
     host = namespace.inside_address if namespace else "127.0.0.1"
-    flags = ["--preprocess-workers", "1", "--grace-s", "2", "--metrics-port", str(metrics_port),
-             "--stall-timeout-s", str(args.stall_timeout_s)]
+    # One worker process: the fault phases stop it (bench.fault_phases.preprocessing_worker).
+    flags = ["--preprocess-workers", "1", "--preprocess-pool", "processes", "--grace-s", "2",
+             "--metrics-port", str(metrics_port), "--stall-timeout-s", str(args.stall_timeout_s)]
 
     def launch(log_path: pathlib.Path) -> Stage:
         if namespace is None:

@@ -42,6 +42,7 @@ class VisionConfig:
     max_video_frame_pixels: int = VideoLimits.max_frame_pixels
     cache_bytes: int = 2 * GIB
     preprocess_workers: int = 2
+    preprocess_pool: str = "auto"  # threads or processes; auto: threads for a CPU encoder (VisionServer)
     preprocess_on: str = "host"
     decode_on: str = "host"
     compile: bool = False
@@ -107,6 +108,8 @@ class VisionConfig:
         for name in ("max_video_bytes", "max_video_frames", "max_video_seconds", "max_video_frame_pixels"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.preprocess_pool not in ("auto", "threads", "processes"):
+            raise ValueError(f"--preprocess-pool takes auto, threads or processes, got {self.preprocess_pool!r}")
         if min(self.batch_wait_ms, self.grace_s, self.preprocess_workers, self.cache_bytes, self.stall_timeout_s) < 0:
             raise ValueError("--batch-wait-ms, --grace-s, --preprocess-workers, --cache-bytes and --stall-timeout-s "
                              "must be >= 0")
@@ -168,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-bytes", type=int, default=d.cache_bytes,
                    help="embedding cache size in bytes (0 disables it)")
     p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers,
-                   help="processes decoding and tiling images (0: a thread of this process)")
+                   help="workers decoding and tiling images (0: one thread of this process)")
+    p.add_argument("--preprocess-pool", choices=("auto", "threads", "processes"), default=d.preprocess_pool,
+                   help="what the preprocessing workers are. threads: no copy of the tiles between processes "
+                        "(Pillow and numpy run outside the GIL), the cheapest where the encoder shares the host's "
+                        "CPUs; processes: decoding isolated from the server and no GIL between many workers, for "
+                        "a fast encoder fed by many cores. auto: threads with --device cpu, else processes")
     p.add_argument("--preprocess-on", choices=("host", "device"), default=d.preprocess_on,
                    help="where images are resized, tiled and normalized: host (the preprocessing workers, "
                         "Pillow) or device (the encoder's device, after the workers decode)")

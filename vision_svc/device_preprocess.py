@@ -111,8 +111,8 @@ class DevicePreprocessPool(PreprocessPool):
     """`PreprocessPool` whose `tiles` decode on the pool and tile on `device`; the same interface and warm-up."""
 
     def __init__(self, workers: int, limits: ImageLimits, device: torch.device, dtype: torch.dtype,
-                 decode_on_device: bool = False):
-        super().__init__(workers, limits)
+                 decode_on_device: bool = False, threads: bool = False):
+        super().__init__(workers, limits, threads)
         self.device = device
         self.dtype = dtype
         self.decode_on_device = decode_on_device

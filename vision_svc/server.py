@@ -50,6 +50,13 @@ def resolve_threads(requested: int | None) -> int:
     return requested or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+def preprocess_in_threads(pool: str, device_type: str) -> bool:
+    """--preprocess-pool: `auto` is threads where the encoder runs on the CPU. There preprocessing and the encoder
+    share the same cores, and what a process pool adds (the tiles pickled, piped and unpickled) is CPU taken from
+    both; with an accelerator the host's cores only feed it, and processes scale past the GIL."""
+    return pool == "threads" or (pool == "auto" and device_type == "cpu")
+
+
 class VisionServer:
     """The running stage; `start()` returns once it is warm and SERVING."""
 
@@ -72,11 +79,12 @@ class VisionServer:
         self.runner = EncoderRunner(encoder, self.device, self.dtype, config.max_batch_tiles,
                                     config.batch_wait_ms / 1000, config.max_queue_tiles)
         limits = RequestLimits.from_config(config)
+        threads = preprocess_in_threads(config.preprocess_pool, self.device.type)
         if config.preprocess_on == "device":
             self.pool = DevicePreprocessPool(config.preprocess_workers, limits.image, self.device, self.dtype,
-                                             decode_on_device=config.decode_on == "device")
+                                             decode_on_device=config.decode_on == "device", threads=threads)
         else:
-            self.pool = PreprocessPool(config.preprocess_workers, limits.image)
+            self.pool = PreprocessPool(config.preprocess_workers, limits.image, threads)
         self.cache = EmbeddingCache(config.cache_bytes)
         tiling = TileSettings(image_size=self.spec.image_size, min_tiles=self.spec.min_dynamic_patch,
                               max_tiles=max_tiles, default_thumbnail=self.spec.use_thumbnail,
@@ -143,8 +151,9 @@ class VisionServer:
             await self.runner.encode(torch.zeros(batch, 3, size, size))
             # With --compile each bucket compiles here: on large encoders minutes in all, so say where they go.
             log.info("warm-up pass of %d tiles: %.1f s", batch, time.perf_counter() - batch_started)
-        log.info("warm: %s on %s (%s), %d tiles per batch, warm-up %.1f s", self.info.model, self.device, self.dtype,
-                 self.config.max_batch_tiles, time.perf_counter() - started)
+        log.info("warm: %s on %s (%s), %d tiles per batch, preprocessing on %d %s, warm-up %.1f s", self.info.model,
+                 self.device, self.dtype, self.config.max_batch_tiles, max(self.pool.workers, 1),
+                 "threads" if self.pool.in_threads else "processes", time.perf_counter() - started)
 
     async def stop(self) -> None:
         if self._stall_watch is not None:

@@ -14,7 +14,8 @@ from tests.stack import StageProcesses, start_vision
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_nothing_of_vision_svc_outlives_it(tiny_checkpoint, tmp_path, sig):
-    vision = start_vision(tiny_checkpoint(), tmp_path, "--preprocess-workers", "2").wait_ready()
+    vision = start_vision(tiny_checkpoint(), tmp_path, "--preprocess-workers", "2",
+                          "--preprocess-pool", "processes").wait_ready()
     with grpc.insecure_channel(vision.address) as channel:
         request = vision_pb2.EncodeRequest(images=[vision_pb2.ImageInput(data=png_bytes(image(900, 600, s)))
                                                    for s in range(3)])

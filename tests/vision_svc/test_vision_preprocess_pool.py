@@ -1,18 +1,22 @@
-"""PreprocessPool: the same tiles as the direct call, inline or in spawned worker processes."""
+"""PreprocessPool: the same tiles as the direct call, inline, on worker threads or in spawned worker processes."""
 
 import asyncio
 import io
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from protos import tracing
+from protos import tracing, vision_pb2
+from tests.vision_svc.vision_helpers import encode, running_vision
+from vision_svc.config import parse_config
 from vision_svc.image_decode import ImageError, ImageLimits
 from vision_svc.preprocess import PreprocessPool, PreprocessWorkerDied, preprocess_image
+from vision_svc.server import preprocess_in_threads
 from vision_svc.tiling import TileOptions
 
 OPTIONS = TileOptions(max_tiles=6, use_thumbnail=True)
@@ -48,6 +52,39 @@ async def test_process_pool_tiles_equal_the_direct_call(process_pool):
 async def test_inline_pool_tiles_equal_the_direct_call():
     with PreprocessPool(0) as pool:
         await assert_tiles_equal_the_direct_call(pool, pool.limits)
+
+
+async def test_thread_pool_tiles_equal_the_direct_call_on_workers_that_run_at_once():
+    with PreprocessPool(workers=2, threads=True) as pool:
+        await assert_tiles_equal_the_direct_call(pool, pool.limits)
+        # Each waits for the other: one thread alone would break the barrier at its timeout.
+        both = threading.Barrier(2, timeout=30)
+        assert await asyncio.gather(pool.in_worker(both.wait), pool.in_worker(both.wait)) in ([0, 1], [1, 0])
+        with pytest.raises(ImageError, match="empty"):
+            await pool.tiles(b"", OPTIONS)
+
+
+@pytest.mark.parametrize("choice,device_type,threads", [
+    ("auto", "cpu", True), ("auto", "cuda", False), ("auto", "npu", False),
+    ("threads", "cuda", True), ("processes", "cpu", False)])
+def test_the_pool_is_threads_where_the_encoder_shares_the_cpu(choice, device_type, threads):
+    assert preprocess_in_threads(choice, device_type) is threads
+
+
+async def test_a_cpu_server_preprocesses_on_threads_by_default(tiny_checkpoint):
+    async with running_vision(tiny_checkpoint(), preprocess_workers=2) as (stub, server):
+        assert server.pool.in_threads and server.pool.workers == 2
+        images = [vision_pb2.ImageInput(data=jpeg_bytes(900, 500, seed)) for seed in range(3)]
+        got = await encode(stub, images, max_tiles=6)
+    assert [header.num_tiles for header, _ in got.values()] == [3, 3, 3]
+
+
+def test_cli_chooses_the_pool_and_refuses_others(capsys):
+    assert parse_config(["--model", "m"]).preprocess_pool == "auto"
+    assert parse_config(["--model", "m", "--preprocess-pool", "processes"]).preprocess_pool == "processes"
+    with pytest.raises(SystemExit):
+        parse_config(["--model", "m", "--preprocess-pool", "fork"])
+    assert "invalid choice: 'fork'" in capsys.readouterr().err
 
 
 async def test_refusals_from_workers_are_image_errors(process_pool):

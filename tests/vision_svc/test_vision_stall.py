@@ -44,7 +44,7 @@ def encode(stub, seed: int, timeout_s: float):
 
 
 def test_a_stuck_worker_turns_health_not_serving_until_it_moves(tiny_checkpoint, tmp_path):
-    vision = start_vision(tiny_checkpoint(), tmp_path, "--preprocess-workers", "1",
+    vision = start_vision(tiny_checkpoint(), tmp_path, "--preprocess-workers", "1", "--preprocess-pool", "processes",
                           "--stall-timeout-s", "2").wait_ready()
     worker = preprocessing_worker(vision.proc.pid)
 

@@ -14,8 +14,8 @@ from vision_svc.server import VisionServer
 @contextlib.asynccontextmanager
 async def running_vision(model: pathlib.Path, **config):
     """`async with running_vision(model, max_batch_tiles=4) as (stub, server)`: started, warm, on port 0."""
-    server = VisionServer(VisionConfig(model=model, host="127.0.0.1", port=0, preprocess_workers=0,
-                                       **{"grace_s": 0, **config}))
+    server = VisionServer(VisionConfig(model=model, host="127.0.0.1", port=0,
+                                       **{"grace_s": 0, "preprocess_workers": 0, **config}))
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
