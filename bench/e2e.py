@@ -11,18 +11,21 @@ requests, fixed output length (`ignore_eos`). Only one system is loaded at a tim
 Workloads: random text (~200 tokens); random text with one 1280x720 image (InternVL's tiling picks a 4x2
 grid: 8 tiles + thumbnail, 2304 image tokens), distinct per request so no cache hides the vision cost; and
 one image repeated in every request, to show the caches. Reported per system: requests/s, output tokens/s,
-TTFT p50/p99 and TPOT p50, and ours over vLLM. `--concurrency 1 2 4 8` sweeps the load: one table per
+TTFT p50/p99, TPOT p50 and the CPU time of its stages a request (every process of each, engine included; by
+stage under the table), and ours over vLLM. `--concurrency 1 2 4 8` sweeps the load: one table per
 value and a plot of requests/s and TTFT against concurrency (`e2e.png` in the work directory). `--parts
 transfer` adds the embedding transfer alone (`bench.embedding_transfer`).
 """
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import pathlib
@@ -32,6 +35,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 from tokenizers import Tokenizer
 
 from bench import plots
@@ -75,13 +79,14 @@ class Summary:
     ttft_p99_ms: float
     tpot_p50_ms: float
     prompt_tokens: float
+    cpu_ms: float = math.nan  # CPU time of the system's stages a request, where read
 
     @classmethod
-    def of(cls, timings: list[RequestTiming], seconds: float) -> "Summary":
+    def of(cls, timings: list[RequestTiming], seconds: float, cpu_ms: float = math.nan) -> "Summary":
         ttfts = [t.ttft_s * 1e3 for t in timings]
         return cls(len(timings) / seconds, sum(t.output_tokens for t in timings) / seconds,
                    percentile(ttfts, 50), percentile(ttfts, 99), median([t.tpot_s * 1e3 for t in timings]),
-                   sum(t.prompt_tokens for t in timings) / len(timings))
+                   sum(t.prompt_tokens for t in timings) / len(timings), cpu_ms)
 
 
 def random_texts(model_dir: pathlib.Path, count: int, tokens: int, seed: int) -> list[str]:
@@ -194,7 +199,11 @@ def stop(stages: list[Stage]) -> None:
         stage.stop(30)
 
 
-def compare_table(results: dict[str, dict[str, Summary]]) -> str:
+Results = dict[str, dict[str, Summary]]  # system -> workload -> summary
+StageCpu = dict[str, dict[str, float]]  # workload -> stage -> CPU ms a request, in its own system's runs
+
+
+def compare_table(results: Results) -> str:
     ours, theirs = (results[s] for s in SYSTEMS)
     fields = [f.name for f in dataclasses.fields(Summary)]
     rows = []
@@ -205,13 +214,34 @@ def compare_table(results: dict[str, dict[str, Summary]]) -> str:
         rows.append([workload, "**DvD / vLLM**", *(ratio(getattr(ours[workload], f), getattr(theirs[workload], f))
                                                    for f in fields)])
     return markdown_table(["workload", "system", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                           "TPOT p50 ms", "prompt tok"], rows)
+                           "TPOT p50 ms", "prompt tok", "CPU ms/req"], rows)
 
 
-Results = dict[str, dict[str, Summary]]  # system -> workload -> summary
+def stage_cpu_table(stage_cpu: StageCpu) -> str:
+    """CPU ms a request by stage: its process tree, the server and its engine or preprocessing workers."""
+    rows = [[workload, ", ".join(f"{stage} {ms:.1f}" for stage, ms in stages.items())]
+            for workload, stages in stage_cpu.items()]
+    return markdown_table(["workload", "CPU ms a request by stage"], rows)
 
 
-def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> dict[int, Results]:
+def per_request_ms(cpu_s: float, requests: int) -> float:
+    return cpu_s * 1e3 / requests if requests else math.nan
+
+
+def stage_cpu_s(stages: list[Stage]) -> dict[str, float]:
+    """CPU seconds so far of each stage's process tree, by stage name; a process that ended is lost."""
+    out = {}
+    for stage in stages:
+        root = psutil.Process(stage.proc.pid)
+        out[stage.name] = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                out[stage.name] += times.user + times.system
+    return out
+
+
+def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> dict[int, tuple[Results, StageCpu]]:
     """Both systems up at once but loaded one at a time, alternating in short rounds: on a shared machine the
     background load drifts, and alternation spreads the drift over both systems instead of favouring one."""
     with both_up(args, model_dir, logs) as servers:
@@ -239,23 +269,35 @@ def turns(round_: int) -> tuple[str, ...]:
     return SYSTEMS if round_ % 2 == 0 else SYSTEMS[::-1]
 
 
-def compare_at(args, model_dir: pathlib.Path, servers: dict[str, list[Stage]], concurrency: int) -> Results:
+def compare_at(args, model_dir: pathlib.Path, servers: dict[str, list[Stage]],
+               concurrency: int) -> tuple[Results, StageCpu]:
+    """The systems' summaries, and the CPU of each stage while its own system was loaded (the other system's
+    idle use is left out: on two cores it is small but not nothing, vLLM's model worker polls)."""
     timings = {(s, w): [] for s in SYSTEMS for w in WORKLOADS}
     seconds = dict.fromkeys(timings, 0.0)
+    cpu_s = {(s, w): collections.Counter() for s, w in timings}
     for round_ in range(-1, args.rounds):  # round -1 warms both systems up, untimed
         count = args.warm_up if round_ < 0 else args.requests // args.rounds
         bodies = workload_bodies(args, model_dir, count, seed=round_ + 1)
         order = turns(round_)
         for workload in WORKLOADS:
             for system in order:
+                before = stage_cpu_s(servers[system])
                 done, elapsed = asyncio.run(run_load(f"http://{servers[system][-1].address}",
                                                      bodies[workload], concurrency))
                 if round_ >= 0:
                     timings[system, workload] += done
                     seconds[system, workload] += elapsed
+                    cpu_s[system, workload].update(stage_cpu_s(servers[system]))
+                    cpu_s[system, workload].subtract(before)
         label = "warm-up" if round_ < 0 else f"round {round_ + 1} of {args.rounds}"
         print(f"concurrency {concurrency}: {label} done, load average {os.getloadavg()[0]:.1f}", flush=True)
-    return {s: {w: Summary.of(timings[s, w], seconds[s, w]) for w in WORKLOADS} for s in SYSTEMS}
+    summaries = {s: {w: Summary.of(timings[s, w], seconds[s, w], per_request_ms(cpu_s[s, w].total(),
+                                                                                len(timings[s, w])))
+                     for w in WORKLOADS} for s in SYSTEMS}
+    stage_cpu = {w: {stage: per_request_ms(used, len(timings[s, w])) for s in SYSTEMS
+                     for stage, used in cpu_s[s, w].items()} for w in WORKLOADS}
+    return summaries, stage_cpu
 
 
 def plot_sweep(by_concurrency: dict[int, Results], path: pathlib.Path) -> pathlib.Path:
@@ -315,6 +357,8 @@ def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
     timings = {(s, *key): [] for s in SYSTEMS for key in keys}
     seconds = dict.fromkeys(timings, 0.0)
     by_round = {key: [] for key in timings}  # requests/s of each round
+    # The CPU of the system's stages a request, from the rounds after the first (whose warm-up it would count).
+    cpu_s, cpu_requests = dict.fromkeys(timings, 0.0), dict.fromkeys(timings, 0)
     # In a separate interpreter: importing vLLM's benchmark changes this process's environment (opencv sets
     # LD_LIBRARY_PATH), and a vLLM server started with that environment fails to load torchaudio.
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as runner, \
@@ -327,7 +371,12 @@ def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
                                        warm_up=args.warm_up if round_ == 0 else 0)
                 if round_ == 0:
                     print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
+                before = stage_cpu_s(servers[system])
                 result = runner.submit(serve_benchmark, argv).result()
+                if round_ > 0:
+                    cpu_s[system, dataset, concurrency] += sum(stage_cpu_s(servers[system]).values()) - sum(
+                        before.values())
+                    cpu_requests[system, dataset, concurrency] += len(result["ttfts"])
                 done = timings_of(result)
                 timings[system, dataset, concurrency] += done
                 seconds[system, dataset, concurrency] += result["duration"]
@@ -337,7 +386,8 @@ def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
     sections = []
     ours, theirs = SYSTEMS
     for concurrency in args.concurrency:
-        results = {s: {d: Summary.of(timings[s, d, concurrency], seconds[s, d, concurrency])
+        results = {s: {d: Summary.of(timings[s, d, concurrency], seconds[s, d, concurrency],
+                                     per_request_ms(cpu_s[s, d, concurrency], cpu_requests[s, d, concurrency]))
                        for d in VLLM_BENCH_DATASETS} for s in SYSTEMS}
         lines = [f"vllm bench serve, {args.requests} requests per dataset, concurrency {concurrency}\n",
                  compare_table(results), ""]
@@ -405,12 +455,14 @@ def main() -> None:
     if "compare" in args.parts:
         compare = sized_for(args, "compare")
         by_concurrency = run_compare(compare, model_dir, directory / "logs")
-        for concurrency, results in by_concurrency.items():
+        for concurrency, (results, stage_cpu) in by_concurrency.items():
             sections.append(f"{compare.requests} requests per workload, concurrency {concurrency}, "
                             f"{args.input_len} random tokens in, {args.output_len} out, images "
-                            f"{args.image_size[0]}x{args.image_size[1]}, {args.dtype}\n\n{compare_table(results)}")
+                            f"{args.image_size[0]}x{args.image_size[1]}, {args.dtype}\n\n{compare_table(results)}"
+                            f"\n\n{stage_cpu_table(stage_cpu)}")
         if len(by_concurrency) > 1:
-            sections.append(f"plot: {plot_sweep(by_concurrency, directory / 'e2e.png')}")
+            summaries = {concurrency: results for concurrency, (results, _) in by_concurrency.items()}
+            sections.append(f"plot: {plot_sweep(summaries, directory / 'e2e.png')}")
     if "vllm-bench" in args.parts:
         sections.append(run_vllm_bench(sized_for(args, "vllm-bench"), model_dir, directory / "logs"))
     if "transfer" in args.parts:

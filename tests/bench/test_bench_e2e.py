@@ -1,13 +1,18 @@
 """The benchmarks' own arithmetic and command lines; the runs themselves are in bench/RESULTS.md."""
 
 import io
+import math
 import os
+import subprocess
+import sys
+import types
 
 import pytest
 from PIL import Image
 
 from bench.common import markdown_table, photo_like_jpeg, ratio
-from bench.e2e import RequestTiming, Summary, chat_body, parse_args, sized_for, timings_of, vllm_bench_argv
+from bench.e2e import (RequestTiming, Summary, chat_body, parse_args, per_request_ms, sized_for, stage_cpu_s,
+                       stage_cpu_table, timings_of, vllm_bench_argv)
 from vision_svc.tiling import TileOptions, tile_count
 
 
@@ -21,6 +26,30 @@ def test_summary_follows_vllm_definitions():
     # TPOT excludes the first token: (e2e - ttft) / (tokens - 1), the median over requests.
     assert summary.tpot_p50_ms == pytest.approx(15.0)
     assert summary.prompt_tokens == 205
+    assert math.isnan(summary.cpu_ms) and Summary.of(timings, 2.0, cpu_ms=12.5).cpu_ms == 12.5
+
+
+# A stage's root that does nothing itself, and its child, which uses 0.3 s of CPU, says so, and waits.
+BUSY_CHILD = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint(flush=True); input()"
+IDLE_ROOT = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BUSY_CHILD!r}])"
+
+
+def test_a_stages_cpu_is_its_whole_process_tree():
+    root = subprocess.Popen([sys.executable, "-c", IDLE_ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        root.stdout.readline()  # the child has used its 0.3 s
+        used = stage_cpu_s([types.SimpleNamespace(name="stage", proc=root)])
+        assert used.keys() == {"stage"} and used["stage"] >= 0.3
+    finally:
+        root.stdin.close()  # the child's input() ends, and with it the root
+        root.wait(10)
+        root.stdout.close()
+
+
+def test_cpu_a_request_is_nan_without_requests_and_tabled_by_stage():
+    assert per_request_ms(0.5, 100) == 5.0 and math.isnan(per_request_ms(0.0, 0))
+    table = stage_cpu_table({"text": {"gateway": 2.0, "llm_svc": 30.25, "vllm": 40.0}})
+    assert "| text | gateway 2.0, llm_svc 30.2, vllm 40.0 |" in table
 
 
 def test_images_are_distinct_per_seed_and_tile_as_internvl_does():
