@@ -134,7 +134,7 @@ def main() -> None:
          lambda pool: pool.tiles(data, options)),
     ]
     for name, pool, one_image in pools:
-        seconds = asyncio.run(bench_pool(2 * args.images, args.workers, one_image, pool))
+        seconds, _ = asyncio.run(bench_pool(2 * args.images, args.workers, one_image, pool))
         print(f"{name:<40}{1000 * seconds / (2 * args.images):>10.1f}{tiles * 2 * args.images / seconds:>10.1f}")
     check_under_load(limits, options, device, dtype)
 

@@ -9,7 +9,7 @@ vision_svc runs as its own process (the real server, started as `deploy.local` d
 (llm_svc's `VisionClient`) each send one image per request, distinct images, so the cache never hits. The
 reference is transformers' `InternVLModel.get_image_features` on the hf-layout checkpoint, fed the same tiles
 in batches of vision_svc's `--max-batch-tiles`: the encoder alone, no serving around it. Preprocessing
-(decode + tiling + normalize) is timed inline on one core and through vision_svc's process pool. The service
+(decode + tiling + normalize) is timed inline on one core and through vision_svc's pool. The service
 and the reference alternate in rounds, so drifting background load reaches both.
 """
 
@@ -35,6 +35,7 @@ from llm_svc.vision_client import ImageBlob, VisionClient
 from vision_svc.image_decode import ImageLimits
 from vision_svc.model_spec import VisionSpec
 from vision_svc.preprocess import PreprocessPool, preprocess_image
+from vision_svc.server import preprocess_in_threads
 from vision_svc.tiling import TileOptions
 
 MiB = 1 << 20
@@ -99,8 +100,8 @@ def preprocess_inline(images: list[bytes], options: TileOptions) -> tuple[torch.
     return tiles, time.perf_counter() - started
 
 
-async def preprocess_pooled(images: list[bytes], options: TileOptions, workers: int) -> float:
-    with PreprocessPool(workers) as pool:
+async def preprocess_pooled(images: list[bytes], options: TileOptions, workers: int, threads: bool) -> float:
+    with PreprocessPool(workers, threads=threads) as pool:
         await pool.warm_up()
         started = time.perf_counter()
         await asyncio.gather(*(pool.tiles(data, options) for data in images))
@@ -143,7 +144,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2; 300m on cpu: 1)")
     parser.add_argument("--max-batch-tiles", type=int, default=None,
                         help="vision_svc's batch and the reference's (default 32; 300m on cpu: 2)")
-    parser.add_argument("--preprocess-workers", type=int, default=2, help="vision_svc's preprocessing processes")
+    parser.add_argument("--preprocess-workers", type=int, default=2, help="vision_svc's preprocessing workers")
     parser.add_argument("--decode-on-device", action="store_true",
                         help="vision_svc with --preprocess-on device --decode-on device (JPEGs decoded by nvJPEG)")
     args = parser.parse_args()
@@ -199,7 +200,8 @@ def report(args, stage: Stage, reference: InternVLModel, options: TileOptions, d
         reference_tiles += len(tiles)
         print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
     assert service_tiles == reference_tiles, "the service and the reference encoded different tiles"
-    pooled_s = asyncio.run(preprocess_pooled(images, options, args.preprocess_workers))
+    threads = preprocess_in_threads("auto", device.type)  # what the served vision_svc chose
+    pooled_s = asyncio.run(preprocess_pooled(images, options, args.preprocess_workers, threads))
     ms = [s * 1e3 for s in latencies]
     service, ref = service_tiles / service_s, reference_tiles / reference_s
     encode = markdown_table(["system", "tiles/s", "image p50 ms", "image p99 ms"], [
@@ -208,7 +210,8 @@ def report(args, stage: Stage, reference: InternVLModel, options: TileOptions, d
         ["**vision_svc / transformers**", ratio(service, ref), "-", "-"]])
     preprocess = markdown_table(["preprocessing (decode, tile, normalize)", "tiles/s"], [
         ["inline, 1 process", reference_tiles / inline_s],
-        [f"vision_svc's pool, {args.preprocess_workers} processes", len(tiles) / pooled_s]])
+        [f"vision_svc's pool, {args.preprocess_workers} {'threads' if threads else 'processes'}",
+         len(tiles) / pooled_s]])
     return (f"\n{len(latencies)} images of {args.image_size[0]}x{args.image_size[1]} "
             f"({reference_tiles // len(latencies)} tiles each), {args.rounds} rounds\n\n{encode}\n\n{preprocess}")
 
