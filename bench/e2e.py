@@ -371,11 +371,10 @@ def run_vllm_bench(args, model_dir: pathlib.Path, logs: pathlib.Path) -> str:
                                        warm_up=args.warm_up if round_ == 0 else 0)
                 if round_ == 0:
                     print(f"\n{system}: vllm bench serve {shlex.join(argv)}", flush=True)
-                before = stage_cpu_s(servers[system])
+                cpu_before = sum(stage_cpu_s(servers[system]).values())
                 result = runner.submit(serve_benchmark, argv).result()
                 if round_ > 0:
-                    cpu_s[system, dataset, concurrency] += sum(stage_cpu_s(servers[system]).values()) - sum(
-                        before.values())
+                    cpu_s[system, dataset, concurrency] += sum(stage_cpu_s(servers[system]).values()) - cpu_before
                     cpu_requests[system, dataset, concurrency] += len(result["ttfts"])
                 done = timings_of(result)
                 timings[system, dataset, concurrency] += done

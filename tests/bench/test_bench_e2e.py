@@ -30,7 +30,8 @@ def test_summary_follows_vllm_definitions():
 
 
 # A stage's root that does nothing itself, and its child, which uses 0.3 s of CPU, says so, and waits.
-BUSY_CHILD = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint(flush=True); input()"
+BUSY_CHILD = ("import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+              "print(flush=True); input()")
 IDLE_ROOT = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BUSY_CHILD!r}])"
 
 
