@@ -4,9 +4,11 @@ import base64
 import io
 import pathlib
 import statistics
+import contextlib
 import tempfile
 
 import numpy as np
+import psutil
 from PIL import Image
 
 
@@ -50,6 +52,16 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) so far of a process and its live descendants; one that ended is lost."""
+    root = psutil.Process(pid)
+    used = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            used += sum(process.cpu_times()[:2])
+    return used
 
 
 def image_size(value: str) -> tuple[int, int]:

@@ -35,12 +35,11 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import psutil
 from tokenizers import Tokenizer
 
 from bench import plots
 from bench.common import (image_size, jpeg_data_url, markdown_table, median, percentile, photo_like_jpeg, ratio,
-                          work_dir)
+                          tree_cpu_s, work_dir)
 from deploy.local import Stage, free_port, gateway_stage, llm_stage, vision_stage
 from deploy.tiny_model.tokenizer import LEARNED_VOCAB_SIZE
 
@@ -229,16 +228,8 @@ def per_request_ms(cpu_s: float, requests: int) -> float:
 
 
 def stage_cpu_s(stages: list[Stage]) -> dict[str, float]:
-    """CPU seconds so far of each stage's process tree, by stage name; a process that ended is lost."""
-    out = {}
-    for stage in stages:
-        root = psutil.Process(stage.proc.pid)
-        out[stage.name] = 0.0
-        for process in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = process.cpu_times()
-                out[stage.name] += times.user + times.system
-    return out
+    """CPU seconds so far of each stage's process tree, by stage name."""
+    return {stage.name: tree_cpu_s(stage.proc.pid) for stage in stages}
 
 
 def run_compare(args, model_dir: pathlib.Path, logs: pathlib.Path) -> dict[int, tuple[Results, StageCpu]]:

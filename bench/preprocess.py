@@ -10,27 +10,21 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
-import psutil
 import torch
 
-from bench.common import photo_like_jpeg
+from bench.common import photo_like_jpeg, tree_cpu_s
 from vision_svc.image_decode import ImageLimits
 from vision_svc.preprocess import PreprocessPool, preprocess_image
 from vision_svc.tiling import TileOptions
 
 
-def cpu_s() -> float:
-    """CPU seconds so far of this process and its live workers."""
-    return sum(sum(p.cpu_times()[:2]) for p in [psutil.Process(), *psutil.Process().children(recursive=True)])
-
-
 def bench_single_call(data: bytes, options: TileOptions, images: int) -> tuple[float, float]:
     """Seconds and CPU seconds for `images` direct calls."""
     preprocess_image(data, ImageLimits(), options)
-    started, cpu_started = time.perf_counter(), cpu_s()
+    started, cpu_started = time.perf_counter(), tree_cpu_s(os.getpid())
     for _ in range(images):
         preprocess_image(data, ImageLimits(), options)
-    return time.perf_counter() - started, cpu_s() - cpu_started
+    return time.perf_counter() - started, tree_cpu_s(os.getpid()) - cpu_started
 
 
 async def bench_pool(images: int, workers: int, one_image: Callable[[PreprocessPool], Awaitable],
@@ -49,11 +43,11 @@ async def bench_pool(images: int, workers: int, one_image: Callable[[PreprocessP
     with pool or PreprocessPool(workers) as pool:
         await pool.warm_up()
         await asyncio.gather(*(run(pool) for _ in range(2 * max(workers, 1))))  # this image's first runs
-        started, cpu_started = time.perf_counter(), cpu_s()
+        started, cpu_started = time.perf_counter(), tree_cpu_s(os.getpid())
         await asyncio.gather(*(run(pool) for _ in range(images)))
         if isinstance(last, torch.Tensor) and last.device.type == "cuda":  # ready when the device says so
             torch.cuda.synchronize(last.device)
-        return time.perf_counter() - started, cpu_s() - cpu_started
+        return time.perf_counter() - started, tree_cpu_s(os.getpid()) - cpu_started
 
 
 def main() -> None:
