@@ -310,7 +310,9 @@ def vllm_bench_argv(base_url: str, model_dir: pathlib.Path, dataset: str, args, 
     """The `vllm bench serve` command line (after `vllm bench serve`) for one dataset and round."""
     width, height = args.image_size
     argv = ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
-            "--model", model_dir.name, "--tokenizer", str(model_dir), "--dataset-name", dataset,
+            # The checkpoint's config names code of its own: as for vLLM's server, or its tokenizer loads after
+            # two failed attempts, each printed.
+            "--model", model_dir.name, "--tokenizer", str(model_dir), "--trust-remote-code", "--dataset-name", dataset,
             "--num-prompts", str(requests), "--max-concurrency", str(concurrency), "--seed", str(seed),
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
             "--ignore-eos", "--num-warmups", str(warm_up), "--temperature", "0",

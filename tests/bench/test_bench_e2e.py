@@ -88,6 +88,7 @@ def test_vllm_bench_command_parses_with_vllm_own_parser(tmp_path):
     assert args.random_mm_limit_mm_per_prompt == {"image": 1, "video": 0}
     assert args.ignore_eos and args.num_prompts == 6 and args.max_concurrency == 4
     assert args.seed == 3 and args.num_warmups == 0 and args.save_detailed and not args.save_result
+    assert args.trust_remote_code  # the tiny checkpoint's config names its own code, as vLLM's server is told
 
 
 def test_a_vllm_bench_run_counts_only_the_requests_that_succeeded():
