@@ -1,10 +1,10 @@
 """What the service benchmarks share: test images, summary statistics, markdown tables."""
 
 import base64
+import contextlib
 import io
 import pathlib
 import statistics
-import contextlib
 import tempfile
 
 import numpy as np

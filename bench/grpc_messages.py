@@ -15,17 +15,21 @@ while few requests are in flight, each end waking for each message; once over a 
 plain asyncio socket (length-prefixed frames), the floor of any hop between two processes. The server runs
 asyncio's own loop and the client uvloop, as llm_svc and the gateway do; the server's figure includes the timer's
 wake-up, which stands for the engine's output arriving (a single process wakes for that too), so a third row times
-that timer alone, and the last column is what the hop itself costs the two ends per message.
+that timer alone, and the last column is what the hop itself costs the two ends per message. The timer alone
+runs with no client beside it, and on a virtual machine a wake-up costs more next to an idle core: runs of a few
+thousand messages put that column within ~10 us, a run of a thousand far less closely.
 """
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import pathlib
 import struct
 import tempfile
 import time
+from collections.abc import Iterator
 
 import psutil
 import uvloop
@@ -89,18 +93,27 @@ async def stream(address: str, messages: int, in_flight: int, payload: bytes) ->
         await call.done_writing()
 
 
-def measure(address: str, messages: int, in_flights: list[int], payload_bytes: int) -> dict[int, dict[str, float]]:
-    """Per in-flight count: CPU us per message of the server and of the client, and wall us per message."""
+@contextlib.contextmanager
+def spawned_server(serve_it, address: str) -> Iterator[tuple[str, psutil.Process]]:
+    """`serve_it(address, bound)` in a process of its own: the address it bound, and the process, killed after."""
     # Spawned, not forked: a forked child would inherit grpc's state from this process's earlier channels.
     spawn = multiprocessing.get_context("spawn")
     bound = spawn.Queue()
-    server = spawn.Process(target=serve, args=(address, bound), daemon=True)
+    server = spawn.Process(target=serve_it, args=(address, bound), daemon=True)
     server.start()
     try:
-        address = bound.get(timeout=60)
+        yield bound.get(timeout=60), psutil.Process(server.pid)
+    finally:
+        server.kill()
+        server.join()
+
+
+def measure(address: str, messages: int, in_flights: list[int], payload_bytes: int) -> dict[int, dict[str, float]]:
+    """Per in-flight count: CPU us per message of the server and of the client, and wall us per message."""
+    with spawned_server(serve, address) as (address, server_cpu):
         payload = b"x" * payload_bytes
         asyncio.run(stream(address, min(messages, 200), max(in_flights), payload))  # connect, warm up: untimed
-        server_cpu, client_cpu = psutil.Process(server.pid), psutil.Process()
+        client_cpu = psutil.Process()
         figures = {}
         for in_flight in in_flights:
             server_before, client_before, started = _cpu_s(server_cpu), _cpu_s(client_cpu), time.perf_counter()
@@ -109,9 +122,6 @@ def measure(address: str, messages: int, in_flights: list[int], payload_bytes: i
             server_s, client_s = _cpu_s(server_cpu) - server_before, _cpu_s(client_cpu) - client_before
             figures[in_flight] = {"server": 1e6 * server_s / messages, "client": 1e6 * client_s / messages,
                                   "wall": 1e6 * wall_s / messages}
-    finally:
-        server.kill()
-        server.join()
     return figures
 
 
@@ -168,20 +178,12 @@ PUSHES = {"gRPC stream": (serve, read_grpc_push), "plain socket": (serve_socket,
 def measure_push(transport: str, messages: int, payload_bytes: int, every_ms: int) -> dict[str, float]:
     """CPU us per message of the server and of the client, the server pushing a message every `every_ms`."""
     serve_it, read = PUSHES[transport]
-    spawn = multiprocessing.get_context("spawn")
-    bound = spawn.Queue()
-    server = spawn.Process(target=serve_it, args=("127.0.0.1:0", bound), daemon=True)
-    server.start()
-    try:
-        address = bound.get(timeout=60)
+    with spawned_server(serve_it, "127.0.0.1:0") as (address, server_cpu):
         uvloop.run(read(address, f"{min(messages, 100)} {payload_bytes} {every_ms}".encode()))  # untimed warm-up
-        server_cpu, client_cpu = psutil.Process(server.pid), psutil.Process()
+        client_cpu = psutil.Process()
         server_before, client_before = _cpu_s(server_cpu), _cpu_s(client_cpu)
         received = uvloop.run(read(address, f"{messages} {payload_bytes} {every_ms}".encode()))
         server_s, client_s = _cpu_s(server_cpu) - server_before, _cpu_s(client_cpu) - client_before
-    finally:
-        server.kill()
-        server.join()
     assert received == messages, f"{transport}: {received} of {messages} messages"
     return {"server": 1e6 * server_s / messages, "client": 1e6 * client_s / messages}
 
